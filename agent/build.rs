@@ -1,0 +1,76 @@
+//! Builds the kernel programs (`agent-ebpf`) for the bpf target and leaves the
+//! object in OUT_DIR, where `attribution` embeds it.
+//!
+//! Two toolchains can build it (DESIGN §4.1): Debian's `rustc-web`, which
+//! ships a precompiled `core` for bpf (this machine kind; selected when
+//! present), or a rustup nightly with `rust-src` (build-std). `bpf-linker`
+//! must be on PATH; `cargo xtask setup` installs it into `$CARGO_HOME/bin`,
+//! which is added here in case the caller's PATH lacks it.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya_build::{Package, Toolchain};
+
+/// Where Debian's rustc-web keeps the bpf `core`.
+const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=EPIA_EBPF_TOOLCHAIN");
+    println!("cargo:rerun-if-env-changed=PATH");
+    put_bpf_linker_on_path()?;
+
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("agent crate has no parent directory")?;
+    let ebpf_dir = workspace.join("agent-ebpf");
+    let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 workspace path")?;
+
+    let chosen = env::var("EPIA_EBPF_TOOLCHAIN").ok();
+    let toolchain = match chosen.as_deref() {
+        Some("nightly") => Toolchain::Nightly,
+        Some(other) => Toolchain::Custom(other),
+        None if Path::new(DEBIAN_BPF_CORE).is_dir() && Path::new("/usr/bin/cargo").exists() => {
+            Toolchain::Custom("/usr")
+        }
+        None => Toolchain::Nightly,
+    };
+    if !matches!(toolchain, Toolchain::Nightly) {
+        // aya-ebpf needs one unstable feature; allow it for that crate only.
+        // (RUSTC_BOOTSTRAP=1 would make aya-build ask for build-std.)
+        // SAFETY: build scripts are single-threaded; set before any child.
+        unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+    }
+
+    aya_build::build_ebpf(
+        [Package {
+            name: "agent-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
+        toolchain,
+    )
+}
+
+fn put_bpf_linker_on_path() -> anyhow::Result<()> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    if dirs.iter().any(|d| d.join("bpf-linker").is_file()) {
+        return Ok(());
+    }
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    match cargo_home.map(|h| h.join("bin")) {
+        Some(bin) if bin.join("bpf-linker").is_file() => {
+            dirs.insert(0, bin);
+            // SAFETY: single-threaded build script, before any child process.
+            unsafe { env::set_var("PATH", env::join_paths(dirs)?) };
+            Ok(())
+        }
+        _ => bail!("bpf-linker not found on PATH or in $CARGO_HOME/bin: run `cargo xtask setup`"),
+    }
+}

@@ -1,0 +1,206 @@
+//! Loads the kernel programs, attaches them to a cgroup2 subtree, and answers
+//! "who opened this accepted connection?" with one map lookup.
+//!
+//! The request path sees the kernel only through [`CallerLookup`], so the
+//! pipeline can be tested with a fixed lookup while integration tests use the
+//! real one.
+
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use agent_ebpf::{CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, MapData, MapError},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use thiserror::Error;
+
+/// The compiled kernel object, embedded so the binary is self-contained.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Program names in the object, in attach order.
+const CONNECT4: &str = "connect4";
+const CONNECT6: &str = "connect6";
+const SOCK_OPS: &str = "sock_ops";
+
+/// The process that opened a connection, as the kernel saw it at `connect()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// cgroup v2 id (kernfs inode of the caller's cgroup directory).
+    pub cgroup_id: u64,
+    /// Process id (tgid) of the caller.
+    pub pid: u32,
+}
+
+impl From<ConnOwner> for Caller {
+    fn from(owner: ConnOwner) -> Self {
+        Caller {
+            cgroup_id: owner.cgroup_id,
+            pid: owner.pid(),
+        }
+    }
+}
+
+/// The request path's only view of the kernel.
+pub trait CallerLookup: Send + Sync {
+    /// The caller of an accepted connection, from the server's view of it.
+    /// `Ok(None)`: the kernel did not attribute it (not ours, or opened
+    /// before the programs were attached).
+    fn caller(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<Caller>, AttributionError>;
+}
+
+/// Everything that can go wrong between the agent and the kernel programs.
+#[derive(Debug, Error)]
+pub enum AttributionError {
+    #[error("raising RLIMIT_MEMLOCK failed (needs CAP_SYS_RESOURCE on kernels that account BPF memory there): {0}")]
+    Memlock(#[source] io::Error),
+    #[error("too many served addresses for the kernel programs (at most {max} per family)", max = agent_ebpf::MAX_SERVED_ADDRS)]
+    TooManyAddresses,
+    #[error("the kernel refused the eBPF object (needs BPF support and CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN): {0}")]
+    Load(#[source] EbpfError),
+    #[error("program {0} missing from the embedded eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from the embedded eBPF object")]
+    MissingMap(&'static str),
+    #[error("loading program {name} failed (the verifier log follows, if any): {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup2 directory {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attaching {name} to cgroup {path} failed (needs cgroup v2 and CAP_NET_ADMIN/CAP_SYS_ADMIN): {source}")]
+    Attach {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("reading the connection map failed: {0}")]
+    Map(#[source] MapError),
+}
+
+/// What to attribute and where.
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    /// cgroup2 directory to attach at: the hierarchy root in production (all
+    /// of the node's processes), a test's own subtree in tests.
+    pub cgroup: PathBuf,
+    /// Addresses the agent serves (IPv4 and IPv6; at most 4 each).
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
+}
+
+/// Loaded and attached programs. Dropping it detaches them.
+pub struct Attribution {
+    connections: HashMap<MapData, ConnKey, ConnOwner>,
+    // Owns the programs and their links; declared last so it drops last.
+    _ebpf: Ebpf,
+}
+
+impl Attribution {
+    /// Loads the embedded object configured for `options` and attaches it.
+    pub fn attach(options: &AttachOptions) -> Result<Attribution, AttributionError> {
+        raise_memlock_limit()?;
+        let config = Config::new(&options.addresses, options.port)
+            .map_err(|_| AttributionError::TooManyAddresses)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CONFIG_SYMBOL, &config, true)
+            .load(EBPF_OBJECT)
+            .map_err(AttributionError::Load)?;
+
+        let cgroup = File::open(&options.cgroup).map_err(|source| AttributionError::Cgroup {
+            path: options.cgroup.clone(),
+            source,
+        })?;
+        for name in [CONNECT4, CONNECT6] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            program.load().map_err(|source| AttributionError::Program { name, source })?;
+            // Single: AllowMultiple is EINVAL here, and links coexist anyway.
+            program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| attach_error(name, &options.cgroup, source))?;
+        }
+        let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS)?;
+        sock_ops
+            .load()
+            .map_err(|source| AttributionError::Program { name: SOCK_OPS, source })?;
+        sock_ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| attach_error(SOCK_OPS, &options.cgroup, source))?;
+
+        let map = ebpf
+            .take_map(CONNECTIONS_MAP)
+            .ok_or(AttributionError::MissingMap(CONNECTIONS_MAP))?;
+        let connections = HashMap::try_from(map).map_err(AttributionError::Map)?;
+        Ok(Attribution {
+            connections,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// How many connections the kernel currently tracks. Each is deleted when
+    /// its client socket closes, so at rest this is the number of open
+    /// connections to the served addresses.
+    pub fn tracked_connections(&self) -> usize {
+        self.connections.keys().filter(Result::is_ok).count()
+    }
+}
+
+impl CallerLookup for Attribution {
+    fn caller(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<Caller>, AttributionError> {
+        match self.connections.get(&ConnKey::from_sockets(peer, local), 0) {
+            Ok(owner) => Ok(Some(owner.into())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(other) => Err(AttributionError::Map(other)),
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttributionError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(AttributionError::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| AttributionError::Program { name, source })
+}
+
+fn attach_error(name: &'static str, path: &Path, source: ProgramError) -> AttributionError {
+    AttributionError::Attach {
+        name,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() -> Result<(), AttributionError> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        let err = io::Error::last_os_error();
+        // Memcg-accounted kernels (5.11+) do not need it; an unprivileged
+        // caller still gets a precise error from the load itself.
+        if err.raw_os_error() != Some(libc::EPERM) {
+            return Err(AttributionError::Memlock(err));
+        }
+    }
+    Ok(())
+}

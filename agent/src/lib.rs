@@ -1,0 +1,8 @@
+//! The EKS Pod Identity Agent: serves pod credentials on the link-local
+//! address and knows, from the kernel, which pod is asking.
+//!
+//! One module per concern; the request flow reads top to bottom in the
+//! server's handler, each step a call into the module that owns it.
+
+pub mod attribution;
+pub mod cgroup;
