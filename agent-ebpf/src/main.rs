@@ -59,6 +59,16 @@ macro_rules! config {
     };
 }
 
+/// Reads a `bpf_sock_ops` field with one load at a constant offset from the
+/// ctx pointer. The verifier rejects loads through a ctx pointer that the
+/// compiler offset first (which it does when branches share a field read).
+macro_rules! ops_field {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the ctx pointer is the kernel's; an aligned field read.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$($field)+) }
+    };
+}
+
 #[inline(always)]
 fn served_port(port: u16) -> bool {
     u32::from(port) == config!(port)
@@ -148,7 +158,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
-    let op = ctx.op();
+    let op = ops_field!(ctx, op);
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         on_connect(&ctx);
     } else if op == BPF_SOCK_OPS_STATE_CB {
@@ -162,18 +172,18 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 /// IPv6 source is not filled in yet at connect time).
 #[inline(always)]
 fn endpoints(ctx: &SockOpsContext) -> Option<(RawAddr, RawAddr)> {
-    let family = ctx.family();
+    let family = ops_field!(ctx, family);
     if family == AF_INET {
-        return Some((mapped_v4(ctx.remote_ip4()), mapped_v4(ctx.local_ip4())));
+        return Some((mapped_v4(ops_field!(ctx, remote_ip4)), mapped_v4(ops_field!(ctx, local_ip4))));
     }
     if family != AF_INET6 {
         return None;
     }
-    let remote = ctx.remote_ip6();
+    let remote = ops_field!(ctx, remote_ip6);
     if is_v4_mapped(&remote) {
-        return Some((mapped_v4(ctx.remote_ip4()), mapped_v4(ctx.local_ip4())));
+        return Some((mapped_v4(ops_field!(ctx, remote_ip4)), mapped_v4(ops_field!(ctx, local_ip4))));
     }
-    Some((remote, ctx.local_ip6()))
+    Some((remote, ops_field!(ctx, local_ip6)))
 }
 
 #[inline(always)]
@@ -200,7 +210,7 @@ fn socket_owner(sk: *mut bpf_sock) -> *mut SocketOwner {
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     // remote_port: big-endian 16 bits in the upper half of the u32.
-    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let remote_port = u16::from_be((ops_field!(ctx, remote_port) >> 16) as u16);
     if !served_port(remote_port) {
         return;
     }
@@ -221,7 +231,7 @@ fn on_connect(ctx: &SockOpsContext) {
     let key = ConnKey {
         peer_addr: local,
         local_addr: remote,
-        peer_port: ctx.local_port() as u16,
+        peer_port: ops_field!(ctx, local_port) as u16,
         local_port: remote_port,
     };
     // SAFETY: non-null storage of this socket.
@@ -232,14 +242,14 @@ fn on_connect(ctx: &SockOpsContext) {
             (*state).key = key;
             (*state).published = 1;
         }
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        let _ = ctx.set_cb_flags((ops_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
 }
 
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     // Only sockets we asked the callback for get here.
-    if ctx.arg(1) != BPF_TCP_CLOSE {
+    if ops_field!(ctx, __bindgen_anon_1.args[1]) != BPF_TCP_CLOSE {
         return;
     }
     let sk = sock_of(ctx);

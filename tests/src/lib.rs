@@ -1,0 +1,11 @@
+//! Test harness: network namespaces, cgroups laid out like kubelet's, and
+//! "pod" processes that live in them. Everything it creates carries a unique
+//! name and is removed on drop, also when a test fails.
+
+pub mod cgroups;
+pub mod names;
+pub mod netns;
+pub mod pod;
+pub mod privilege;
+pub mod probe_server;
+pub mod topology;

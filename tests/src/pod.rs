@@ -1,0 +1,58 @@
+//! "Pod" processes: a child that joins its pod's cgroup and then its pod's
+//! network namespace before exec, as a container's process would be placed.
+//!
+//! cgroup membership is per process, so a pod client must be its own
+//! process; it joins the cgroup first, because after entering another netns
+//! it still sees the host's cgroup2 mount only through inherited fds.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::Netns;
+
+/// A command that will run `program` inside `cgroup` and `netns` (the node's
+/// namespace for a hostNetwork pod). Always a namespace the test made: a
+/// test process never talks to the link-local addresses of the real host.
+pub fn pod_command(program: &Path, cgroup: &Path, netns: &Netns) -> Result<Command> {
+    let procs: OwnedFd = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?
+        .into();
+    let ns: OwnedFd = netns.open()?.into();
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe calls (write, setns) on fds opened
+    // before fork; both are O_CLOEXEC and vanish at exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" moves the writing process.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Moves an already running process into a cgroup.
+pub fn move_to_cgroup(pid: u32, cgroup: &Path) -> Result<()> {
+    let mut procs = File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .context("open cgroup.procs")?;
+    write!(procs, "{pid}").context("write cgroup.procs")
+}

@@ -1,0 +1,237 @@
+//! The kernel half on the real kernel: eBPF loaded and attached to a test's
+//! own cgroup subtree, pods in kubelet-shaped cgroups and their own network
+//! namespaces, a server that asks the kernel who opened each connection.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agent::{
+    attribution::{AttachOptions, Attribution},
+    cgroup::{CgroupResolver, pod_of_path},
+};
+use anyhow::{Context as _, Result, bail, ensure};
+use harness::{
+    cgroups::{CgroupTree, Driver, PodSpec},
+    pod::pod_command,
+    privilege::privileged_or_skip,
+    probe_server::{Observation, ProbeServer},
+    netns::Netns,
+    topology::{AGENT_V4, AGENT_V6, Node, PodNet},
+};
+
+const POD_CLIENT: &str = env!("CARGO_BIN_EXE_pod-client");
+
+/// Declared in drop order: server threads stop, programs detach, then the
+/// namespaces and cgroups go.
+struct Fixture {
+    server: ProbeServer,
+    attribution: Arc<Attribution>,
+    resolver: CgroupResolver,
+    node: Node,
+    tree: CgroupTree,
+}
+
+fn fixture(extra_listeners: &[SocketAddr]) -> Result<Fixture> {
+    let tree = CgroupTree::new()?;
+    let node = Node::with_agent_addresses()?;
+    let attribution = Arc::new(Attribution::attach(&AttachOptions {
+        cgroup: tree.root().to_owned(),
+        addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
+        port: 80,
+    })?);
+    let mut listen: Vec<SocketAddr> = vec![(AGENT_V4, 80).into(), (AGENT_V6, 80).into()];
+    listen.extend_from_slice(extra_listeners);
+    let server = ProbeServer::start(&node.netns, &listen, attribution.clone())?;
+    let resolver = CgroupResolver::new(tree.mount())?;
+    Ok(Fixture {
+        server,
+        attribution,
+        resolver,
+        node,
+        tree,
+    })
+}
+
+/// A running pod client and the pid it reported.
+struct Client {
+    child: Child,
+    pid: u32,
+}
+
+/// Spawns a pod client in `cgroup` and `netns` (a pod's own namespace, or the
+/// node's for a hostNetwork pod).
+fn spawn_client(cgroup: &std::path::Path, netns: &Netns, target: SocketAddr, count: u32) -> Result<Client> {
+    let mut cmd = pod_command(POD_CLIENT.as_ref(), cgroup, netns)?;
+    let mut child = cmd
+        .args(["connect", &target.to_string(), &count.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawn pod-client")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let pid = line
+        .trim()
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("pod-client printed {line:?}"))?;
+    Ok(Client { child, pid })
+}
+
+impl Client {
+    fn finish(mut self) -> Result<()> {
+        let status = self.child.wait()?;
+        ensure!(status.success(), "pod-client {} failed: {status}", self.pid);
+        Ok(())
+    }
+}
+
+fn next_observation(fx: &Fixture) -> Result<Observation> {
+    fx.server
+        .observations
+        .recv_timeout(Duration::from_secs(60))
+        .context("no connection reached the server")
+}
+
+/// Waits (generously) until the kernel tracks no connection any more.
+fn wait_until_no_tracked_connections(fx: &Fixture) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = fx.attribution.tracked_connections();
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{left} connection entries left in the kernel map");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn each_address_family_names_the_calling_pod() -> Result<()> {
+    if !privileged_or_skip("each_address_family_names_the_calling_pod") {
+        return Ok(());
+    }
+    let fx = fixture(&[])?;
+    let pod_a = PodSpec::new(Driver::Systemd);
+    let pod_b = PodSpec::new(Driver::Cgroupfs);
+    let cg_a = fx.tree.pod(&pod_a)?;
+    let cg_b = fx.tree.pod(&pod_b)?;
+    let net_a = PodNet::attach(&fx.node)?;
+
+    // (what, pod, cgroup, network namespace, destination)
+    let v4: SocketAddr = (AGENT_V4, 80).into();
+    let v6: SocketAddr = (AGENT_V6, 80).into();
+    let mapped: SocketAddr = "[::ffff:169.254.170.23]:80".parse()?;
+    let cases = [
+        ("pod netns, IPv4", &pod_a, &cg_a, &net_a.netns, v4),
+        ("pod netns, IPv6", &pod_a, &cg_a, &net_a.netns, v6),
+        ("pod netns, dual-stack socket to IPv4-mapped", &pod_a, &cg_a, &net_a.netns, mapped),
+        ("hostNetwork pod, IPv4", &pod_b, &cg_b, &fx.node.netns, v4),
+        ("hostNetwork pod, IPv6", &pod_b, &cg_b, &fx.node.netns, v6),
+        ("hostNetwork pod, IPv4-mapped", &pod_b, &cg_b, &fx.node.netns, mapped),
+    ];
+    for (what, pod, cgroup, net, target) in cases {
+        let client = spawn_client(cgroup, net, target, 1)?;
+        let pid = client.pid;
+        let seen = next_observation(&fx).context(what)?;
+        client.finish()?;
+        let caller = seen
+            .caller
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| format!("{what}: connection from {} not attributed", seen.peer))?;
+        assert_eq!(caller.cgroup_id, CgroupResolver::id_of(cgroup)?, "{what}: cgroup id");
+        assert_eq!(caller.pid, pid, "{what}: pid");
+        let path = fx.resolver.path_of(caller.cgroup_id)?.context("cgroup vanished")?;
+        let resolved = pod_of_path(&path)?.with_context(|| format!("{what}: {path} is not a pod"))?;
+        assert_eq!(resolved.pod_uid, pod.uid, "{what}: pod UID");
+        assert_eq!(resolved.container_id.as_deref(), Some(pod.container_id.as_str()), "{what}");
+    }
+    wait_until_no_tracked_connections(&fx)
+}
+
+#[test]
+fn other_destinations_are_not_recorded() -> Result<()> {
+    if !privileged_or_skip("other_destinations_are_not_recorded") {
+        return Ok(());
+    }
+    // Same address, other port; and the node's own veth address on port 80.
+    let other_port: SocketAddr = (AGENT_V4, 8080).into();
+    let tree_pod = PodSpec::new(Driver::Systemd);
+    let fx = fixture(&[other_port])?;
+    let cgroup = fx.tree.pod(&tree_pod)?;
+    let net = PodNet::attach(&fx.node)?;
+    let node_side: SocketAddr = (net.node_ipv4, 80).into();
+    let node_side_server = ProbeServer::start(&fx.node.netns, &[node_side], fx.attribution.clone())?;
+
+    for target in [other_port, node_side] {
+        let client = spawn_client(&cgroup, &net.netns, target, 1)?;
+        let seen = if target == node_side {
+            node_side_server.observations.recv_timeout(Duration::from_secs(60))?
+        } else {
+            next_observation(&fx)?
+        };
+        // While the connection is still open on the client side.
+        assert_eq!(fx.attribution.tracked_connections(), 0, "{target}: recorded");
+        client.finish()?;
+        assert_eq!(seen.caller.map_err(anyhow::Error::msg)?, None, "{target}: attributed");
+    }
+    Ok(())
+}
+
+#[test]
+fn ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse() -> Result<()> {
+    if !privileged_or_skip("ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse") {
+        return Ok(());
+    }
+    const PER_CLIENT: u32 = 2_500;
+    let fx = fixture(&[])?;
+    let pods = [PodSpec::new(Driver::Systemd), PodSpec::new(Driver::Cgroupfs)];
+    let mut expected_cgroup: HashMap<std::net::IpAddr, u64> = HashMap::new();
+    let mut nets = Vec::new();
+    let mut clients = Vec::new();
+    for pod in &pods {
+        let cgroup = fx.tree.pod(pod)?;
+        let net = PodNet::attach(&fx.node)?;
+        let id = CgroupResolver::id_of(&cgroup)?;
+        expected_cgroup.insert(net.ipv4.into(), id);
+        expected_cgroup.insert(net.ipv6.into(), id);
+        // Two processes per pod, one per family, all four at once.
+        clients.push(spawn_client(&cgroup, &net.netns, (AGENT_V4, 80).into(), PER_CLIENT)?);
+        clients.push(spawn_client(&cgroup, &net.netns, (AGENT_V6, 80).into(), PER_CLIENT)?);
+        nets.push(net);
+    }
+    let pids: Vec<u32> = clients.iter().map(|c| c.pid).collect();
+    let total = PER_CLIENT as usize * clients.len();
+    let mut per_pid: HashMap<u32, usize> = HashMap::new();
+    for i in 0..total {
+        let seen = next_observation(&fx).with_context(|| format!("after {i} connections"))?;
+        let caller = seen
+            .caller
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| format!("connection {i} from {} not attributed", seen.peer))?;
+        let peer_ip = match seen.peer.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.into(), Into::into),
+            v4 => v4,
+        };
+        assert_eq!(
+            Some(&caller.cgroup_id),
+            expected_cgroup.get(&peer_ip),
+            "connection {i} from {peer_ip} attributed to the wrong cgroup"
+        );
+        assert!(pids.contains(&caller.pid), "connection {i}: unknown pid {}", caller.pid);
+        *per_pid.entry(caller.pid).or_default() += 1;
+    }
+    for client in clients {
+        client.finish()?;
+    }
+    assert!(per_pid.values().all(|&n| n == PER_CLIENT as usize), "per-process counts {per_pid:?}");
+    wait_until_no_tracked_connections(&fx)
+}
