@@ -21,13 +21,11 @@ use agent_ebpf::{
 };
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock,
     },
     btf_maps::{LruHashMap, SkStorage},
-    helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_sk_storage_get,
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_sk_storage_get},
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
@@ -148,7 +146,12 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if !served_port(u16::from_be(sa.user_port as u16)) {
         return ALLOW;
     }
-    let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let dst = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     if !served_v6(&dst) || sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
@@ -174,14 +177,20 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 fn endpoints(ctx: &SockOpsContext) -> Option<(RawAddr, RawAddr)> {
     let family = ops_field!(ctx, family);
     if family == AF_INET {
-        return Some((mapped_v4(ops_field!(ctx, remote_ip4)), mapped_v4(ops_field!(ctx, local_ip4))));
+        return Some((
+            mapped_v4(ops_field!(ctx, remote_ip4)),
+            mapped_v4(ops_field!(ctx, local_ip4)),
+        ));
     }
     if family != AF_INET6 {
         return None;
     }
     let remote = ops_field!(ctx, remote_ip6);
     if is_v4_mapped(&remote) {
-        return Some((mapped_v4(ops_field!(ctx, remote_ip4)), mapped_v4(ops_field!(ctx, local_ip4))));
+        return Some((
+            mapped_v4(ops_field!(ctx, remote_ip4)),
+            mapped_v4(ops_field!(ctx, local_ip4)),
+        ));
     }
     Some((remote, ops_field!(ctx, local_ip6)))
 }
@@ -242,7 +251,9 @@ fn on_connect(ctx: &SockOpsContext) {
             (*state).key = key;
             (*state).published = 1;
         }
-        let _ = ctx.set_cb_flags((ops_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        let _ = ctx.set_cb_flags(
+            (ops_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+        );
     }
 }
 

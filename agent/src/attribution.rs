@@ -51,17 +51,25 @@ pub trait CallerLookup: Send + Sync {
     /// The caller of an accepted connection, from the server's view of it.
     /// `Ok(None)`: the kernel did not attribute it (not ours, or opened
     /// before the programs were attached).
-    fn caller(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<Caller>, AttributionError>;
+    fn caller(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<Caller>, AttributionError>;
 }
 
 /// Everything that can go wrong between the agent and the kernel programs.
 #[derive(Debug, Error)]
 pub enum AttributionError {
-    #[error("raising RLIMIT_MEMLOCK failed (needs CAP_SYS_RESOURCE on kernels that account BPF memory there): {0}")]
+    #[error(
+        "raising RLIMIT_MEMLOCK failed (needs CAP_SYS_RESOURCE on kernels that account BPF memory there): {0}"
+    )]
     Memlock(#[source] io::Error),
     #[error("too many served addresses for the kernel programs (at most {max} per family)", max = agent_ebpf::MAX_SERVED_ADDRS)]
     TooManyAddresses,
-    #[error("the kernel refused the eBPF object (needs BPF support and CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN): {0}")]
+    #[error(
+        "the kernel refused the eBPF object (needs BPF support and CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN): {0}"
+    )]
     Load(#[source] EbpfError),
     #[error("program {0} missing from the embedded eBPF object")]
     MissingProgram(&'static str),
@@ -79,7 +87,9 @@ pub enum AttributionError {
         #[source]
         source: io::Error,
     },
-    #[error("attaching {name} to cgroup {path} failed (needs cgroup v2 and CAP_NET_ADMIN/CAP_SYS_ADMIN): {source}")]
+    #[error(
+        "attaching {name} to cgroup {path} failed (needs cgroup v2 and CAP_NET_ADMIN/CAP_SYS_ADMIN): {source}"
+    )]
     Attach {
         name: &'static str,
         path: PathBuf,
@@ -125,7 +135,9 @@ impl Attribution {
         })?;
         for name in [CONNECT4, CONNECT6] {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program.load().map_err(|source| AttributionError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| AttributionError::Program { name, source })?;
             // Single: AllowMultiple is EINVAL here, and links coexist anyway.
             program
                 .attach(&cgroup, CgroupAttachMode::Single)
@@ -134,7 +146,10 @@ impl Attribution {
         let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS)?;
         sock_ops
             .load()
-            .map_err(|source| AttributionError::Program { name: SOCK_OPS, source })?;
+            .map_err(|source| AttributionError::Program {
+                name: SOCK_OPS,
+                source,
+            })?;
         sock_ops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| attach_error(SOCK_OPS, &options.cgroup, source))?;
@@ -158,7 +173,11 @@ impl Attribution {
 }
 
 impl CallerLookup for Attribution {
-    fn caller(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<Caller>, AttributionError> {
+    fn caller(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<Caller>, AttributionError> {
         match self.connections.get(&ConnKey::from_sockets(peer, local), 0) {
             Ok(owner) => Ok(Some(owner.into())),
             Err(MapError::KeyNotFound) => Ok(None),

@@ -22,7 +22,9 @@ use thiserror::Error;
 /// Errors of this module's boundary (mount discovery, id resolution, paths).
 #[derive(Debug, Error)]
 pub enum CgroupError {
-    #[error("no cgroup2 hierarchy is mounted (see /proc/self/mountinfo); pods cannot be attributed")]
+    #[error(
+        "no cgroup2 hierarchy is mounted (see /proc/self/mountinfo); pods cannot be attributed"
+    )]
     NoCgroup2,
     #[error("reading {path}: {source}")]
     Io {
@@ -79,12 +81,14 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok()) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        let octal = (bytes[i] == b'\\' && i + 4 <= bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 4]).ok())
+            .flatten()
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        if let Some(v) = octal {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -196,7 +200,8 @@ pub fn pod_of_path(path: &str) -> Result<Option<PodCgroup>, CgroupError> {
     let Some(raw_uid) = pod_uid_in(parent, pod_seg) else {
         return Ok(None);
     };
-    let pod_uid = canonical_uid(&raw_uid).ok_or_else(|| CgroupError::InvalidPodUid(path.to_owned()))?;
+    let pod_uid =
+        canonical_uid(&raw_uid).ok_or_else(|| CgroupError::InvalidPodUid(path.to_owned()))?;
     let below = &segments[i + 1..];
     if below.iter().any(|s| looks_like_pod_or_root(s)) {
         return Err(CgroupError::Conflict(path.to_owned()));
@@ -218,11 +223,10 @@ fn slice_stem(seg: &str) -> Option<&str> {
 
 fn is_qos(parent: &str, seg: &str) -> bool {
     match slice_stem(parent) {
-        Some(stem) => {
-            seg.strip_prefix(stem)
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|rest| rest == "burstable.slice" || rest == "besteffort.slice")
-        }
+        Some(stem) => seg
+            .strip_prefix(stem)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|rest| rest == "burstable.slice" || rest == "besteffort.slice"),
         None => seg == "burstable" || seg == "besteffort",
     }
 }
@@ -253,9 +257,10 @@ fn canonical_uid(raw: &str) -> Option<String> {
     let uid = raw.to_ascii_lowercase();
     let groups: Vec<&str> = uid.split('-').collect();
     let shape_ok = groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, len)| {
-            g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit())
-        });
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()));
     shape_ok.then_some(uid)
 }
 
@@ -281,7 +286,8 @@ mod tests {
         for line in FIXTURE.lines().filter(|l| !l.starts_with('#')) {
             let cols: Vec<&str> = line.split('\t').collect();
             assert_eq!(cols.len(), 4, "malformed fixture row {line:?}");
-            let (path, expected_uid, expected_container, what) = (cols[0], cols[1], cols[2], cols[3]);
+            let (path, expected_uid, expected_container, what) =
+                (cols[0], cols[1], cols[2], cols[3]);
             let got = pod_of_path(path);
             match expected_uid {
                 "CONFLICT" => assert!(
@@ -298,7 +304,8 @@ mod tests {
                         .unwrap_or_else(|e| panic!("{what}: {path} failed: {e}"))
                         .unwrap_or_else(|| panic!("{what}: {path} is not a pod"));
                     assert_eq!(pod.pod_uid, uid, "{what}");
-                    let container = (!expected_container.is_empty()).then(|| expected_container.to_owned());
+                    let container =
+                        (!expected_container.is_empty()).then(|| expected_container.to_owned());
                     assert_eq!(pod.container_id, container, "{what}");
                 }
             }
@@ -315,8 +322,14 @@ mod tests {
 50 31 0:38 /kubepods /somewhere/else rw - cgroup2 cgroup2 rw
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
-        assert_eq!(cgroup2_mount_in(mountinfo), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(cgroup2_mount_in("31 23 0:28 / /x rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount_in("31 23 0:28 / /x rw - tmpfs tmpfs rw\n"),
+            None
+        );
         assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
     }
 }

@@ -6,3 +6,5 @@
 
 pub mod attribution;
 pub mod cgroup;
+pub mod config;
+pub mod logging;

@@ -36,7 +36,12 @@ impl PodSpec {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         PodSpec {
-            uid: format!("{a:08x}-{:04x}-4{:03x}-8{:03x}-{b:012x}", nanos & 0xffff, a & 0xfff, b & 0xfff),
+            uid: format!(
+                "{a:08x}-{:04x}-4{:03x}-8{:03x}-{b:012x}",
+                nanos & 0xffff,
+                a & 0xfff,
+                b & 0xfff
+            ),
             container_id: format!("{a:016x}{b:016x}{nanos:016x}{:016x}", a ^ b),
             driver,
         }
@@ -97,7 +102,10 @@ impl CgroupTree {
         let deadline = Instant::now() + Duration::from_secs(30);
         while populated(&self.root)? {
             if Instant::now() > deadline {
-                bail!("processes still in {} after cgroup.kill", self.root.display());
+                bail!(
+                    "processes still in {} after cgroup.kill",
+                    self.root.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

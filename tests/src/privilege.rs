@@ -11,6 +11,8 @@ pub fn privileged_or_skip(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: needs root (netns, cgroup v2, eBPF) and CI=true forbids skipping");
     }
-    eprintln!("SKIPPED {test}: needs root (netns, cgroup v2, eBPF); run `cargo xtask test` as root");
+    eprintln!(
+        "SKIPPED {test}: needs root (netns, cgroup v2, eBPF); run `cargo xtask test` as root"
+    );
     false
 }

@@ -36,7 +36,11 @@ pub struct ProbeServer {
 impl ProbeServer {
     /// Listens on `addrs` inside `ns`; every accepted connection is looked
     /// up, reported, answered with one byte and closed by the client.
-    pub fn start(ns: &Netns, addrs: &[SocketAddr], lookup: Arc<dyn CallerLookup>) -> Result<ProbeServer> {
+    pub fn start(
+        ns: &Netns,
+        addrs: &[SocketAddr],
+        lookup: Arc<dyn CallerLookup>,
+    ) -> Result<ProbeServer> {
         let ns_file = ns.open()?;
         let addrs = addrs.to_vec();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
@@ -75,7 +79,12 @@ impl ProbeServer {
     }
 }
 
-fn serve(listeners: &[TcpListener], lookup: &dyn CallerLookup, tx: &mpsc::Sender<Observation>, stop: &AtomicBool) {
+fn serve(
+    listeners: &[TcpListener],
+    lookup: &dyn CallerLookup,
+    tx: &mpsc::Sender<Observation>,
+    stop: &AtomicBool,
+) {
     let mut fds: Vec<libc::pollfd> = listeners
         .iter()
         .map(|l| libc::pollfd {
@@ -94,7 +103,11 @@ fn serve(listeners: &[TcpListener], lookup: &dyn CallerLookup, tx: &mpsc::Sender
             while let Ok((mut stream, peer)) = listener.accept() {
                 let local = stream.local_addr().unwrap_or(peer);
                 let caller = lookup.caller(peer, local).map_err(|e| e.to_string());
-                let _ = tx.send(Observation { peer, local, caller });
+                let _ = tx.send(Observation {
+                    peer,
+                    local,
+                    caller,
+                });
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.write_all(b".");
             }

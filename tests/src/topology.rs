@@ -38,7 +38,14 @@ impl Node {
         ns.ip(&["link", "add", "pod-id-link0", "type", "bridge"])?;
         ns.ip(&["link", "set", "pod-id-link0", "up"])?;
         ns.ip(&["addr", "add", "169.254.170.23/32", "dev", "pod-id-link0"])?;
-        ns.ip(&["addr", "add", "fd00:ec2::23/128", "dev", "pod-id-link0", "nodad"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            "fd00:ec2::23/128",
+            "dev",
+            "pod-id-link0",
+            "nodad",
+        ])?;
         Ok(node)
     }
 }
@@ -63,15 +70,40 @@ impl PodNet {
         let ipv6 = Ipv6Addr::new(0x2001, 2, 0, k as u16, 0, 0, 0, 2);
         let host_if = names::unique("vh");
         let n = &node.netns;
-        n.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        n.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
         n.ip(&["addr", "add", &format!("{node_ipv4}/30"), "dev", &host_if])?;
-        n.ip(&["addr", "add", &format!("{node_ipv6}/64"), "dev", &host_if, "nodad"])?;
+        n.ip(&[
+            "addr",
+            "add",
+            &format!("{node_ipv6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
         n.ip(&["link", "set", &host_if, "up"])?;
         netns.ip(&["addr", "add", &format!("{ipv4}/30"), "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", "default", "via", &node_ipv4.to_string()])?;
-        netns.ip(&["-6", "route", "add", "default", "via", &node_ipv6.to_string()])?;
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &node_ipv6.to_string(),
+        ])?;
         Ok(PodNet {
             netns,
             ipv4,

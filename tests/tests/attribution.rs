@@ -18,10 +18,10 @@ use agent::{
 use anyhow::{Context as _, Result, bail, ensure};
 use harness::{
     cgroups::{CgroupTree, Driver, PodSpec},
+    netns::Netns,
     pod::pod_command,
     privilege::privileged_or_skip,
     probe_server::{Observation, ProbeServer},
-    netns::Netns,
     topology::{AGENT_V4, AGENT_V6, Node, PodNet},
 };
 
@@ -66,7 +66,12 @@ struct Client {
 
 /// Spawns a pod client in `cgroup` and `netns` (a pod's own namespace, or the
 /// node's for a hostNetwork pod).
-fn spawn_client(cgroup: &std::path::Path, netns: &Netns, target: SocketAddr, count: u32) -> Result<Client> {
+fn spawn_client(
+    cgroup: &std::path::Path,
+    netns: &Netns,
+    target: SocketAddr,
+    count: u32,
+) -> Result<Client> {
     let mut cmd = pod_command(POD_CLIENT.as_ref(), cgroup, netns)?;
     let mut child = cmd
         .args(["connect", &target.to_string(), &count.to_string()])
@@ -133,10 +138,22 @@ fn each_address_family_names_the_calling_pod() -> Result<()> {
     let cases = [
         ("pod netns, IPv4", &pod_a, &cg_a, &net_a.netns, v4),
         ("pod netns, IPv6", &pod_a, &cg_a, &net_a.netns, v6),
-        ("pod netns, dual-stack socket to IPv4-mapped", &pod_a, &cg_a, &net_a.netns, mapped),
+        (
+            "pod netns, dual-stack socket to IPv4-mapped",
+            &pod_a,
+            &cg_a,
+            &net_a.netns,
+            mapped,
+        ),
         ("hostNetwork pod, IPv4", &pod_b, &cg_b, &fx.node.netns, v4),
         ("hostNetwork pod, IPv6", &pod_b, &cg_b, &fx.node.netns, v6),
-        ("hostNetwork pod, IPv4-mapped", &pod_b, &cg_b, &fx.node.netns, mapped),
+        (
+            "hostNetwork pod, IPv4-mapped",
+            &pod_b,
+            &cg_b,
+            &fx.node.netns,
+            mapped,
+        ),
     ];
     for (what, pod, cgroup, net, target) in cases {
         let client = spawn_client(cgroup, net, target, 1)?;
@@ -147,12 +164,24 @@ fn each_address_family_names_the_calling_pod() -> Result<()> {
             .caller
             .map_err(anyhow::Error::msg)?
             .with_context(|| format!("{what}: connection from {} not attributed", seen.peer))?;
-        assert_eq!(caller.cgroup_id, CgroupResolver::id_of(cgroup)?, "{what}: cgroup id");
+        assert_eq!(
+            caller.cgroup_id,
+            CgroupResolver::id_of(cgroup)?,
+            "{what}: cgroup id"
+        );
         assert_eq!(caller.pid, pid, "{what}: pid");
-        let path = fx.resolver.path_of(caller.cgroup_id)?.context("cgroup vanished")?;
-        let resolved = pod_of_path(&path)?.with_context(|| format!("{what}: {path} is not a pod"))?;
+        let path = fx
+            .resolver
+            .path_of(caller.cgroup_id)?
+            .context("cgroup vanished")?;
+        let resolved =
+            pod_of_path(&path)?.with_context(|| format!("{what}: {path} is not a pod"))?;
         assert_eq!(resolved.pod_uid, pod.uid, "{what}: pod UID");
-        assert_eq!(resolved.container_id.as_deref(), Some(pod.container_id.as_str()), "{what}");
+        assert_eq!(
+            resolved.container_id.as_deref(),
+            Some(pod.container_id.as_str()),
+            "{what}"
+        );
     }
     wait_until_no_tracked_connections(&fx)
 }
@@ -169,19 +198,30 @@ fn other_destinations_are_not_recorded() -> Result<()> {
     let cgroup = fx.tree.pod(&tree_pod)?;
     let net = PodNet::attach(&fx.node)?;
     let node_side: SocketAddr = (net.node_ipv4, 80).into();
-    let node_side_server = ProbeServer::start(&fx.node.netns, &[node_side], fx.attribution.clone())?;
+    let node_side_server =
+        ProbeServer::start(&fx.node.netns, &[node_side], fx.attribution.clone())?;
 
     for target in [other_port, node_side] {
         let client = spawn_client(&cgroup, &net.netns, target, 1)?;
         let seen = if target == node_side {
-            node_side_server.observations.recv_timeout(Duration::from_secs(60))?
+            node_side_server
+                .observations
+                .recv_timeout(Duration::from_secs(60))?
         } else {
             next_observation(&fx)?
         };
         // While the connection is still open on the client side.
-        assert_eq!(fx.attribution.tracked_connections(), 0, "{target}: recorded");
+        assert_eq!(
+            fx.attribution.tracked_connections(),
+            0,
+            "{target}: recorded"
+        );
         client.finish()?;
-        assert_eq!(seen.caller.map_err(anyhow::Error::msg)?, None, "{target}: attributed");
+        assert_eq!(
+            seen.caller.map_err(anyhow::Error::msg)?,
+            None,
+            "{target}: attributed"
+        );
     }
     Ok(())
 }
@@ -193,7 +233,10 @@ fn ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse() -> Result
     }
     const PER_CLIENT: u32 = 2_500;
     let fx = fixture(&[])?;
-    let pods = [PodSpec::new(Driver::Systemd), PodSpec::new(Driver::Cgroupfs)];
+    let pods = [
+        PodSpec::new(Driver::Systemd),
+        PodSpec::new(Driver::Cgroupfs),
+    ];
     let mut expected_cgroup: HashMap<std::net::IpAddr, u64> = HashMap::new();
     let mut nets = Vec::new();
     let mut clients = Vec::new();
@@ -204,8 +247,18 @@ fn ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse() -> Result
         expected_cgroup.insert(net.ipv4.into(), id);
         expected_cgroup.insert(net.ipv6.into(), id);
         // Two processes per pod, one per family, all four at once.
-        clients.push(spawn_client(&cgroup, &net.netns, (AGENT_V4, 80).into(), PER_CLIENT)?);
-        clients.push(spawn_client(&cgroup, &net.netns, (AGENT_V6, 80).into(), PER_CLIENT)?);
+        clients.push(spawn_client(
+            &cgroup,
+            &net.netns,
+            (AGENT_V4, 80).into(),
+            PER_CLIENT,
+        )?);
+        clients.push(spawn_client(
+            &cgroup,
+            &net.netns,
+            (AGENT_V6, 80).into(),
+            PER_CLIENT,
+        )?);
         nets.push(net);
     }
     let pids: Vec<u32> = clients.iter().map(|c| c.pid).collect();
@@ -226,12 +279,19 @@ fn ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse() -> Result
             expected_cgroup.get(&peer_ip),
             "connection {i} from {peer_ip} attributed to the wrong cgroup"
         );
-        assert!(pids.contains(&caller.pid), "connection {i}: unknown pid {}", caller.pid);
+        assert!(
+            pids.contains(&caller.pid),
+            "connection {i}: unknown pid {}",
+            caller.pid
+        );
         *per_pid.entry(caller.pid).or_default() += 1;
     }
     for client in clients {
         client.finish()?;
     }
-    assert!(per_pid.values().all(|&n| n == PER_CLIENT as usize), "per-process counts {per_pid:?}");
+    assert!(
+        per_pid.values().all(|&n| n == PER_CLIENT as usize),
+        "per-process counts {per_pid:?}"
+    );
     wait_until_no_tracked_connections(&fx)
 }

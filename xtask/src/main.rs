@@ -1,1 +1,33 @@
-fn main(){}
+//! Project automation: `cargo xtask setup | test`.
+
+mod cmd;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo automation for the EKS Pod Identity Agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the kernel programs needs (idempotent).
+    Setup,
+    /// setup, then fmt, clippy and every test (privileged ones need root).
+    Test {
+        /// Passed to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        extra: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Test { extra } => test::test(&extra),
+    }
+}

@@ -1,0 +1,156 @@
+//! `cargo xtask setup`: installs what building the kernel programs needs on a
+//! fresh Debian 12 machine (DESIGN §4.1), and nothing when it is all there.
+//!
+//! * Debian's `rustc-web` ships a precompiled `core` for the bpf targets, so
+//!   no nightly/build-std is needed; `cargo-web` must come along or rustup
+//!   silently runs nightly's cargo for the eBPF build.
+//! * `bpf-linker` must link the same LLVM major as that rustc (22): it is
+//!   built from crates.io against Debian's shared libLLVM.
+//! * `iproute2` builds the test topologies.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd::{run, workspace_root};
+
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "iproute2",
+];
+const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+
+pub fn setup() -> Result<()> {
+    let missing = missing_apt_packages();
+    if !missing.is_empty() {
+        ensure_apt()?;
+        eprintln!("setup: installing {} with apt-get", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !Path::new(BPF_CORE).is_dir() {
+        bail!("{BPF_CORE} is missing after installing libstd-rust-web-dev-bpf: unsupported system");
+    }
+    ensure_bpf_linker()?;
+    eprintln!(
+        "setup: eBPF toolchain ready (Debian rustc-web + bpf-linker {BPF_LINKER_VERSION}, LLVM {LLVM_MAJOR})"
+    );
+    Ok(())
+}
+
+fn missing_apt_packages() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn ensure_apt() -> Result<()> {
+    let release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let debian = release
+        .lines()
+        .any(|l| l == "ID=debian" || l.starts_with("ID_LIKE=") && l.contains("debian"));
+    if !debian || which("apt-get").is_none() {
+        bail!(
+            "unsupported system: this setup installs Debian's {} with apt-get (Debian 12 + backports of \
+             rustc-web with LLVM {LLVM_MAJOR}). Elsewhere install a rustup nightly with rust-src and \
+             bpf-linker yourself, and build with EPIA_EBPF_TOOLCHAIN=nightly.",
+            APT_PACKAGES.join(", ")
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "setup must install {} and needs root",
+            APT_PACKAGES.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `$CARGO_HOME/bin`, where `cargo install` puts binaries and where the
+/// agent's build script looks for bpf-linker.
+fn cargo_bin() -> Result<PathBuf> {
+    let home = match env::var_os("CARGO_HOME") {
+        Some(h) => PathBuf::from(h),
+        None => PathBuf::from(env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?)
+            .join(".cargo"),
+    };
+    Ok(home.join("bin"))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let linker = cargo_bin()?.join("bpf-linker");
+    let current = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if current.as_deref() == Some(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
+        return Ok(());
+    }
+    let libllvm = find_libllvm()?;
+    // bpf-linker's build wants `$LLVM_PREFIX/lib/libLLVM.so`; Debian ships
+    // only the versioned name, so point a private prefix at it.
+    let prefix = workspace_root()?.join("target/xtask/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("symlink {}", link.display()))?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
+        libllvm.display()
+    );
+    run(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn find_libllvm() -> Result<PathBuf> {
+    for dir in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ] {
+        let candidate = Path::new(dir).join(format!("libLLVM.so.{LLVM_MAJOR}.1"));
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!("libLLVM.so.{LLVM_MAJOR}.1 not found: rustc-web should have brought it")
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
