@@ -3,9 +3,13 @@
 //! setup → fmt check → clippy (-D warnings) → every test, the privileged
 //! ones included (they need root; under CI=true they fail rather than skip).
 
-use std::time::Instant;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::Instant,
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::{cargo, in_ci, is_root, run};
 
@@ -25,15 +29,15 @@ pub fn test(extra: &[String]) -> Result<()> {
     step("cargo clippy -D warnings");
     run(cargo().args([
         "clippy",
-        "--workspace",
         "--all-targets",
         "--locked",
         "--",
         "-D",
         "warnings",
     ]))?;
+    let mut tally = Tally::default();
     step("ABI unit tests (agent-ebpf, host build of its lib)");
-    run(cargo().args([
+    tally.run(cargo().args([
         "test",
         "--locked",
         "-p",
@@ -43,9 +47,57 @@ pub fn test(extra: &[String]) -> Result<()> {
         "user",
     ]))?;
     step("workspace tests (default members)");
-    run(cargo().args(["test", "--locked"]).args(extra))?;
+    tally.run(cargo().args(["test", "--locked"]).args(extra))?;
     eprintln!("test: all green in {:.0?}", started.elapsed());
+    // One closing line over every test binary (cargo prints one per binary,
+    // the last of which is often an empty doc-test run).
+    println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(())
+}
+
+/// Sums cargo's per-binary `test result:` lines while passing output through.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn run(&mut self, cmd: &mut Command) -> Result<()> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {cmd:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                self.passed += count(rest, " passed");
+                self.failed += count(rest, " failed");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            println!("{} passed, {} failed", self.passed, self.failed.max(1));
+            bail!("{cmd:?} failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// The number before `label` in `ok. 3 passed; 0 failed; …`.
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim_start())
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn step(what: &str) {
