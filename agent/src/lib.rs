@@ -7,4 +7,5 @@
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod link;
 pub mod logging;

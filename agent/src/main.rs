@@ -1,16 +1,58 @@
 //! `eks-pod-identity-agent`: the command line. Each subcommand hands over to
 //! the module that owns it; anyhow lives only here, at the edge.
 
-use agent::config::{Cli, Command};
+use agent::{
+    config::{Cli, Command, InitArgs},
+    link::{LinkSpec, Netlink},
+};
+use anyhow::Context as _;
 use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     agent::logging::init(&cli.verbosity);
-    match cli.command {
+    let result = match cli.command {
+        Command::Init(args) => runtime()?.block_on(init(args)),
         Command::Version => {
             println!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "failed");
     }
+    result
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn init(args: InitArgs) -> anyhow::Result<()> {
+    let netlink = Netlink::connect()?;
+    if args.remove {
+        let removed = netlink.remove(&args.link_name).await?;
+        tracing::info!(link = args.link_name, removed, "init --remove done");
+        return Ok(());
+    }
+    let spec = LinkSpec {
+        name: args.link_name,
+        addresses: args.bind_hosts,
+        kind: args.link_kind,
+    };
+    let report = netlink.init(&spec).await?;
+    tracing::info!(
+        link = spec.name,
+        created = report.created.map(|k| k.to_string()),
+        set_up = report.set_up,
+        added_addresses = ?report.added_addresses,
+        added_routes = ?report.added_routes,
+        warnings = report.warnings.len(),
+        changed = report.changed(),
+        "init done"
+    );
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! "pod" processes that live in them. Everything it creates carries a unique
 //! name and is removed on drop, also when a test fails.
 
+pub mod agent_bin;
 pub mod cgroups;
 pub mod names;
 pub mod netns;

@@ -52,6 +52,23 @@ impl Netns {
         self.run_in(|| std::fs::write(&path, value).with_context(|| format!("write {path}")))
     }
 
+    /// A command that runs `program` inside this namespace (setns between
+    /// fork and exec; the cgroup2 mount stays visible, unlike `ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let ns: std::os::fd::OwnedFd = self.open()?.into();
+        let mut cmd = Command::new(program);
+        // SAFETY: only setns, async-signal-safe, on an fd opened before fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
     /// Runs `f` on a fresh thread that has joined this namespace.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         let file = self.open()?;

@@ -46,6 +46,14 @@ pub fn test(extra: &[String]) -> Result<()> {
         "--features",
         "user",
     ]))?;
+    step("agent binary (the integration tests run it)");
+    run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "eks-pod-identity-agent",
+        "--bins",
+    ]))?;
     step("workspace tests (default members)");
     tally.run(cargo().args(["test", "--locked"]).args(extra))?;
     eprintln!("test: all green in {:.0?}", started.elapsed());
