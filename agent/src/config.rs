@@ -33,6 +33,8 @@ pub enum Command {
     /// Own the link-local addresses: create the link, addresses and routes
     /// (run as the DaemonSet's init container; needs CAP_NET_ADMIN).
     Init(InitArgs),
+    /// Serve pod credentials on the link-local addresses.
+    Server(Box<ServerArgs>),
     /// Print the version.
     Version,
 }
@@ -58,6 +60,86 @@ pub struct InitArgs {
     /// Undo: delete the link init created (its addresses and routes go with it).
     #[arg(long)]
     pub remove: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// EKS cluster name, sent to EKS Auth.
+    #[arg(short = 'c', long, env = "EKS_CLUSTER_NAME")]
+    pub cluster_name: String,
+
+    /// Port of the credential endpoint on every bind host.
+    #[arg(short = 'p', long, default_value_t = 80)]
+    pub port: u16,
+
+    /// Addresses to serve on, comma-separated; IPv6 in brackets or bare.
+    #[arg(short = 'b', long = "bind-hosts", default_value = DEFAULT_BIND_HOSTS, value_delimiter = ',', value_parser = parse_host)]
+    pub bind_hosts: Vec<IpAddr>,
+
+    /// Port of /healthz and /readyz, on localhost.
+    #[arg(long, default_value_t = 2703)]
+    pub probe_port: u16,
+
+    /// Address of the Prometheus endpoint.
+    #[arg(long, default_value = "0.0.0.0", value_parser = parse_host)]
+    pub metrics_address: IpAddr,
+
+    /// Port of the Prometheus endpoint (/metrics).
+    #[arg(long, default_value_t = 2705)]
+    pub metrics_port: u16,
+
+    /// Renew cached credentials after holding them this long (0 disables the cache).
+    #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]
+    pub max_credential_retention_before_renewal: std::time::Duration,
+
+    /// Identities kept in the credential cache.
+    #[arg(long, default_value_t = 2000)]
+    pub max_cache_size: u64,
+
+    /// Background refresh calls to EKS Auth per second, at most.
+    #[arg(long, default_value_t = 3.0)]
+    pub max_service_qps: f64,
+
+    /// EKS Auth endpoint URL (else AWS_ENDPOINT_URL_EKS_AUTH, else the regional one).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+
+    /// Accepted for compatibility (hybrid nodes): the node's own AWS
+    /// credentials already rotate through the SDK's provider chain.
+    #[arg(long)]
+    pub rotate_credentials: bool,
+
+    /// This node's name, sent to EKS Auth as eksNodeName.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Connect timeout of one EKS Auth attempt.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub upstream_connect_timeout: std::time::Duration,
+
+    /// Timeout of one EKS Auth attempt.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub upstream_attempt_timeout: std::time::Duration,
+
+    /// Attempts per EKS Auth call (jittered exponential backoff between).
+    #[arg(long, default_value_t = 3)]
+    pub upstream_max_attempts: u32,
+
+    /// Concurrent client connections; more wait in the kernel's backlog.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// A client must send its request headers within this time.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+
+    /// Request header buffer size (bytes, at least 8192).
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// `169.254.170.23`, `[fd00:ec2::23]` or `fd00:ec2::23`.
@@ -106,5 +188,29 @@ mod tests {
             ]
         );
         assert_eq!(args.link_kind, LinkKind::Auto);
+    }
+
+    #[test]
+    fn server_defaults_match_the_reference() {
+        let cli = Cli::try_parse_from(["agent", "server", "-c", "test-cluster"]).unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("not server")
+        };
+        assert_eq!(args.cluster_name, "test-cluster");
+        assert_eq!(
+            (args.port, args.probe_port, args.metrics_port),
+            (80, 2703, 2705)
+        );
+        assert_eq!(
+            args.max_credential_retention_before_renewal,
+            std::time::Duration::from_secs(3 * 3600)
+        );
+        assert_eq!(args.max_cache_size, 2000);
+        assert_eq!(args.max_service_qps, 3.0);
+        assert_eq!(args.bind_hosts.len(), 2);
+        assert!(
+            Cli::try_parse_from(["agent", "server"]).is_err(),
+            "cluster name is required"
+        );
     }
 }

@@ -7,5 +7,13 @@
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod credentials;
+pub mod daemon;
+pub mod handler;
 pub mod link;
 pub mod logging;
+pub mod metrics;
+pub mod probes;
+pub mod server;
+pub mod token;
+pub mod upstream;

@@ -13,6 +13,7 @@ fn main() -> anyhow::Result<()> {
     agent::logging::init(&cli.verbosity);
     let result = match cli.command {
         Command::Init(args) => runtime()?.block_on(init(args)),
+        Command::Server(args) => multi_thread_runtime()?.block_on(agent::daemon::run(*args)),
         Command::Version => {
             println!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -26,6 +27,13 @@ fn main() -> anyhow::Result<()> {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn multi_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -1,0 +1,474 @@
+//! Credentials per identity: a bounded cache (moka), exact single-flight of
+//! upstream calls, and paced refresh-ahead.
+//!
+//! Knows identities and credentials, not HTTP.
+//!
+//! * Single-flight: concurrent requests for one identity share one upstream
+//!   call. The call runs in its own task, so a client that disconnects (its
+//!   request future dropped) cancels nothing the others wait on.
+//! * Refresh-ahead: an entry is renewed in the background once held for
+//!   `retention` or when close to expiry, paced at `max_service_qps`; readers
+//!   keep getting the cached credentials meanwhile.
+//! * Never serves credentials with ≤ 15 s left (the SDKs would refetch at
+//!   once). Irrecoverable upstream verdicts evict; transient failures keep the
+//!   old credentials until they are no longer servable.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::{
+    FutureExt as _,
+    future::{BoxFuture, Shared},
+};
+use moka::{Expiry, future::Cache, notification::RemovalCause};
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, info, warn};
+
+use crate::{
+    metrics::{CacheState, Metrics},
+    upstream::{Assumed, Upstream, UpstreamError},
+};
+
+/// Credentials with this little life left are not served (reference agent).
+pub const MIN_REMAINING: Duration = Duration::from_secs(15);
+
+/// What a cache entry belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CacheKey {
+    /// SHA-256 of the raw token: the token itself is never a key.
+    TokenHash([u8; 32]),
+    /// A kernel-verified pod and its service account (enforce mode): the
+    /// kubelet's rotated tokens for the same pod share the entry.
+    Pod {
+        uid: String,
+        namespace: String,
+        service_account: String,
+    },
+}
+
+impl CacheKey {
+    pub fn of_token(token: &str) -> CacheKey {
+        CacheKey::TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+/// Whether the answer came from the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Upstream,
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    pub max_entries: u64,
+    /// `--max-credential-retention-before-renewal`; zero disables caching.
+    pub retention: Duration,
+    /// `--max-service-qps` for background refreshes.
+    pub max_service_qps: f64,
+}
+
+struct Entry {
+    assumed: Arc<Assumed>,
+    refresh_at: Instant,
+    /// Instant from which the entry is no longer servable.
+    unservable_at: Instant,
+    /// The newest token seen for this identity: what a refresh presents.
+    token: Mutex<String>,
+}
+
+impl Entry {
+    fn new(assumed: Arc<Assumed>, token: String, retention: Duration) -> Entry {
+        let now = Instant::now();
+        let lifetime = assumed
+            .expiration
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        // Renew when held for `retention`, or halfway through short lives,
+        // and at the latest five minutes before expiry.
+        let margin = (lifetime / 2).min(Duration::from_secs(300));
+        let refresh_in = retention.min(lifetime.saturating_sub(margin));
+        Entry {
+            assumed,
+            refresh_at: now + refresh_in,
+            unservable_at: now + lifetime.saturating_sub(MIN_REMAINING),
+            token: Mutex::new(token),
+        }
+    }
+
+    fn servable(&self, now: Instant) -> bool {
+        now < self.unservable_at
+    }
+}
+
+/// Lets moka drop each entry when its credentials stop being servable.
+struct UntilUnservable;
+
+impl Expiry<CacheKey, Arc<Entry>> for UntilUnservable {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        entry: &Arc<Entry>,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(entry.unservable_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        entry: &Arc<Entry>,
+        now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.unservable_at.saturating_duration_since(now))
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Arc<Assumed>, UpstreamError>>>;
+
+struct Inner {
+    cache: Option<Cache<CacheKey, Arc<Entry>>>,
+    in_flight: Mutex<HashMap<CacheKey, Fetch>>,
+    upstream: Arc<dyn Upstream>,
+    metrics: Arc<Metrics>,
+    options: CacheOptions,
+}
+
+/// Cheap to clone; all clones share one cache.
+#[derive(Clone)]
+pub struct Credentials {
+    inner: Arc<Inner>,
+}
+
+impl Credentials {
+    pub fn new(
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+        options: CacheOptions,
+    ) -> Credentials {
+        let cache = (!options.retention.is_zero()).then(|| {
+            let metrics = metrics.clone();
+            Cache::builder()
+                .max_capacity(options.max_entries)
+                .expire_after(UntilUnservable)
+                .eviction_listener(move |_key, _value, cause| {
+                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                        metrics.cache(CacheState::Evicted);
+                    }
+                })
+                .build()
+        });
+        Credentials {
+            inner: Arc::new(Inner {
+                cache,
+                in_flight: Mutex::new(HashMap::new()),
+                upstream,
+                metrics,
+                options,
+            }),
+        }
+    }
+
+    /// Credentials for `key`, presenting `token` if EKS Auth must be asked.
+    pub async fn get(
+        &self,
+        key: CacheKey,
+        token: &str,
+    ) -> Result<(Arc<Assumed>, Source), UpstreamError> {
+        let inner = &self.inner;
+        if let Some(cache) = &inner.cache
+            && let Some(entry) = cache.get(&key).await
+            && entry.servable(Instant::now())
+        {
+            if let Ok(mut newest) = entry.token.lock()
+                && *newest != token
+            {
+                // A rotated token for the same identity: refresh with it.
+                *newest = token.to_owned();
+            }
+            inner.metrics.cache(CacheState::Hit);
+            return Ok((entry.assumed.clone(), Source::Cache));
+        }
+        inner.metrics.cache(CacheState::Miss);
+        let assumed = self.fetch(key, token.to_owned()).await?;
+        Ok((assumed, Source::Upstream))
+    }
+
+    /// Joins the in-flight upstream call for `key`, or starts one.
+    fn fetch(&self, key: CacheKey, token: String) -> Fetch {
+        let mut in_flight = match self.inner.in_flight.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(fetch) = in_flight.get(&key) {
+            return fetch.clone();
+        }
+        let inner = self.inner.clone();
+        let task_key = key.clone();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = inner.upstream.assume(token.clone()).await;
+            inner.metrics.upstream_call(
+                started.elapsed(),
+                result.as_ref().err().map(UpstreamError::code),
+            );
+            let result = result.map(Arc::new);
+            if let Some(cache) = &inner.cache {
+                match &result {
+                    Ok(assumed) => {
+                        let entry = Entry::new(assumed.clone(), token, inner.options.retention);
+                        cache.insert(task_key.clone(), Arc::new(entry)).await;
+                    }
+                    Err(err) => {
+                        inner.metrics.cache_error("upstream", err.code());
+                        if !err.is_recoverable() {
+                            cache.invalidate(&task_key).await;
+                        }
+                    }
+                }
+                inner.metrics.set_cache_entries(cache.entry_count());
+            }
+            if let Ok(mut in_flight) = inner.in_flight.lock() {
+                in_flight.remove(&task_key);
+            }
+            result
+        });
+        let fetch = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(UpstreamError::Unavailable(format!(
+                    "upstream task failed: {e}"
+                )))
+            })
+        }
+        .boxed()
+        .shared();
+        in_flight.insert(key, fetch.clone());
+        fetch
+    }
+
+    /// Renews due entries forever, at most `max_service_qps` calls a second.
+    /// Spawn it once per agent.
+    pub async fn refresh_loop(self) {
+        let Some(cache) = self.inner.cache.clone() else {
+            return;
+        };
+        let qps = self.inner.options.max_service_qps.max(0.001);
+        let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / qps));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let scan_every = (self.inner.options.retention / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(scan_every).await;
+            let now = Instant::now();
+            let due: Vec<(CacheKey, String)> = cache
+                .iter()
+                .filter(|(_, entry)| now >= entry.refresh_at && entry.servable(now))
+                .map(|(key, entry)| {
+                    let token = entry.token.lock().map(|t| t.clone()).unwrap_or_default();
+                    ((*key).clone(), token)
+                })
+                .collect();
+            for (key, token) in due {
+                pace.tick().await;
+                debug!(?key, "refreshing credentials ahead of expiry");
+                match self.fetch(key, token).await {
+                    Ok(_) => {}
+                    Err(err) if err.is_recoverable() => {
+                        warn!(error = %err, "refresh failed; keeping the cached credentials until they expire");
+                    }
+                    Err(err) => info!(error = %err, "refresh refused; credentials evicted"),
+                }
+            }
+        }
+    }
+
+    /// Drops every entry `keep` rejects (e.g. of pods that are gone).
+    pub async fn retain(&self, keep: impl Fn(&CacheKey) -> bool) -> usize {
+        let Some(cache) = &self.inner.cache else {
+            return 0;
+        };
+        let doomed: Vec<CacheKey> = cache
+            .iter()
+            .filter(|(key, _)| !keep(key))
+            .map(|(key, _)| (*key).clone())
+            .collect();
+        for key in &doomed {
+            cache.invalidate(key).await;
+            self.inner.metrics.cache(CacheState::Evicted);
+        }
+        self.inner.metrics.set_cache_entries(cache.entry_count());
+        doomed.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::upstream::UpstreamFuture;
+
+    /// Counts calls, answers after `delay` with credentials valid `lifetime`.
+    struct FakeUpstream {
+        calls: AtomicUsize,
+        delay: Duration,
+        lifetime: Duration,
+        fail_with: Mutex<Option<UpstreamError>>,
+    }
+
+    impl FakeUpstream {
+        fn new(delay: Duration, lifetime: Duration) -> Arc<FakeUpstream> {
+            Arc::new(FakeUpstream {
+                calls: AtomicUsize::new(0),
+                delay,
+                lifetime,
+                fail_with: Mutex::new(None),
+            })
+        }
+    }
+
+    impl Upstream for FakeUpstream {
+        fn assume(&self, token: String) -> UpstreamFuture {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let delay = self.delay;
+            let expiration = SystemTime::now() + self.lifetime;
+            let failure = self.fail_with.lock().unwrap().clone();
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                if let Some(err) = failure {
+                    return Err(err);
+                }
+                Ok(Assumed {
+                    access_key_id: format!("ASIA{n}"),
+                    secret_access_key: "s".into(),
+                    session_token: token,
+                    expiration,
+                    account_id: None,
+                    association_id: "a".into(),
+                    association_arn: "arn".into(),
+                    role_arn: "role".into(),
+                    subject_namespace: "ns".into(),
+                    subject_service_account: "sa".into(),
+                })
+            })
+        }
+    }
+
+    fn credentials(upstream: Arc<FakeUpstream>, retention: Duration) -> Credentials {
+        Credentials::new(
+            upstream,
+            Arc::new(Metrics::new()),
+            CacheOptions {
+                max_entries: 100,
+                retention,
+                max_service_qps: 100.0,
+            },
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_make_one_call_and_then_hit() {
+        let upstream = FakeUpstream::new(Duration::from_millis(50), Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), Duration::from_secs(3600));
+        let key = CacheKey::of_token("t");
+        let waiters: Vec<_> = (0..200)
+            .map(|_| {
+                let creds = creds.clone();
+                let key = key.clone();
+                tokio::spawn(async move { creds.get(key, "t").await })
+            })
+            .collect();
+        for w in waiters {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+        let (_, source) = creds.get(key, "t").await.unwrap();
+        assert_eq!(source, Source::Cache);
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_does_not_cancel_the_shared_call() {
+        let upstream = FakeUpstream::new(Duration::from_millis(100), Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), Duration::from_secs(3600));
+        let key = CacheKey::of_token("t");
+        let first = tokio::spawn({
+            let (creds, key) = (creds.clone(), key.clone());
+            async move { creds.get(key, "t").await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first.abort();
+        let (_, source) = creds.get(key, "t").await.unwrap();
+        assert_eq!(source, Source::Upstream);
+        assert_eq!(
+            upstream.calls.load(Ordering::SeqCst),
+            1,
+            "the aborted request's call was redone"
+        );
+    }
+
+    #[tokio::test]
+    async fn credentials_close_to_expiry_are_never_served() {
+        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(10));
+        let creds = credentials(upstream.clone(), Duration::from_secs(3600));
+        let key = CacheKey::of_token("t");
+        creds.get(key.clone(), "t").await.unwrap();
+        let (_, source) = creds.get(key, "t").await.unwrap();
+        assert_eq!(
+            source,
+            Source::Upstream,
+            "10 s credentials were served from cache"
+        );
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn zero_retention_disables_the_cache() {
+        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), Duration::ZERO);
+        for _ in 0..3 {
+            let (_, source) = creds.get(CacheKey::of_token("t"), "t").await.unwrap();
+            assert_eq!(source, Source::Upstream);
+        }
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn irrecoverable_errors_evict_and_transient_ones_keep() {
+        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), Duration::from_secs(3600));
+        let key = CacheKey::of_token("t");
+        creds.get(key.clone(), "t").await.unwrap();
+        let cases = [
+            (UpstreamError::Unavailable("timeout".into()), true),
+            (
+                UpstreamError::Service {
+                    status: 400,
+                    code: "AccessDeniedException".into(),
+                    message: "no".into(),
+                    request_id: "r".into(),
+                    fault: "client",
+                },
+                false,
+            ),
+        ];
+        for (err, kept) in cases {
+            *upstream.fail_with.lock().unwrap() = Some(err.clone());
+            // A forced refresh (what the refresh loop does when due).
+            assert!(creds.fetch(key.clone(), "t".into()).await.is_err());
+            let cached = creds
+                .inner
+                .cache
+                .as_ref()
+                .unwrap()
+                .get(&key)
+                .await
+                .is_some();
+            assert_eq!(cached, kept, "{err:?}");
+        }
+    }
+}

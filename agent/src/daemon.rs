@@ -1,0 +1,167 @@
+//! `server`: wires the modules together and runs until SIGTERM/SIGINT.
+//! The application's edge, so errors here are anyhow with context.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context as _, bail};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::ServerArgs,
+    credentials::{CacheOptions, Credentials},
+    handler::{self, AppState},
+    link::Netlink,
+    metrics::Metrics,
+    probes::{self, ProbeState},
+    server::{self, HttpLimits},
+    upstream::{EksAuth, UpstreamOptions},
+};
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    report_missing_addresses(&args).await;
+    let (listeners, failed) = server::bind_all(&args.bind_hosts, args.port);
+    let mut unbound = Vec::new();
+    for (addr, err) in &failed {
+        error!(%addr, error = %err, "cannot serve on this address; continuing with the others");
+        unbound.push(format!("{addr} ({err})"));
+    }
+    if listeners.is_empty() {
+        bail!(
+            "no bind host could be bound ({}); run `eks-pod-identity-agent init` first",
+            unbound.join(", ")
+        );
+    }
+    let bound: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+
+    let upstream = EksAuth::new(&UpstreamOptions {
+        cluster_name: args.cluster_name.clone(),
+        endpoint: args.endpoint.clone(),
+        node_name: args.node_name.clone(),
+        connect_timeout: args.upstream_connect_timeout,
+        attempt_timeout: args.upstream_attempt_timeout,
+        max_attempts: args.upstream_max_attempts,
+    })
+    .await;
+    let metrics = Arc::new(Metrics::new());
+    let credentials = Credentials::new(
+        Arc::new(upstream),
+        metrics.clone(),
+        CacheOptions {
+            max_entries: args.max_cache_size,
+            retention: args.max_credential_retention_before_renewal,
+            max_service_qps: args.max_service_qps,
+        },
+    );
+    let state = Arc::new(AppState {
+        cluster_name: args.cluster_name.clone(),
+        served_hosts: args.bind_hosts.clone(),
+        credentials: credentials.clone(),
+        metrics: metrics.clone(),
+    });
+
+    let limits = HttpLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_read_timeout,
+        max_header_bytes: args.max_header_bytes,
+    };
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    for listener in listeners {
+        let state = state.clone();
+        tasks.spawn(server::serve(
+            listener,
+            limits.clone(),
+            permits.clone(),
+            graceful.clone(),
+            stop_rx.clone(),
+            move |conn, req| handler::handle(state.clone(), conn, req),
+        ));
+    }
+    let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
+    let probe_listener = server::bind(probe_addr).with_context(|| {
+        format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
+    })?;
+    let probe_state = Arc::new(ProbeState {
+        bound: bound.clone(),
+        unbound,
+        details: Vec::new(),
+    });
+    let side_limits = HttpLimits {
+        max_connections: 64,
+        ..limits.clone()
+    };
+    tasks.spawn(server::serve(
+        probe_listener,
+        side_limits.clone(),
+        Arc::new(Semaphore::new(side_limits.max_connections)),
+        graceful.clone(),
+        stop_rx.clone(),
+        move |_conn, req| probes::handle_probe(probe_state.clone(), req),
+    ));
+    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
+    let metrics_listener = server::bind(metrics_addr)
+        .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
+    let exported = metrics.clone();
+    tasks.spawn(server::serve(
+        metrics_listener,
+        side_limits.clone(),
+        Arc::new(Semaphore::new(side_limits.max_connections)),
+        graceful.clone(),
+        stop_rx.clone(),
+        move |_conn, req| probes::handle_metrics(exported.clone(), req),
+    ));
+    let refresher = tokio::spawn(credentials.refresh_loop());
+    info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
+
+    wait_for_signal().await?;
+    info!(grace = ?args.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    refresher.abort();
+    while tasks.join_next().await.is_some() {}
+    let graceful = Arc::try_unwrap(graceful)
+        .map_err(|_| anyhow::anyhow!("listeners still hold the shutdown handle"))?;
+    match tokio::time::timeout(args.shutdown_grace, graceful.shutdown()).await {
+        Ok(()) => info!("all connections finished"),
+        Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    Ok(())
+}
+
+/// Says precisely which served address no link holds (init not run, or
+/// removed); binding them would fail with a vaguer error.
+async fn report_missing_addresses(args: &ServerArgs) {
+    let missing = match Netlink::connect() {
+        Ok(netlink) => netlink.missing_addresses(&args.bind_hosts).await,
+        Err(e) => Err(e),
+    };
+    match missing {
+        Ok(missing) => {
+            for address in missing {
+                error!(%address, "address is not assigned to any link in this network namespace; run `eks-pod-identity-agent init` (with the same --bind-hosts)");
+            }
+        }
+        Err(e) => warn!(error = %e, "could not check the served addresses through netlink"),
+    }
+}

@@ -1,0 +1,278 @@
+//! The EKS Auth client: `AssumeRoleForPodIdentity` through `aws-sdk-eksauth`,
+//! and its errors mapped to the reference agent's HTTP answers.
+//!
+//! Knows nothing of the HTTP server: it takes a token and returns
+//! credentials or an [`UpstreamError`] carrying the status to answer with.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
+
+use aws_config::{BehaviorVersion, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_eksauth::{
+    Client, error::ProvideErrorMetadata as _, error::SdkError,
+    operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityError,
+};
+use aws_smithy_http_client::{Builder as HttpClientBuilder, Connector, proxy::ProxyConfig, tls};
+use aws_smithy_types::retry::ReconnectMode;
+use thiserror::Error;
+
+/// What EKS Auth returned for a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assumed {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    /// Parsed from the assumed role ARN (`arn:aws:sts::<account>:…`).
+    pub account_id: Option<String>,
+    pub association_id: String,
+    pub association_arn: String,
+    pub role_arn: String,
+    pub subject_namespace: String,
+    pub subject_service_account: String,
+}
+
+/// An upstream failure, already in the shape the HTTP answer needs.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// EKS Auth answered with an error: its status passes through.
+    #[error("[{request_id}]: ({code}): {message}, fault: {fault}")]
+    Service {
+        status: u16,
+        code: String,
+        message: String,
+        request_id: String,
+        fault: &'static str,
+    },
+    /// No usable answer (timeout, connection, malformed response).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl UpstreamError {
+    /// The HTTP status the agent answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::Service { status, .. } => *status,
+            UpstreamError::Unavailable(_) => 500,
+        }
+    }
+
+    /// The error code for metrics (`pod_identity_cache_errors{code}`).
+    pub fn code(&self) -> &str {
+        match self {
+            UpstreamError::Service { code, .. } => code,
+            UpstreamError::Unavailable(_) => "Unavailable",
+        }
+    }
+
+    /// Whether keeping previously fetched credentials is right: throttling,
+    /// server faults and no answer at all are transient; a 4xx verdict on the
+    /// token or association is not.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            UpstreamError::Service { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Unavailable(_) => true,
+        }
+    }
+}
+
+pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Assumed, UpstreamError>> + Send>>;
+
+/// The credential source, as the cache sees it (a fake in unit tests).
+pub trait Upstream: Send + Sync + 'static {
+    fn assume(&self, token: String) -> UpstreamFuture;
+}
+
+/// Timeouts and retries of the reference agent (DESIGN §3).
+#[derive(Clone, Debug)]
+pub struct UpstreamOptions {
+    pub cluster_name: String,
+    pub endpoint: Option<String>,
+    pub node_name: Option<String>,
+    pub connect_timeout: Duration,
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+pub struct EksAuth {
+    client: Client,
+    cluster_name: String,
+    node_name: Option<String>,
+}
+
+impl EksAuth {
+    /// Region and signing credentials come from the SDK's default chains;
+    /// `AWS_ENDPOINT_URL_EKS_AUTH` is honoured by the SDK, `endpoint` wins.
+    pub async fn new(options: &UpstreamOptions) -> EksAuth {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client())
+            .load()
+            .await;
+        let mut config = aws_sdk_eksauth::config::Builder::from(&shared)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(options.connect_timeout)
+                    .operation_attempt_timeout(options.attempt_timeout)
+                    .build(),
+            )
+            .retry_config(
+                // Standard mode: exponential backoff with full jitter on
+                // throttling, 5xx and transient I/O errors.
+                RetryConfig::standard()
+                    .with_max_attempts(options.max_attempts)
+                    .with_initial_backoff(Duration::from_millis(50))
+                    .with_max_backoff(Duration::from_millis(500))
+                    .with_reconnect_mode(ReconnectMode::ReconnectOnTransientError),
+            );
+        if let Some(endpoint) = &options.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        EksAuth {
+            client: Client::from_conf(config.build()),
+            cluster_name: options.cluster_name.clone(),
+            node_name: options.node_name.clone(),
+        }
+    }
+}
+
+/// The SDK's HTTPS client (rustls, aws-lc) with the proxy environment
+/// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) honoured, which the default
+/// client does not do.
+fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    HttpClientBuilder::new().build_with_connector_fn(|settings, components| {
+        let mut builder = Connector::builder();
+        if let Some(settings) = settings {
+            builder = builder.connector_settings(settings.clone());
+        }
+        builder.set_sleep_impl(components.and_then(|c| c.sleep_impl()));
+        builder
+            .proxy_config(ProxyConfig::from_env())
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build()
+    })
+}
+
+impl Upstream for EksAuth {
+    fn assume(&self, token: String) -> UpstreamFuture {
+        let request = self
+            .client
+            .assume_role_for_pod_identity()
+            .cluster_name(&self.cluster_name)
+            .token(token)
+            .set_eks_node_name(self.node_name.clone());
+        Box::pin(async move {
+            let output = request.send().await.map_err(map_error)?;
+            let missing = |what: &str| {
+                UpstreamError::Unavailable(format!("EKS Auth response without {what}"))
+            };
+            let credentials = output.credentials().ok_or_else(|| missing("credentials"))?;
+            let role = output
+                .assumed_role_user()
+                .ok_or_else(|| missing("assumedRoleUser"))?;
+            let association = output
+                .pod_identity_association()
+                .ok_or_else(|| missing("podIdentityAssociation"))?;
+            let subject = output.subject().ok_or_else(|| missing("subject"))?;
+            let expiration = SystemTime::try_from(*credentials.expiration())
+                .map_err(|_| missing("a valid credentials expiration"))?;
+            Ok(Assumed {
+                access_key_id: credentials.access_key_id().to_owned(),
+                secret_access_key: credentials.secret_access_key().to_owned(),
+                session_token: credentials.session_token().to_owned(),
+                expiration,
+                account_id: account_of_arn(role.arn()),
+                association_id: association.association_id().to_owned(),
+                association_arn: association.association_arn().to_owned(),
+                role_arn: role.arn().to_owned(),
+                subject_namespace: subject.namespace().to_owned(),
+                subject_service_account: subject.service_account().to_owned(),
+            })
+        })
+    }
+}
+
+fn map_error(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
+    match &err {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let inner = service.err();
+            let code = inner.code().unwrap_or("UnknownError").to_owned();
+            let message = inner.message().unwrap_or_default().to_owned();
+            let request_id = service
+                .raw()
+                .headers()
+                .get("x-amzn-requestid")
+                .unwrap_or_default()
+                .to_owned();
+            UpstreamError::Service {
+                status,
+                code,
+                message,
+                request_id,
+                fault: if status >= 500 { "server" } else { "client" },
+            }
+        }
+        _ => UpstreamError::Unavailable(format!(
+            "{}",
+            aws_smithy_types::error::display::DisplayErrorContext(&err)
+        )),
+    }
+}
+
+/// `arn:aws:sts::111122223333:assumed-role/…` → `111122223333`.
+pub fn account_of_arn(arn: &str) -> Option<String> {
+    let account = arn.split(':').nth(4)?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then(|| account.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_id_comes_from_the_role_arn() {
+        let cases = [
+            (
+                "arn:aws:sts::111122223333:assumed-role/my-role/eks-test-clust-my-pod-0a1b2c3d",
+                Some("111122223333"),
+            ),
+            (
+                "arn:aws-cn:sts::444455556666:assumed-role/r/s",
+                Some("444455556666"),
+            ),
+            ("arn:aws:sts::notanumber:assumed-role/r/s", None),
+            ("garbage", None),
+        ];
+        for (arn, expected) in cases {
+            assert_eq!(account_of_arn(arn).as_deref(), expected, "{arn}");
+        }
+    }
+
+    #[test]
+    fn only_transient_failures_keep_old_credentials() {
+        let service = |status| UpstreamError::Service {
+            status,
+            code: "X".into(),
+            message: "m".into(),
+            request_id: "r".into(),
+            fault: "client",
+        };
+        let cases = [
+            (service(400), false),
+            (service(404), false),
+            (service(429), true),
+            (service(500), true),
+            (service(503), true),
+            (UpstreamError::Unavailable("timeout".into()), true),
+        ];
+        for (err, recoverable) in cases {
+            assert_eq!(err.is_recoverable(), recoverable, "{err:?}");
+        }
+    }
+}
