@@ -199,6 +199,13 @@ impl Upstream for EksAuth {
 
 fn map_error(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
     match &err {
+        // An "error" with a success status: the body did not parse.
+        SdkError::ServiceError(service) if service.raw().status().as_u16() < 400 => {
+            UpstreamError::Unavailable(format!(
+                "malformed EKS Auth response: {}",
+                aws_smithy_types::error::display::DisplayErrorContext(&err)
+            ))
+        }
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
             let inner = service.err();

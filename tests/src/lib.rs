@@ -3,10 +3,14 @@
 //! name and is removed on drop, also when a test fails.
 
 pub mod agent_bin;
+pub mod agent_proc;
 pub mod cgroups;
+pub mod fake_eks_auth;
+pub mod http;
 pub mod names;
 pub mod netns;
 pub mod pod;
 pub mod privilege;
 pub mod probe_server;
+pub mod tokens;
 pub mod topology;

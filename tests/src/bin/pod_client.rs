@@ -1,15 +1,21 @@
 //! A pod's process for the integration tests. The harness spawns it inside a
 //! pod cgroup and network namespace (see `harness::pod`).
 //!
-//! `pod-client connect ADDR COUNT`: COUNT times, connect to ADDR, read to EOF,
-//! close. Prints `pid PID` first so the test can match the kernel's view.
+//! * `pod-client connect ADDR COUNT`: COUNT times, connect to ADDR, read to
+//!   EOF, close. Prints `pid PID` first so the test can match the kernel.
+//! * `pod-client sdk-credentials`: what an AWS SDK in a pod does — the Rust
+//!   SDK's container credentials provider, configured by the webhook's
+//!   environment (`AWS_CONTAINER_CREDENTIALS_FULL_URI`,
+//!   `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`). Prints one JSON line.
 
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpStream},
     process::ExitCode,
-    time::Duration,
+    time::{Duration, UNIX_EPOCH},
 };
+
+use aws_credential_types::provider::ProvideCredentials as _;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,23 +30,56 @@ fn main() -> ExitCode {
 
 fn run(args: &[String]) -> Result<(), String> {
     match args {
-        [cmd, addr, count] if cmd == "connect" => {
-            let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-            let count: u32 = count.parse().map_err(|e| format!("{count}: {e}"))?;
-            println!("pid {}", std::process::id());
-            for i in 0..count {
-                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                    .map_err(|e| format!("connect {addr} (#{i}): {e}"))?;
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .map_err(|e| e.to_string())?;
-                let mut sink = Vec::new();
-                stream
-                    .read_to_end(&mut sink)
-                    .map_err(|e| format!("read {addr} (#{i}): {e}"))?;
-            }
-            Ok(())
-        }
-        _ => Err("usage: pod-client connect ADDR COUNT".into()),
+        [cmd, addr, count] if cmd == "connect" => connect(addr, count),
+        [cmd] if cmd == "sdk-credentials" => sdk_credentials(),
+        _ => Err("usage: pod-client connect ADDR COUNT | pod-client sdk-credentials".into()),
     }
+}
+
+fn connect(addr: &str, count: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let count: u32 = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    println!("pid {}", std::process::id());
+    for i in 0..count {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect {addr} (#{i}): {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let mut sink = Vec::new();
+        stream
+            .read_to_end(&mut sink)
+            .map_err(|e| format!("read {addr} (#{i}): {e}"))?;
+    }
+    Ok(())
+}
+
+fn sdk_credentials() -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let provider = aws_config::ecs::EcsCredentialsProvider::builder().build();
+        let creds = provider.provide_credentials().await.map_err(|e| {
+            format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&e)
+            )
+        })?;
+        let expiry = creds
+            .expiry()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        let line = serde_json::json!({
+            "access_key_id": creds.access_key_id(),
+            "secret_access_key": creds.secret_access_key(),
+            "session_token": creds.session_token(),
+            "account_id": creds.account_id().map(|a| a.as_str().to_owned()),
+            "expiry": expiry,
+            "pid": std::process::id(),
+        });
+        println!("{line}");
+        Ok(())
+    })
 }

@@ -1,0 +1,146 @@
+//! The real agent binary running `server` inside a test's node namespace,
+//! with its JSON logs captured; killed on drop.
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{agent_bin::agent_binary, http, netns::Netns};
+
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+    probe: std::net::SocketAddr,
+    netns_path: String,
+}
+
+/// Environment of the agent under test: static signing credentials and a
+/// region, so the SDK's default chains never look beyond the process (no
+/// instance metadata, no config files).
+pub const AGENT_ENV: &[(&str, &str)] = &[
+    ("AWS_REGION", "us-west-2"),
+    ("AWS_ACCESS_KEY_ID", "AKIDNODETEST"),
+    ("AWS_SECRET_ACCESS_KEY", "node-secret-for-signing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_CONFIG_FILE", "/dev/null"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+];
+
+impl AgentProcess {
+    /// Runs `server ARGS` inside `netns` and waits until /readyz says 200.
+    pub fn start(netns: &Netns, args: &[String]) -> Result<AgentProcess> {
+        let log =
+            std::env::temp_dir().join(format!("epia-agent-{}.log", crate::names::unique_id()));
+        let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = netns.command(agent_binary()?)?;
+        cmd.arg("server")
+            .args(args)
+            .env_clear()
+            .envs(AGENT_ENV.iter().copied())
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().context("spawn the agent")?;
+        let probe_port = args
+            .iter()
+            .position(|a| a == "--probe-port")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(2703);
+        let mut agent = AgentProcess {
+            child,
+            log,
+            probe: ([127, 0, 0, 1], probe_port).into(),
+            netns_path: netns.path(),
+        };
+        agent.wait_ready(netns)?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, netns: &Netns) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("agent exited before ready ({status}):\n{}", self.logs());
+            }
+            let probe = self.probe;
+            let ready = netns
+                .run_in(|| http::request(probe, "GET", "/readyz", &[("Host", "localhost")]))
+                .map(|r| r.status == 200)
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 60s:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the agent logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The namespace the agent runs in (`/run/netns/…`).
+    pub fn netns_path(&self) -> &str {
+        &self.netns_path
+    }
+
+    /// SIGTERM, then wait for the exit (bounded).
+    pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent still running {within:?} after SIGTERM:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `init` (default flags) in `netns`: what the DaemonSet's init
+/// container does before the server starts.
+pub fn init_node(netns: &Netns) -> Result<()> {
+    let out = netns
+        .command(agent_binary()?)?
+        .arg("init")
+        .output()
+        .context("run agent init")?;
+    if !out.status.success() {
+        bail!(
+            "agent init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("agent logs ({}):\n{}", self.log.display(), self.logs());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,616 @@
+//! The agent binary's `server` against the fake EKS Auth, every client in a
+//! pod network namespace reaching 169.254.170.23 / fd00:ec2::23 over veth.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Barrier},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use harness::{
+    agent_proc::{AgentProcess, init_node},
+    fake_eks_auth::{ACCOUNT, FakeEksAuth, Fault},
+    http::{self, Reply},
+    privilege::privileged_or_skip,
+    tokens::{Issuer, TokenSpec},
+    topology::{AGENT_V4, Node, PodNet},
+};
+use serde_json::Value;
+
+const POD_CLIENT: &str = env!("CARGO_BIN_EXE_pod-client");
+
+/// Declared in drop order.
+struct Env {
+    agent: AgentProcess,
+    fake: FakeEksAuth,
+    issuer: Issuer,
+    pod: PodNet,
+    node: Node,
+    dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn env(extra: &[&str]) -> Result<Env> {
+    let node = Node::bare()?;
+    init_node(&node.netns)?;
+    let issuer = Issuer::generate()?;
+    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
+    fake.associate("default", "app", "app-role");
+    let pod = PodNet::attach(&node)?;
+    let mut args: Vec<String> = ["-c", "test-cluster", "--endpoint", &fake.endpoint()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let agent = AgentProcess::start(&node.netns, &args)?;
+    let dir = std::env::temp_dir().join(format!("epia-server-{}", harness::names::unique_id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(Env {
+        agent,
+        fake,
+        issuer,
+        pod,
+        node,
+        dir: TempDir(dir),
+    })
+}
+
+fn v4() -> SocketAddr {
+    (AGENT_V4, 80).into()
+}
+
+impl Env {
+    fn token(&self, spec: &TokenSpec) -> Result<String> {
+        self.issuer.mint(spec)
+    }
+
+    /// A fresh token of the associated service account (its own cache entry).
+    fn app_token(&self) -> Result<String> {
+        self.token(
+            &TokenSpec::new("default", "app")
+                .pod("app-pod", "0cc175b9-c0f1-b6a8-31c3-99e269772661"),
+        )
+    }
+
+    /// A raw request from the pod to the agent.
+    fn get(&self, addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Reply> {
+        self.request(addr, "GET", "/v1/credentials", headers)
+    }
+
+    fn request(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
+        self.pod
+            .netns
+            .run_in(|| http::request(addr, method, path, headers))
+    }
+
+    fn get_with_token(&self, addr: SocketAddr, token: &str) -> Result<Reply> {
+        let host = http::host_header(addr);
+        self.get(addr, &[("Host", &host), ("Authorization", token)])
+    }
+
+    /// The real Rust SDK container provider in the pod, as the webhook
+    /// configures it.
+    fn sdk(&self, full_uri: &str, token: &str) -> Result<Value> {
+        let file = self
+            .dir
+            .0
+            .join(format!("token-{}", harness::names::unique_id()));
+        std::fs::write(&file, token)?;
+        let out = self
+            .pod
+            .netns
+            .command(POD_CLIENT)?
+            .arg("sdk-credentials")
+            .env_clear()
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .context("run pod-client")?;
+        ensure!(
+            out.status.success(),
+            "SDK failed: {}\nagent logs:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.agent.logs()
+        );
+        serde_json::from_slice(&out.stdout).context("pod-client output")
+    }
+
+    fn metrics(&self) -> Result<String> {
+        let reply = self.node.netns.run_in(|| {
+            http::request(
+                ([127, 0, 0, 1], 2705).into(),
+                "GET",
+                "/metrics",
+                &[("Host", "localhost")],
+            )
+        })?;
+        Ok(reply.body)
+    }
+}
+
+/// Waits for `what` to hold, polling; generous deadline, no fixed sleep.
+fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let end = Instant::now() + deadline;
+    while !check() {
+        ensure!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[test]
+fn every_status_row_of_the_reference_in_order() -> Result<()> {
+    if !privileged_or_skip("every_status_row_of_the_reference_in_order") {
+        return Ok(());
+    }
+    // Short attempt timeout so the "no answer" row stays quick.
+    let env = env(&["--upstream-attempt-timeout", "300ms"])?;
+    let host = http::host_header(v4());
+    let expired = env.token(&TokenSpec::new("default", "app").expired())?;
+    let unassociated = env.token(&TokenSpec::new("default", "nobody"))?;
+
+    struct Row<'a> {
+        what: &'a str,
+        fault: Option<Fault>,
+        latency_ms: u64,
+        host: Option<&'a str>,
+        token: Option<String>,
+        status: u16,
+        body_starts: &'a str,
+        /// Upstream requests this row causes (retries included).
+        calls: usize,
+    }
+    let error = |status, name: &str| {
+        Some(Fault::Error {
+            status,
+            name: name.into(),
+        })
+    };
+    let fresh = || env.app_token().ok();
+    let rows = [
+        Row {
+            what: "wrong Host",
+            fault: None,
+            latency_ms: 0,
+            host: Some("example.com"),
+            token: fresh(),
+            status: 403,
+            body_starts: "Access Denied. Called agent through invalid address, please use either [169.254.170.23 fd00:ec2::23] address not example.com",
+            calls: 0,
+        },
+        Row {
+            what: "no token",
+            fault: None,
+            latency_ms: 0,
+            host: Some(&host),
+            token: None,
+            status: 400,
+            body_starts: "Service account token cannot be empty",
+            calls: 0,
+        },
+        Row {
+            what: "empty token",
+            fault: None,
+            latency_ms: 0,
+            host: Some(&host),
+            token: Some(String::new()),
+            status: 400,
+            body_starts: "Service account token cannot be empty",
+            calls: 0,
+        },
+        Row {
+            what: "garbage token",
+            fault: None,
+            latency_ms: 0,
+            host: Some(&host),
+            token: Some("garbage".into()),
+            status: 400,
+            body_starts: "Service account token cannot be parsed: ",
+            calls: 0,
+        },
+        Row {
+            what: "expired token",
+            fault: None,
+            latency_ms: 0,
+            host: Some(&host),
+            token: Some(expired),
+            status: 400,
+            body_starts: "Service account token failed basic claim validations: ",
+            calls: 0,
+        },
+        Row {
+            what: "AccessDenied",
+            fault: error(400, "AccessDenied"),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 400,
+            body_starts: "[req-",
+            calls: 1,
+        },
+        Row {
+            what: "InvalidToken",
+            fault: error(400, "InvalidToken"),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 400,
+            body_starts: "[req-",
+            calls: 1,
+        },
+        Row {
+            what: "no association",
+            fault: None,
+            latency_ms: 0,
+            host: Some(&host),
+            token: Some(unassociated),
+            status: 404,
+            body_starts: "[req-",
+            calls: 1,
+        },
+        Row {
+            what: "throttled, retried",
+            fault: error(429, "Throttling"),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 429,
+            body_starts: "[req-",
+            calls: 3,
+        },
+        Row {
+            what: "internal error, retried",
+            fault: error(500, "InternalServer"),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 500,
+            body_starts: "[req-",
+            calls: 3,
+        },
+        Row {
+            what: "unavailable, retried",
+            fault: error(503, "ServiceUnavailable"),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 503,
+            body_starts: "[req-",
+            calls: 3,
+        },
+        Row {
+            what: "no answer in time, retried",
+            fault: None,
+            latency_ms: 1_000,
+            host: Some(&host),
+            token: fresh(),
+            status: 500,
+            body_starts: "",
+            calls: 3,
+        },
+        Row {
+            what: "connection dropped, retried",
+            fault: Some(Fault::DropConnection),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 500,
+            body_starts: "",
+            calls: 3,
+        },
+        Row {
+            what: "malformed answer",
+            fault: Some(Fault::MalformedJson),
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 500,
+            body_starts: "",
+            calls: 1,
+        },
+        Row {
+            what: "success",
+            fault: None,
+            latency_ms: 0,
+            host: Some(&host),
+            token: fresh(),
+            status: 200,
+            body_starts: "{",
+            calls: 1,
+        },
+    ];
+    for row in rows {
+        env.fake.set(|k| {
+            k.fault = row.fault.clone();
+            k.latency = Duration::from_millis(row.latency_ms);
+        });
+        let before = env.fake.calls();
+        let mut headers = Vec::new();
+        if let Some(h) = row.host {
+            headers.push(("Host", h));
+        }
+        if let Some(t) = &row.token {
+            headers.push(("Authorization", t.as_str()));
+        }
+        let reply = env.get(v4(), &headers)?;
+        assert_eq!(reply.status, row.status, "{}: {}", row.what, reply.body);
+        assert!(
+            reply.body.starts_with(row.body_starts),
+            "{}: body {:?}",
+            row.what,
+            reply.body
+        );
+        if reply.status != 200 {
+            assert!(
+                !reply.body.contains("eyJ"),
+                "{}: the body echoes a token",
+                row.what
+            );
+        }
+        wait_for(row.what, Duration::from_secs(30), || {
+            env.fake.calls() - before >= row.calls
+        })?;
+        assert_eq!(
+            env.fake.calls() - before,
+            row.calls,
+            "{}: upstream calls",
+            row.what
+        );
+    }
+    // The upstream error body format, in full.
+    env.fake.set(|k| k.fault = error(400, "AccessDenied"));
+    let reply = env.get_with_token(v4(), &env.app_token()?)?;
+    let expected_tail = "]: (AccessDeniedException): injected by the test, fault: client";
+    assert!(reply.body.ends_with(expected_tail), "{:?}", reply.body);
+    env.fake.set(|k| k.fault = None);
+
+    // Success JSON, exactly the SDK's keys.
+    let reply = env.get_with_token(v4(), &env.app_token()?)?;
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let json: Value = serde_json::from_str(&reply.body)?;
+    for key in [
+        "AccessKeyId",
+        "SecretAccessKey",
+        "Token",
+        "AccountId",
+        "Expiration",
+    ] {
+        assert!(json.get(key).is_some(), "missing {key} in {json}");
+    }
+    assert_eq!(json["AccountId"], ACCOUNT);
+    assert!(
+        json["Expiration"]
+            .as_str()
+            .is_some_and(|e| e.ends_with('Z') && e.contains('T'))
+    );
+
+    // Other paths and methods.
+    let h = [("Host", host.as_str())];
+    assert_eq!(env.request(v4(), "GET", "/v2/credentials", &h)?.status, 404);
+    let post = env.request(v4(), "POST", "/v1/credentials", &h)?;
+    assert_eq!((post.status, post.header("allow")), (405, Some("GET")));
+    let metrics = env.metrics()?;
+    assert!(
+        metrics.contains(r#"pod_identity_http_response_total{code="403"} 1"#),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache() -> Result<()> {
+    if !privileged_or_skip("the_real_sdk_gets_credentials_over_ipv4_and_ipv6") {
+        return Ok(());
+    }
+    let env = env(&[])?;
+    for uri in [
+        "http://169.254.170.23/v1/credentials",
+        "http://[fd00:ec2::23]/v1/credentials",
+    ] {
+        let token = env.app_token()?;
+        let before = env.fake.calls();
+        let first = env.sdk(uri, &token)?;
+        assert!(
+            first["access_key_id"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("ASIAFAKE")),
+            "{uri}: {first}"
+        );
+        assert_eq!(first["account_id"], ACCOUNT, "{uri}");
+        assert_eq!(env.fake.calls(), before + 1, "{uri}");
+        let again = env.sdk(uri, &token)?;
+        assert_eq!(
+            again["access_key_id"], first["access_key_id"],
+            "{uri}: not the cached credentials"
+        );
+        assert_eq!(
+            env.fake.calls(),
+            before + 1,
+            "{uri}: the repeat went upstream"
+        );
+    }
+    let metrics = env.metrics()?;
+    assert!(
+        metrics.contains(r#"pod_identity_cache_state_total{state="hit"} 2"#),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_hundred_concurrent_first_requests_make_one_upstream_call() -> Result<()> {
+    if !privileged_or_skip("two_hundred_concurrent_first_requests_make_one_upstream_call") {
+        return Ok(());
+    }
+    let env = env(&[])?;
+    env.fake.set(|k| k.latency = Duration::from_millis(500));
+    let token = env.app_token()?;
+    let host = http::host_header(v4());
+    let statuses: Vec<u16> = env.pod.netns.run_in(|| {
+        let barrier = Arc::new(Barrier::new(200));
+        let handles: Vec<_> = (0..200)
+            .map(|_| {
+                let (barrier, token, host) = (barrier.clone(), token.clone(), host.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    http::request(
+                        v4(),
+                        "GET",
+                        "/v1/credentials",
+                        &[("Host", &host), ("Authorization", &token)],
+                    )
+                    .map(|r| r.status)
+                })
+            })
+            .collect();
+        // Threads spawned here inherit this thread's namespace.
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("client panicked"))?)
+            .collect()
+    })?;
+    assert!(statuses.iter().all(|&s| s == 200), "statuses {statuses:?}");
+    assert_eq!(
+        env.fake.calls(),
+        1,
+        "upstream calls for 200 concurrent first requests"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_client_that_gives_up_does_not_fail_the_others_waiting() -> Result<()> {
+    if !privileged_or_skip("a_client_that_gives_up_does_not_fail_the_others_waiting") {
+        return Ok(());
+    }
+    let env = env(&[])?;
+    env.fake.set(|k| k.latency = Duration::from_millis(800));
+    let token = env.app_token()?;
+    let host = http::host_header(v4());
+    let reply = env.pod.netns.run_in(|| {
+        use std::io::Write as _;
+        // The first client asks and hangs up at once.
+        let mut quitter = std::net::TcpStream::connect(v4())?;
+        write!(
+            quitter,
+            "GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\n\r\n"
+        )?;
+        drop(quitter);
+        // The second asks for the same identity meanwhile.
+        http::request(
+            v4(),
+            "GET",
+            "/v1/credentials",
+            &[("Host", &host), ("Authorization", &token)],
+        )
+    })?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        env.fake.calls(),
+        1,
+        "the abandoned call was cancelled and redone"
+    );
+    Ok(())
+}
+
+#[test]
+fn cached_credentials_are_served_while_eks_auth_is_down() -> Result<()> {
+    if !privileged_or_skip("cached_credentials_are_served_while_eks_auth_is_down") {
+        return Ok(());
+    }
+    let env = env(&[])?;
+    let token = env.app_token()?;
+    let first = env.get_with_token(v4(), &token)?;
+    assert_eq!(first.status, 200);
+    env.fake.set(|k| k.fault = Some(Fault::DropConnection));
+    let calls = env.fake.calls();
+    for _ in 0..5 {
+        let again = env.get_with_token(v4(), &token)?;
+        assert_eq!((again.status, &again.body), (200, &first.body));
+    }
+    assert_eq!(env.fake.calls(), calls, "a cached identity went upstream");
+    Ok(())
+}
+
+#[test]
+fn short_lived_credentials_are_refreshed_ahead_in_the_background() -> Result<()> {
+    if !privileged_or_skip("short_lived_credentials_are_refreshed_ahead") {
+        return Ok(());
+    }
+    // Held at most 1 s before renewal; EKS Auth hands out 10-minute credentials.
+    let env = env(&[
+        "--max-credential-retention-before-renewal",
+        "1s",
+        "--max-service-qps",
+        "10",
+    ])?;
+    env.fake
+        .set(|k| k.credential_lifetime = Duration::from_secs(600));
+    let token = env.app_token()?;
+    let first: Value = serde_json::from_str(&env.get_with_token(v4(), &token)?.body)?;
+    // No client asks; the agent renews on its own.
+    wait_for("a background refresh", Duration::from_secs(30), || {
+        env.fake.issued() >= 2
+    })?;
+    let refreshed: Value = serde_json::from_str(&env.get_with_token(v4(), &token)?.body)?;
+    assert_ne!(
+        refreshed["AccessKeyId"], first["AccessKeyId"],
+        "still the first credentials"
+    );
+    let issued = env.fake.issued();
+    assert!(issued >= 2, "issued {issued}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_complete_and_exits_zero() -> Result<()> {
+    if !privileged_or_skip("sigterm_lets_in_flight_requests_complete") {
+        return Ok(());
+    }
+    let mut env = env(&[])?;
+    // Slow, but within one upstream attempt (1 s).
+    env.fake.set(|k| k.latency = Duration::from_millis(700));
+    let token = env.app_token()?;
+    let host = http::host_header(v4());
+    let pod_ns = env.pod.netns.open()?;
+    let in_flight = std::thread::spawn(move || -> Result<Reply> {
+        harness::netns::enter(&pod_ns)?;
+        http::request(
+            v4(),
+            "GET",
+            "/v1/credentials",
+            &[("Host", &host), ("Authorization", &token)],
+        )
+    });
+    wait_for(
+        "the request to reach EKS Auth",
+        Duration::from_secs(30),
+        || env.fake.calls() >= 1,
+    )?;
+    let status = env.agent.terminate(Duration::from_secs(30))?;
+    let reply = in_flight
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        status.success(),
+        "agent exit {status}:\n{}",
+        env.agent.logs()
+    );
+    Ok(())
+}
