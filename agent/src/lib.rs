@@ -14,6 +14,7 @@ pub mod link;
 pub mod logging;
 pub mod metrics;
 pub mod probes;
+pub mod process_metrics;
 pub mod server;
 pub mod token;
 pub mod upstream;

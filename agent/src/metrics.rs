@@ -107,6 +107,7 @@ impl Metrics {
             "Credential requests being answered",
             in_flight.clone(),
         );
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         Metrics {
             registry,
             http_response,
@@ -197,6 +198,8 @@ mod tests {
             r#"pod_identity_cache_state_total{state="hit"} 1"#,
             r#"pod_identity_cache_errors_total{type="upstream",code="ThrottlingException"} 1"#,
             "pod_identity_request_duration_seconds_bucket",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

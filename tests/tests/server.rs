@@ -614,3 +614,63 @@ fn sigterm_lets_in_flight_requests_complete_and_exits_zero() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
+    if !privileged_or_skip("a_missing_address_family_is_reported_not_fatal") {
+        return Ok(());
+    }
+    let node = Node::bare()?;
+    // init owns only the IPv4 address; the server is asked to serve both.
+    let out = node
+        .netns
+        .command(harness::agent_bin::agent_binary()?)?
+        .args(["init", "-b", "169.254.170.23"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issuer = Issuer::generate()?;
+    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
+    let args: Vec<String> = ["-c", "test-cluster", "--endpoint", &fake.endpoint()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let agent = AgentProcess::start(&node.netns, &args)?;
+    let logs = agent.logs();
+    assert!(
+        logs.contains("fd00:ec2::23") && logs.contains("not assigned to any link"),
+        "the missing address is not named precisely:\n{logs}"
+    );
+    let ready = node.netns.run_in(|| {
+        http::request(
+            ([127, 0, 0, 1], 2703).into(),
+            "GET",
+            "/readyz",
+            &[("Host", "localhost")],
+        )
+    })?;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert!(
+        ready.body.contains("listener 169.254.170.23:80: ok"),
+        "{}",
+        ready.body
+    );
+    assert!(
+        ready.body.contains("not served: [fd00:ec2::23]:80"),
+        "{}",
+        ready.body
+    );
+    let health = node.netns.run_in(|| {
+        http::request(
+            ([127, 0, 0, 1], 2703).into(),
+            "GET",
+            "/healthz",
+            &[("Host", "localhost")],
+        )
+    })?;
+    assert_eq!(health.status, 200);
+    Ok(())
+}
