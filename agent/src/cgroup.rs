@@ -50,6 +50,9 @@ pub struct PodCgroup {
     /// Canonical pod UID (lowercase, dashes).
     pub pod_uid: String,
     pub container_id: Option<String>,
+    /// The pod-level cgroup (relative to the mount): it outlives container
+    /// restarts, so its disappearance means the pod is gone.
+    pub pod_path: String,
 }
 
 /// Finds the cgroup2 mount point from `/proc/self/mountinfo`.
@@ -173,6 +176,24 @@ impl CgroupResolver {
     }
 }
 
+/// Whether a kubelet pod hierarchy exists within three levels of `root`
+/// (`kubepods`, `kubepods.slice`, `kubelet-kubepods.slice`, under any
+/// `--cgroup-root` prefix): i.e. pods live in this cgroup2 tree.
+pub fn has_kubepods(root: &Path) -> bool {
+    fn walk(dir: &Path, depth: u32) -> bool {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            is_dir
+                && (is_kubepods_root(&e.file_name().to_string_lossy())
+                    || (depth > 0 && walk(&e.path(), depth - 1)))
+        })
+    }
+    walk(root, 2)
+}
+
 /// Which pod a cgroup path (relative to the cgroup2 mount) belongs to.
 ///
 /// `Ok(None)`: not a pod (node services, sessions, the root, QoS slices,
@@ -210,6 +231,7 @@ pub fn pod_of_path(path: &str) -> Result<Option<PodCgroup>, CgroupError> {
     Ok(Some(PodCgroup {
         pod_uid,
         container_id,
+        pod_path: segments[..=i].join("/"),
     }))
 }
 
@@ -307,6 +329,11 @@ mod tests {
                     let container =
                         (!expected_container.is_empty()).then(|| expected_container.to_owned());
                     assert_eq!(pod.container_id, container, "{what}");
+                    assert!(
+                        pod.pod_path.ends_with(".slice") || pod.pod_path.contains("/pod"),
+                        "{what}"
+                    );
+                    assert!(path.starts_with(&pod.pod_path), "{what}");
                 }
             }
             rows += 1;

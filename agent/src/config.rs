@@ -140,6 +140,52 @@ pub struct ServerArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: std::time::Duration,
+
+    /// Caller verification: auto (enforce where the node supports it, else
+    /// off with a warning), enforce (refuse to start without it), audit
+    /// (check and record, still serve), off.
+    #[arg(long, value_enum, default_value_t = AttributionMode::Auto, env = "EKS_POD_IDENTITY_ATTRIBUTION")]
+    pub attribution: AttributionMode,
+
+    /// cgroup2 directory the kernel programs attach to (default: the root of
+    /// the cgroup2 mount, i.e. every process of the node).
+    #[arg(long)]
+    pub cgroup_root: Option<std::path::PathBuf>,
+
+    /// Also append audit events (JSON lines) to this file.
+    #[arg(long)]
+    pub audit_log: Option<std::path::PathBuf>,
+
+    /// Credential requests per second allowed per pod (0: no limit).
+    #[arg(long, default_value_t = 20)]
+    pub pod_rate_limit: u32,
+
+    /// Burst of the per-pod rate limit.
+    #[arg(long, default_value_t = 40)]
+    pub pod_rate_burst: u32,
+
+    /// How often to drop cached credentials of pods whose cgroup is gone.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub pod_gc_interval: std::time::Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttributionMode {
+    Auto,
+    Enforce,
+    Audit,
+    Off,
+}
+
+impl std::fmt::Display for AttributionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttributionMode::Auto => "auto",
+            AttributionMode::Enforce => "enforce",
+            AttributionMode::Audit => "audit",
+            AttributionMode::Off => "off",
+        })
+    }
 }
 
 /// `169.254.170.23`, `[fd00:ec2::23]` or `fd00:ec2::23`.
@@ -208,6 +254,7 @@ mod tests {
         assert_eq!(args.max_cache_size, 2000);
         assert_eq!(args.max_service_qps, 3.0);
         assert_eq!(args.bind_hosts.len(), 2);
+        assert_eq!(args.attribution, AttributionMode::Auto);
         assert!(
             Cli::try_parse_from(["agent", "server"]).is_err(),
             "cluster name is required"

@@ -13,12 +13,19 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::ServerArgs,
+    attribution::{AttachOptions, Attribution, CallerLookup},
+    audit::Auditor,
+    cgroup::{self, CgroupResolver},
+    config::{AttributionMode, ServerArgs},
     credentials::{CacheOptions, Credentials},
+    handler::Verification,
     handler::{self, AppState},
+    hygiene::PodRegistry,
+    identify::Identifier,
     link::Netlink,
     metrics::Metrics,
     probes::{self, ProbeState},
+    ratelimit::PodRateLimiter,
     server::{self, HttpLimits},
     upstream::{EksAuth, UpstreamOptions},
 };
@@ -61,11 +68,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             max_service_qps: args.max_service_qps,
         },
     );
+    let registry = Arc::new(PodRegistry::default());
+    let (verification, attribution_detail) = verification(&args, &metrics, &registry)?;
+    let auditor = Auditor::new(args.audit_log.as_deref())
+        .with_context(|| format!("opening the audit log {:?}", args.audit_log))?;
     let state = Arc::new(AppState {
         cluster_name: args.cluster_name.clone(),
         served_hosts: args.bind_hosts.clone(),
         credentials: credentials.clone(),
         metrics: metrics.clone(),
+        auditor,
+        verification,
     });
 
     let limits = HttpLimits {
@@ -96,7 +109,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let probe_state = Arc::new(ProbeState {
         bound: bound.clone(),
         unbound,
-        details: Vec::new(),
+        details: vec![attribution_detail],
     });
     let side_limits = HttpLimits {
         max_connections: 64,
@@ -122,13 +135,30 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         stop_rx.clone(),
         move |_conn, req| probes::handle_metrics(exported.clone(), req),
     ));
-    let refresher = tokio::spawn(credentials.refresh_loop());
+    let refresher = tokio::spawn(credentials.clone().refresh_loop());
+    let gc = tokio::spawn(registry.clone().gc_loop(credentials, args.pod_gc_interval));
+    let limiter_state = state.clone();
+    let limiter_gc = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(args.pod_gc_interval);
+        loop {
+            tick.tick().await;
+            if let Some(limiter) = limiter_state
+                .verification
+                .as_ref()
+                .and_then(|v| v.limiter.as_ref())
+            {
+                limiter.forget_idle();
+            }
+        }
+    });
     info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
 
     wait_for_signal().await?;
     info!(grace = ?args.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
     refresher.abort();
+    gc.abort();
+    limiter_gc.abort();
     while tasks.join_next().await.is_some() {}
     let graceful = Arc::try_unwrap(graceful)
         .map_err(|_| anyhow::anyhow!("listeners still hold the shutdown handle"))?;
@@ -137,6 +167,74 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
     Ok(())
+}
+
+/// Attaches the kernel programs as `--attribution` asks. `auto` degrades to
+/// off, loudly; `enforce` and `audit` refuse to start without them.
+fn verification(
+    args: &ServerArgs,
+    metrics: &Arc<Metrics>,
+    registry: &Arc<PodRegistry>,
+) -> anyhow::Result<(Option<Verification>, String)> {
+    if args.attribution == AttributionMode::Off {
+        metrics.set_attribution_mode("off");
+        return Ok((None, "attribution: off (--attribution off)".into()));
+    }
+    let attached = attach(args);
+    let (attribution, resolver, root) = match attached {
+        Ok(ok) => ok,
+        Err(e) if args.attribution == AttributionMode::Auto => {
+            warn!(
+                error = format!("{e:#}"),
+                "CALLER VERIFICATION IS OFF: this node cannot attribute connections to pods; any process holding a pod's token gets its credentials"
+            );
+            metrics.set_attribution_mode("off");
+            return Ok((None, format!("attribution: off (unsupported here: {e:#})")));
+        }
+        Err(e) => {
+            return Err(e.context(format!(
+                "--attribution {} cannot work on this node",
+                args.attribution
+            )));
+        }
+    };
+    let enforce = args.attribution != AttributionMode::Audit;
+    let mode = if enforce { "enforce" } else { "audit" };
+    metrics.set_attribution_mode(mode);
+    info!(mode, cgroup_root = %root.display(), "caller attribution attached");
+    let lookup: Arc<dyn CallerLookup> = Arc::new(attribution);
+    Ok((
+        Some(Verification {
+            enforce,
+            identifier: Identifier::new(lookup, resolver, metrics.clone()),
+            node_name: args.node_name.clone(),
+            limiter: PodRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
+            registry: registry.clone(),
+        }),
+        format!("attribution: {mode} (attached at {})", root.display()),
+    ))
+}
+
+fn attach(args: &ServerArgs) -> anyhow::Result<(Attribution, CgroupResolver, std::path::PathBuf)> {
+    let mount = cgroup::find_cgroup2_mount()?;
+    let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    if !cgroup::has_kubepods(&root) {
+        bail!(
+            "no kubepods hierarchy under the cgroup2 directory {} (pods are not in cgroup v2 here)",
+            root.display()
+        );
+    }
+    let resolver = CgroupResolver::new(&mount)?;
+    // Proves open_by_handle_at works here (CAP_DAC_READ_SEARCH) before any request needs it.
+    let root_id =
+        CgroupResolver::id_of(&root).with_context(|| format!("stat {}", root.display()))?;
+    resolver.path_of(root_id)?;
+    let attribution = Attribution::attach(&AttachOptions {
+        cgroup: root.clone(),
+        addresses: args.bind_hosts.clone(),
+        port: args.port,
+    })?;
+    Ok((attribution, resolver, root))
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

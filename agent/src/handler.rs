@@ -4,8 +4,12 @@
 //! 1. Host check — the SDK must have called one of the served addresses.
 //! 2. Token present (`Authorization`, raw, no `Bearer`).
 //! 3. Token claims readable; `exp`/`nbf` valid.
-//! 4. Credentials from the cache or EKS Auth (single-flight).
-//! 5. Answer the SDK's JSON; count and log.
+//! 4. Who is calling: the kernel's record of the connection → pod.
+//! 5. Per-pod rate limit.
+//! 6. Caller checks before EKS Auth (pod, token binding, subject, node).
+//! 7. Credentials from the cache or EKS Auth (single-flight).
+//! 8. EKS Auth's subject must be the token's.
+//! 9. Answer the SDK's JSON; one audit event per request.
 
 use std::{
     net::IpAddr,
@@ -24,8 +28,13 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
+    audit::{AuditEvent, Auditor},
     credentials::{CacheKey, Credentials, Source},
+    hygiene::PodRegistry,
+    identify::{Identified, Identifier},
     metrics::Metrics,
+    policy::{self, Caller, Violation},
+    ratelimit::PodRateLimiter,
     server::{ConnInfo, HttpResponse, text},
     token,
     upstream::Assumed,
@@ -40,6 +49,29 @@ pub struct AppState {
     pub served_hosts: Vec<IpAddr>,
     pub credentials: Credentials,
     pub metrics: Arc<Metrics>,
+    pub auditor: Auditor,
+    /// Caller verification; `None` when attribution is off.
+    pub verification: Option<Verification>,
+}
+
+/// How callers are verified when attribution is on.
+pub struct Verification {
+    /// Refuse on a failed check (enforce) or only record it (audit).
+    pub enforce: bool,
+    pub identifier: Identifier,
+    pub node_name: Option<String>,
+    pub limiter: Option<PodRateLimiter>,
+    pub registry: Arc<PodRegistry>,
+}
+
+impl AppState {
+    fn mode(&self) -> &'static str {
+        match &self.verification {
+            None => "off",
+            Some(v) if v.enforce => "enforce",
+            Some(_) => "audit",
+        }
+    }
 }
 
 /// The SDK's credential JSON (DESIGN §2.1).
@@ -62,7 +94,20 @@ pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
     let response = if req.method() == Method::GET {
-        credentials(&state, conn, &req).await
+        let mut event = AuditEvent {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            peer: conn.peer.to_string(),
+            mode: state.mode(),
+            ..AuditEvent::default()
+        };
+        let response = credentials(&state, conn, &req, &mut event).await;
+        event.status = response.status().as_u16();
+        if event.decision.is_empty() {
+            event.decision = if event.status == 200 { "allow" } else { "deny" };
+        }
+        event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        state.auditor.emit(&event);
+        response
     } else {
         // Only GET is meaningful; say which.
         let mut r = text(405, "Method Not Allowed: use GET");
@@ -74,7 +119,12 @@ pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>
     response
 }
 
-async fn credentials(state: &AppState, conn: ConnInfo, req: &Request<Incoming>) -> HttpResponse {
+async fn credentials(
+    state: &AppState,
+    conn: ConnInfo,
+    req: &Request<Incoming>,
+    event: &mut AuditEvent,
+) -> HttpResponse {
     let client = conn.peer.to_string();
     // 1. Host.
     let host = host_of(req);
@@ -88,6 +138,7 @@ async fn credentials(state: &AppState, conn: ConnInfo, req: &Request<Incoming>) 
             client_addr = client,
             host, "called through an address that is not served"
         );
+        event.reason = "invalid-host".into();
         return text(
             403,
             format!(
@@ -108,39 +159,162 @@ async fn credentials(state: &AppState, conn: ConnInfo, req: &Request<Incoming>) 
             client_addr = client,
             "request without a service account token"
         );
+        event.reason = "no-token".into();
         return text(400, "Service account token cannot be empty");
     }
     // 3. Claims.
-    if let Err(e) =
-        token::parse(token).and_then(|claims| token::validate_times(&claims, SystemTime::now()))
-    {
-        warn!(client_addr = client, error = %e, "token rejected before EKS Auth");
-        return text(400, e.to_string());
+    let claims = match token::parse(token) {
+        Ok(claims) => claims,
+        Err(e) => return reject_token(&client, e, event),
+    };
+    event.namespace = claims.namespace().map(str::to_owned);
+    event.service_account = claims.service_account().map(str::to_owned);
+    event.pod_name = claims.pod_name().map(str::to_owned);
+    if let Err(e) = token::validate_times(&claims, SystemTime::now()) {
+        return reject_token(&client, e, event);
     }
-    // 4. Credentials.
-    match state
-        .credentials
-        .get(CacheKey::of_token(token), token)
-        .await
-    {
-        Ok((assumed, source)) => {
-            info!(
+    // 4. Who is calling (kernel), 5. rate limit, 6. checks before EKS Auth.
+    let mut audit_only: Option<Violation> = None;
+    let mut key = CacheKey::of_token(token);
+    if let Some(verification) = &state.verification {
+        let identified = verification.identifier.identify(conn.peer, conn.local);
+        fill_caller(event, &identified);
+        if let Caller::Pod(pod) = &identified.caller
+            && let Some(limiter) = &verification.limiter
+            && !limiter.allow(&pod.pod_uid)
+        {
+            event.reason = "rate-limited".into();
+            state.metrics.decision("deny", "rate-limited");
+            warn!(
                 client_addr = client,
-                cluster_name = state.cluster_name,
-                association_id = assumed.association_id,
-                cache = if source == Source::Cache {
-                    "hit"
-                } else {
-                    "miss"
-                },
-                "served credentials"
+                pod_uid = pod.pod_uid,
+                "pod exceeded its credential request rate"
             );
-            json_credentials(&assumed)
+            return text(
+                429,
+                format!(
+                    "Too Many Requests: pod {} exceeded its credential request rate",
+                    pod.pod_uid
+                ),
+            );
         }
+        match policy::before_upstream(
+            &identified.caller,
+            &claims,
+            verification.node_name.as_deref(),
+        ) {
+            Ok(()) => {
+                if let Caller::Pod(pod) = &identified.caller {
+                    if verification.enforce {
+                        // Kernel-verified pod + its service account: the
+                        // kubelet's rotated tokens share the entry.
+                        key = CacheKey::Pod {
+                            uid: pod.pod_uid.clone(),
+                            namespace: claims.namespace().unwrap_or_default().to_owned(),
+                            service_account: claims
+                                .service_account()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        };
+                    }
+                    let dir = verification
+                        .identifier
+                        .resolver()
+                        .mount()
+                        .join(&pod.pod_path);
+                    verification.registry.record(&key, dir);
+                }
+            }
+            Err(violation) => {
+                if verification.enforce {
+                    return refuse(state, &client, violation, event);
+                }
+                audit_only = Some(violation);
+            }
+        }
+    }
+    // 7. Credentials.
+    let (assumed, source) = match state.credentials.get(key, token).await {
+        Ok(found) => found,
         Err(e) => {
             warn!(client_addr = client, cluster_name = state.cluster_name, error = %e, "EKS Auth call failed");
-            text(e.status(), e.to_string())
+            event.reason = format!("upstream:{}", e.code());
+            return text(e.status(), e.to_string());
         }
+    };
+    event.association_id = Some(assumed.association_id.clone());
+    event.role_arn = Some(assumed.role_arn.clone());
+    event.cache = Some(if source == Source::Cache {
+        "hit"
+    } else {
+        "miss"
+    });
+    // 8. EKS Auth's subject must be the token's.
+    if let Some(verification) = &state.verification
+        && audit_only.is_none()
+        && let Err(violation) = policy::after_upstream(&claims, &assumed)
+    {
+        if verification.enforce {
+            return refuse(state, &client, violation, event);
+        }
+        audit_only = Some(violation);
+    }
+    // 9. Answer.
+    match (&state.verification, audit_only) {
+        (Some(_), Some(violation)) => {
+            event.decision = "audit-only";
+            event.reason = violation.reason().into();
+            state.metrics.decision("audit-only", violation.reason());
+            warn!(client_addr = client, check = %violation, "caller check failed; served because attribution is in audit mode");
+        }
+        (Some(_), None) => {
+            event.reason = "ok".into();
+            state.metrics.decision("allow", "ok");
+        }
+        (None, _) => event.reason = "ok".into(),
+    }
+    info!(
+        client_addr = client,
+        cluster_name = state.cluster_name,
+        association_id = assumed.association_id,
+        cache = if source == Source::Cache {
+            "hit"
+        } else {
+            "miss"
+        },
+        "served credentials"
+    );
+    json_credentials(&assumed)
+}
+
+fn reject_token(client: &str, e: token::TokenError, event: &mut AuditEvent) -> HttpResponse {
+    warn!(client_addr = client, error = %e, "token rejected before EKS Auth");
+    event.reason = "invalid-token".into();
+    text(400, e.to_string())
+}
+
+fn refuse(
+    state: &AppState,
+    client: &str,
+    violation: Violation,
+    event: &mut AuditEvent,
+) -> HttpResponse {
+    event.decision = "deny";
+    event.reason = violation.reason().into();
+    state.metrics.decision("deny", violation.reason());
+    warn!(client_addr = client, check = %violation, "caller check failed; refused");
+    text(403, format!("Access Denied: {violation}"))
+}
+
+fn fill_caller(event: &mut AuditEvent, identified: &Identified) {
+    if let Some(kernel) = identified.kernel {
+        event.pid = Some(kernel.pid);
+        event.cgroup_id = Some(kernel.cgroup_id);
+    }
+    event.process = identified.process.clone();
+    if let Caller::Pod(pod) = &identified.caller {
+        event.pod_uid = Some(pod.pod_uid.clone());
+        event.container_id = pod.container_id.clone();
     }
 }
 

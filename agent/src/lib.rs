@@ -5,16 +5,21 @@
 //! server's handler, each step a call into the module that owns it.
 
 pub mod attribution;
+pub mod audit;
 pub mod cgroup;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod handler;
+pub mod hygiene;
+pub mod identify;
 pub mod link;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod probes;
 pub mod process_metrics;
+pub mod ratelimit;
 pub mod server;
 pub mod token;
 pub mod upstream;

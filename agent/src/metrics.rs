@@ -30,6 +30,10 @@ pub struct Metrics {
     upstream_errors: Family<Labels, Counter>,
     cache_entries: Gauge,
     in_flight: Gauge,
+    decisions: Family<Labels, Counter>,
+    attribution_lookups: Family<Labels, Counter>,
+    resolve_seconds: Histogram,
+    attribution_mode: Family<Labels, Gauge>,
 }
 
 /// Cache outcome labels of `pod_identity_cache_state`.
@@ -107,6 +111,30 @@ impl Metrics {
             "Credential requests being answered",
             in_flight.clone(),
         );
+        let decisions = Family::<Labels, Counter>::default();
+        registry.register(
+            "pod_identity_caller_decisions",
+            "Caller verification outcomes (result=allow|deny|audit-only, reason)",
+            decisions.clone(),
+        );
+        let attribution_lookups = Family::<Labels, Counter>::default();
+        registry.register(
+            "pod_identity_attribution_lookups",
+            "Kernel attribution lookups per accepted request (result=hit|miss|error)",
+            attribution_lookups.clone(),
+        );
+        let resolve_seconds = Histogram::new(exponential_buckets(0.000_002, 2.5, 12));
+        registry.register(
+            "pod_identity_caller_resolve_duration_seconds",
+            "Time from connection to pod identity (map lookup + cgroup resolution)",
+            resolve_seconds.clone(),
+        );
+        let attribution_mode = Family::<Labels, Gauge>::default();
+        registry.register(
+            "pod_identity_attribution_mode",
+            "1 for the caller attribution mode in force (enforce|audit|off)",
+            attribution_mode.clone(),
+        );
         registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         Metrics {
             registry,
@@ -118,6 +146,37 @@ impl Metrics {
             upstream_errors,
             cache_entries,
             in_flight,
+            decisions,
+            attribution_lookups,
+            resolve_seconds,
+            attribution_mode,
+        }
+    }
+
+    pub fn decision(&self, result: &'static str, reason: &str) {
+        self.decisions
+            .get_or_create(&vec![
+                ("result", result.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn attribution_lookup(&self, result: &'static str) {
+        self.attribution_lookups
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    pub fn resolve_latency(&self, took: Duration) {
+        self.resolve_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_attribution_mode(&self, mode: &str) {
+        for m in ["enforce", "audit", "off"] {
+            self.attribution_mode
+                .get_or_create(&vec![("mode", m.to_owned())])
+                .set(i64::from(m == mode));
         }
     }
 

@@ -72,6 +72,7 @@ struct State {
     knobs: Mutex<Knobs>,
     calls: AtomicUsize,
     issued: AtomicUsize,
+    issued_for: Mutex<HashMap<(String, String), usize>>,
 }
 
 pub struct FakeEksAuth {
@@ -91,6 +92,7 @@ impl FakeEksAuth {
             knobs: Mutex::new(Knobs::default()),
             calls: AtomicUsize::new(0),
             issued: AtomicUsize::new(0),
+            issued_for: Mutex::new(HashMap::new()),
         });
         let ns_file = netns.map(Netns::open).transpose()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -167,6 +169,19 @@ impl FakeEksAuth {
     /// Credentials handed out.
     pub fn issued(&self) -> usize {
         self.state.issued.load(Ordering::SeqCst)
+    }
+
+    /// Credentials handed out for one (namespace, service account).
+    pub fn issued_for(&self, namespace: &str, service_account: &str) -> usize {
+        self.state
+            .issued_for
+            .lock()
+            .ok()
+            .and_then(|m| {
+                m.get(&(namespace.to_owned(), service_account.to_owned()))
+                    .copied()
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -315,6 +330,10 @@ async fn assume_role(
         );
     };
     let issued = state.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Ok(mut per) = state.issued_for.lock() {
+        *per.entry((namespace.clone(), service_account.clone()))
+            .or_default() += 1;
+    }
     let expiration = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| (d + knobs.credential_lifetime).as_secs())

@@ -45,10 +45,18 @@ fn env(extra: &[&str]) -> Result<Env> {
     let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
     fake.associate("default", "app", "app-role");
     let pod = PodNet::attach(&node)?;
-    let mut args: Vec<String> = ["-c", "test-cluster", "--endpoint", &fake.endpoint()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    // Caller verification has its own tests; these are about serving.
+    let mut args: Vec<String> = [
+        "-c",
+        "test-cluster",
+        "--attribution",
+        "off",
+        "--endpoint",
+        &fake.endpoint(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     let agent = AgentProcess::start(&node.netns, &args)?;
     let dir = std::env::temp_dir().join(format!("epia-server-{}", harness::names::unique_id()));
@@ -634,10 +642,17 @@ fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
     );
     let issuer = Issuer::generate()?;
     let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
-    let args: Vec<String> = ["-c", "test-cluster", "--endpoint", &fake.endpoint()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "-c",
+        "test-cluster",
+        "--attribution",
+        "off",
+        "--endpoint",
+        &fake.endpoint(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let agent = AgentProcess::start(&node.netns, &args)?;
     let logs = agent.logs();
     assert!(

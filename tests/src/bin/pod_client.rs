@@ -7,6 +7,8 @@
 //!   SDK's container credentials provider, configured by the webhook's
 //!   environment (`AWS_CONTAINER_CREDENTIALS_FULL_URI`,
 //!   `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`). Prints one JSON line.
+//! * `pod-client http-get ADDR TOKEN_FILE COUNT`: COUNT raw credential
+//!   requests; prints how many got each status.
 
 use std::{
     io::Read as _,
@@ -32,7 +34,10 @@ fn run(args: &[String]) -> Result<(), String> {
     match args {
         [cmd, addr, count] if cmd == "connect" => connect(addr, count),
         [cmd] if cmd == "sdk-credentials" => sdk_credentials(),
-        _ => Err("usage: pod-client connect ADDR COUNT | pod-client sdk-credentials".into()),
+        [cmd, addr, token_file, count] if cmd == "http-get" => http_get(addr, token_file, count),
+        _ => Err(
+            "usage: pod-client connect ADDR COUNT | sdk-credentials | http-get ADDR TOKEN_FILE COUNT".into(),
+        ),
     }
 }
 
@@ -51,6 +56,32 @@ fn connect(addr: &str, count: &str) -> Result<(), String> {
             .read_to_end(&mut sink)
             .map_err(|e| format!("read {addr} (#{i}): {e}"))?;
     }
+    Ok(())
+}
+
+/// COUNT credential requests (a new connection each), as fast as it can;
+/// prints `{"status": count, …}`.
+fn http_get(addr: &str, token_file: &str, count: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let count: u32 = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    let token = std::fs::read_to_string(token_file).map_err(|e| format!("{token_file}: {e}"))?;
+    let host = harness::http::host_header(addr);
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for _ in 0..count {
+        let reply = harness::http::request(
+            addr,
+            "GET",
+            "/v1/credentials",
+            &[("Host", &host), ("Authorization", token.trim())],
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        *statuses.entry(reply.status).or_default() += 1;
+    }
+    let json: serde_json::Map<String, serde_json::Value> = statuses
+        .into_iter()
+        .map(|(s, n)| (s.to_string(), n.into()))
+        .collect();
+    println!("{}", serde_json::Value::Object(json));
     Ok(())
 }
 

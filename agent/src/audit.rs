@@ -1,0 +1,70 @@
+//! One audit event per credential request: who asked (from the kernel),
+//! for what (from the token), what was decided and why. Never the token,
+//! never a secret.
+//!
+//! Emitted on the `audit` tracing target (JSON like every log line) and, if
+//! configured, appended to a file of its own, one JSON object per line.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    path::Path,
+    sync::Mutex,
+};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuditEvent {
+    pub time: String,
+    /// `allow`, `deny`, or `audit-only` (a failed check served in audit mode).
+    pub decision: &'static str,
+    pub reason: String,
+    pub status: u16,
+    pub mode: &'static str,
+    pub pod_uid: Option<String>,
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+    pub pod_name: Option<String>,
+    pub container_id: Option<String>,
+    pub pid: Option<u32>,
+    pub process: Option<String>,
+    pub cgroup_id: Option<u64>,
+    pub peer: String,
+    pub association_id: Option<String>,
+    pub role_arn: Option<String>,
+    pub cache: Option<&'static str>,
+    pub latency_ms: f64,
+}
+
+pub struct Auditor {
+    file: Option<Mutex<File>>,
+}
+
+impl Auditor {
+    pub fn new(path: Option<&Path>) -> std::io::Result<Auditor> {
+        let file = path
+            .map(|p| OpenOptions::new().create(true).append(true).open(p))
+            .transpose()?
+            .map(Mutex::new);
+        Ok(Auditor { file })
+    }
+
+    pub fn emit(&self, event: &AuditEvent) {
+        let json = match serde_json::to_string(event) {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(error = %e, "audit event could not be encoded");
+                return;
+            }
+        };
+        info!(target: "audit", event = %json, decision = event.decision, reason = event.reason, "credential request");
+        if let Some(file) = &self.file
+            && let Ok(mut f) = file.lock()
+            && let Err(e) = writeln!(f, "{json}")
+        {
+            warn!(error = %e, "writing the audit log failed");
+        }
+    }
+}

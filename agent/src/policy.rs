@@ -1,0 +1,323 @@
+//! The caller cross-check (DESIGN §5), pure: who the kernel says is calling,
+//! what the token claims, what EKS Auth answered → allowed, or which check
+//! failed. No I/O, so every rule is unit-tested without a kernel.
+
+use std::fmt;
+
+use crate::{cgroup::PodCgroup, token::Claims, upstream::Assumed};
+
+/// Who opened the connection, as far as the kernel and the cgroup tree say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// In a pod's cgroup.
+    Pod(PodCgroup),
+    /// A node process outside any pod (or a cgroup that is no pod's).
+    NotAPod { cgroup_path: String },
+    /// The kernel has no record of the connection (opened before the
+    /// programs were attached, or by a path they do not see).
+    Unattributed,
+    /// A record exists but its cgroup could not be resolved (gone, or a
+    /// path that must be refused, e.g. a pod-like cgroup nested in a pod).
+    Unresolvable(String),
+}
+
+/// A failed check, in the order they are applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    CallerNotAPod(String),
+    TokenNotPodBound,
+    PodMismatch {
+        token_pod: String,
+        caller_pod: String,
+    },
+    SubjectMismatch {
+        sub: String,
+        expected: String,
+    },
+    NodeMismatch {
+        token_node: String,
+        this_node: String,
+    },
+    UpstreamSubjectMismatch {
+        upstream: String,
+        token: String,
+    },
+}
+
+impl Violation {
+    /// Stable label for metrics and audit events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Violation::CallerNotAPod(_) => "caller-not-a-pod",
+            Violation::TokenNotPodBound => "token-not-pod-bound",
+            Violation::PodMismatch { .. } => "pod-mismatch",
+            Violation::SubjectMismatch { .. } => "subject-mismatch",
+            Violation::NodeMismatch { .. } => "node-mismatch",
+            Violation::UpstreamSubjectMismatch { .. } => "upstream-subject-mismatch",
+        }
+    }
+}
+
+/// The body of a 403: names the check, never echoes the token.
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::CallerNotAPod(why) => write!(
+                f,
+                "caller check failed: the calling process is not in a pod ({why})"
+            ),
+            Violation::TokenNotPodBound => {
+                write!(f, "token check failed: the token is not bound to a pod")
+            }
+            Violation::PodMismatch {
+                token_pod,
+                caller_pod,
+            } => write!(
+                f,
+                "pod check failed: the token belongs to pod {token_pod} but the caller is pod {caller_pod}"
+            ),
+            Violation::SubjectMismatch { sub, expected } => write!(
+                f,
+                "subject check failed: token subject {sub} does not match its service account {expected}"
+            ),
+            Violation::NodeMismatch {
+                token_node,
+                this_node,
+            } => write!(
+                f,
+                "node check failed: the token was issued for node {token_node}, this is node {this_node}"
+            ),
+            Violation::UpstreamSubjectMismatch { upstream, token } => write!(
+                f,
+                "subject check failed: EKS Auth answered for {upstream} but the token is for {token}"
+            ),
+        }
+    }
+}
+
+/// Checks before asking EKS Auth: caller is a pod, token pod-bound, same
+/// pod, `sub` consistent, node (when the token names one and we know ours).
+pub fn before_upstream(
+    caller: &Caller,
+    claims: &Claims,
+    this_node: Option<&str>,
+) -> Result<(), Violation> {
+    let pod = match caller {
+        Caller::Pod(pod) => pod,
+        Caller::NotAPod { cgroup_path } => {
+            return Err(Violation::CallerNotAPod(format!("cgroup /{cgroup_path}")));
+        }
+        Caller::Unattributed => {
+            return Err(Violation::CallerNotAPod(
+                "connection not attributed by the kernel".into(),
+            ));
+        }
+        Caller::Unresolvable(why) => return Err(Violation::CallerNotAPod(why.clone())),
+    };
+    let token_pod = claims.pod_uid().ok_or(Violation::TokenNotPodBound)?;
+    if !token_pod.eq_ignore_ascii_case(&pod.pod_uid) {
+        return Err(Violation::PodMismatch {
+            token_pod: token_pod.to_owned(),
+            caller_pod: pod.pod_uid.clone(),
+        });
+    }
+    let expected = format!(
+        "system:serviceaccount:{}:{}",
+        claims.namespace().unwrap_or_default(),
+        claims.service_account().unwrap_or_default()
+    );
+    let sub = claims.sub.clone().unwrap_or_default();
+    if claims.namespace().is_none() || claims.service_account().is_none() || sub != expected {
+        return Err(Violation::SubjectMismatch { sub, expected });
+    }
+    if let (Some(token_node), Some(this_node)) = (claims.node_name(), this_node)
+        && token_node != this_node
+    {
+        return Err(Violation::NodeMismatch {
+            token_node: token_node.to_owned(),
+            this_node: this_node.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// After EKS Auth: its verified subject must be the token's.
+pub fn after_upstream(claims: &Claims, assumed: &Assumed) -> Result<(), Violation> {
+    let token = format!(
+        "{}/{}",
+        claims.namespace().unwrap_or_default(),
+        claims.service_account().unwrap_or_default()
+    );
+    let upstream = format!(
+        "{}/{}",
+        assumed.subject_namespace, assumed.subject_service_account
+    );
+    if token != upstream {
+        return Err(Violation::UpstreamSubjectMismatch { upstream, token });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::token::{KubernetesClaims, ObjectRef};
+
+    const POD: &str = "0cc175b9-c0f1-b6a8-31c3-99e269772661";
+    const OTHER: &str = "92eb5ffe-e6ae-2fec-3ad7-1c777531578f";
+
+    fn pod(uid: &str) -> Caller {
+        Caller::Pod(PodCgroup {
+            pod_uid: uid.into(),
+            container_id: None,
+            pod_path: String::new(),
+        })
+    }
+
+    fn claims(pod_uid: Option<&str>, sub: &str, node: Option<&str>) -> Claims {
+        let obj = |name: &str, uid: Option<&str>| ObjectRef {
+            name: Some(name.into()),
+            uid: uid.map(Into::into),
+        };
+        Claims {
+            sub: Some(sub.into()),
+            kubernetes: Some(KubernetesClaims {
+                namespace: Some("default".into()),
+                pod: pod_uid.map(|u| obj("p", Some(u))),
+                serviceaccount: Some(obj("app", None)),
+                node: node.map(|n| obj(n, None)),
+            }),
+            ..Claims::default()
+        }
+    }
+
+    const SUB: &str = "system:serviceaccount:default:app";
+
+    #[test]
+    fn checks_in_order() {
+        let not_pod = Caller::NotAPod {
+            cgroup_path: "system.slice/kubelet.service".into(),
+        };
+        // (what, caller, claims, this node, expected reason or None)
+        type Case = (
+            &'static str,
+            Caller,
+            Claims,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "own token",
+                pod(POD),
+                claims(Some(POD), SUB, None),
+                None,
+                None,
+            ),
+            (
+                "own token, right node",
+                pod(POD),
+                claims(Some(POD), SUB, Some("n1")),
+                Some("n1"),
+                None,
+            ),
+            (
+                "node unknown here",
+                pod(POD),
+                claims(Some(POD), SUB, Some("n1")),
+                None,
+                None,
+            ),
+            (
+                "node process",
+                not_pod,
+                claims(Some(POD), SUB, None),
+                None,
+                Some("caller-not-a-pod"),
+            ),
+            (
+                "unattributed",
+                Caller::Unattributed,
+                claims(Some(POD), SUB, None),
+                None,
+                Some("caller-not-a-pod"),
+            ),
+            (
+                "unresolvable",
+                Caller::Unresolvable("gone".into()),
+                claims(Some(POD), SUB, None),
+                None,
+                Some("caller-not-a-pod"),
+            ),
+            (
+                "unbound token",
+                pod(POD),
+                claims(None, SUB, None),
+                None,
+                Some("token-not-pod-bound"),
+            ),
+            (
+                "replayed token",
+                pod(OTHER),
+                claims(Some(POD), SUB, None),
+                None,
+                Some("pod-mismatch"),
+            ),
+            (
+                "forged sub",
+                pod(POD),
+                claims(Some(POD), "system:serviceaccount:kube-system:admin", None),
+                None,
+                Some("subject-mismatch"),
+            ),
+            (
+                "other node",
+                pod(POD),
+                claims(Some(POD), SUB, Some("n2")),
+                Some("n1"),
+                Some("node-mismatch"),
+            ),
+            // Order: a replay from a non-pod is reported as the caller check.
+            (
+                "first failure wins",
+                Caller::Unattributed,
+                claims(None, "x", Some("n2")),
+                Some("n1"),
+                Some("caller-not-a-pod"),
+            ),
+        ];
+        for (what, caller, claims, node, expected) in cases {
+            let got = before_upstream(&caller, &claims, node).err();
+            assert_eq!(
+                got.as_ref().map(Violation::reason),
+                expected,
+                "{what}: {got:?}"
+            );
+            if let Some(v) = got {
+                assert!(!v.to_string().contains("eyJ"), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn upstream_subject_must_match_the_token() {
+        let assumed = |ns: &str, sa: &str| Assumed {
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            session_token: String::new(),
+            expiration: SystemTime::now(),
+            account_id: None,
+            association_id: String::new(),
+            association_arn: String::new(),
+            role_arn: String::new(),
+            subject_namespace: ns.into(),
+            subject_service_account: sa.into(),
+        };
+        let c = claims(Some(POD), SUB, None);
+        assert_eq!(after_upstream(&c, &assumed("default", "app")), Ok(()));
+        let err = after_upstream(&c, &assumed("default", "admin")).unwrap_err();
+        assert_eq!(err.reason(), "upstream-subject-mismatch");
+    }
+}

@@ -1,0 +1,541 @@
+//! Caller verification end to end: the real agent binary with its kernel
+//! programs attached to this test's cgroup subtree, pods laid out as kubelet
+//! does (A: systemd driver, own network namespace over veth; B: cgroupfs
+//! driver, hostNetwork), the real SDK container provider in each pod, the
+//! fake EKS Auth upstream.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use harness::{
+    agent_proc::{AgentProcess, init_node},
+    cgroups::{CgroupTree, Driver, PodSpec, remove_tree},
+    fake_eks_auth::FakeEksAuth,
+    http,
+    netns::Netns,
+    pod::pod_command,
+    privilege::privileged_or_skip,
+    tokens::{Issuer, TokenSpec},
+    topology::{AGENT_V4, AGENT_V6, Node, PodNet},
+};
+use serde_json::Value;
+
+const POD_CLIENT: &str = env!("CARGO_BIN_EXE_pod-client");
+const NODE: &str = "node-1";
+const V4_URI: &str = "http://169.254.170.23/v1/credentials";
+const V6_URI: &str = "http://[fd00:ec2::23]/v1/credentials";
+
+/// Declared in drop order: agent, upstream, pods' network, node, cgroups.
+struct Env {
+    agent: AgentProcess,
+    fake: FakeEksAuth,
+    issuer: Issuer,
+    net_a: PodNet,
+    node: Node,
+    pod_a: PodSpec,
+    pod_b: PodSpec,
+    cg_a: PathBuf,
+    cg_b: PathBuf,
+    tree: CgroupTree,
+    dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A pod's process placement: its cgroup and network namespace.
+#[derive(Clone, Copy)]
+enum Who {
+    A,
+    B,
+}
+
+fn env(mode: &str, extra: &[&str]) -> Result<Env> {
+    let tree = CgroupTree::new()?;
+    let pod_a = PodSpec::new(Driver::Systemd);
+    let pod_b = PodSpec::new(Driver::Cgroupfs);
+    let cg_a = tree.pod(&pod_a)?;
+    let cg_b = tree.pod(&pod_b)?;
+    let node = Node::bare()?;
+    init_node(&node.netns)?;
+    let net_a = PodNet::attach(&node)?;
+    let issuer = Issuer::generate()?;
+    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
+    fake.associate("default", "app-a", "role-a");
+    fake.associate("default", "app-b", "role-b");
+    let dir = std::env::temp_dir().join(format!("epia-caller-{}", harness::names::unique_id()));
+    std::fs::create_dir_all(&dir)?;
+    let audit = dir.join("audit.jsonl");
+    let root = tree.root().to_string_lossy().into_owned();
+    let mut args: Vec<String> = [
+        "-c",
+        "test-cluster",
+        "--endpoint",
+        &fake.endpoint(),
+        "--attribution",
+        mode,
+        "--cgroup-root",
+        &root,
+        "--node-name",
+        NODE,
+        "--audit-log",
+        &audit.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let agent = AgentProcess::start(&node.netns, &args)?;
+    Ok(Env {
+        agent,
+        fake,
+        issuer,
+        net_a,
+        node,
+        pod_a,
+        pod_b,
+        cg_a,
+        cg_b,
+        tree,
+        dir: TempDir(dir),
+    })
+}
+
+impl Env {
+    fn placement(&self, who: Who) -> (&Path, &Netns) {
+        match who {
+            Who::A => (&self.cg_a, &self.net_a.netns),
+            Who::B => (&self.cg_b, &self.node.netns),
+        }
+    }
+
+    fn pod(&self, who: Who) -> &PodSpec {
+        match who {
+            Who::A => &self.pod_a,
+            Who::B => &self.pod_b,
+        }
+    }
+
+    /// `who`'s own projected token (service account app-a / app-b).
+    fn own_token(&self, who: Who) -> Result<String> {
+        self.issuer.mint(&self.own_spec(who))
+    }
+
+    fn own_spec(&self, who: Who) -> TokenSpec {
+        let (sa, name) = match who {
+            Who::A => ("app-a", "pod-a"),
+            Who::B => ("app-b", "pod-b"),
+        };
+        TokenSpec::new("default", sa)
+            .pod(name, &self.pod(who).uid)
+            .node(NODE)
+    }
+
+    fn token_file(&self, token: &str) -> Result<PathBuf> {
+        let file = self
+            .dir
+            .0
+            .join(format!("token-{}", harness::names::unique_id()));
+        std::fs::write(&file, token)?;
+        Ok(file)
+    }
+
+    /// The real SDK provider in a process placed in `cgroup` and `netns`.
+    fn sdk_in(&self, cgroup: &Path, netns: &Netns, uri: &str, token: &str) -> Result<Output> {
+        let file = self.token_file(token)?;
+        pod_command(POD_CLIENT.as_ref(), cgroup, netns)?
+            .arg("sdk-credentials")
+            .env_clear()
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", uri)
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .context("run pod-client")
+    }
+
+    fn sdk(&self, who: Who, uri: &str, token: &str) -> Result<Output> {
+        let (cgroup, netns) = self.placement(who);
+        self.sdk_in(cgroup, netns, uri, token)
+    }
+
+    fn sdk_ok(&self, who: Who, uri: &str, token: &str) -> Result<Value> {
+        let out = self.sdk(who, uri, token)?;
+        ensure!(
+            out.status.success(),
+            "SDK failed: {}\nagent:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.agent.logs()
+        );
+        serde_json::from_slice(&out.stdout).context("pod-client output")
+    }
+
+    /// Audit events so far.
+    fn audit(&self) -> Result<Vec<Value>> {
+        let text = std::fs::read_to_string(self.dir.0.join("audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).context("audit line"))
+            .collect()
+    }
+
+    fn last_audit(&self) -> Result<Value> {
+        self.audit()?.pop().context("no audit event")
+    }
+
+    fn metrics(&self) -> Result<String> {
+        Ok(self
+            .node
+            .netns
+            .run_in(|| {
+                http::request(
+                    ([127, 0, 0, 1], 2705).into(),
+                    "GET",
+                    "/metrics",
+                    &[("Host", "localhost")],
+                )
+            })?
+            .body)
+    }
+
+    /// `count` raw requests from a pod process; status → how many.
+    fn burst(
+        &self,
+        who: Who,
+        addr: SocketAddr,
+        token: &str,
+        count: u32,
+    ) -> Result<std::process::Child> {
+        let (cgroup, netns) = self.placement(who);
+        let file = self.token_file(token)?;
+        pod_command(POD_CLIENT.as_ref(), cgroup, netns)?
+            .args([
+                "http-get",
+                &addr.to_string(),
+                &file.to_string_lossy(),
+                &count.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawn pod-client http-get")
+    }
+}
+
+fn statuses(child: std::process::Child) -> Result<Value> {
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("http-get output")
+}
+
+fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let end = Instant::now() + deadline;
+    while !check()? {
+        ensure!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+#[test]
+fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail() -> Result<()> {
+    if !privileged_or_skip("each_pod_gets_its_own_credentials") {
+        return Ok(());
+    }
+    let env = env("enforce", &[])?;
+    for (who, role) in [(Who::A, "role-a"), (Who::B, "role-b")] {
+        for uri in [V4_URI, V6_URI] {
+            let creds = env.sdk_ok(who, uri, &env.own_token(who)?)?;
+            let pid = creds["pid"].as_u64().context("pid")?;
+            let event = env.last_audit()?;
+            let pod = env.pod(who);
+            assert_eq!(event["decision"], "allow", "{event}");
+            assert_eq!(event["reason"], "ok");
+            assert_eq!(event["mode"], "enforce");
+            assert_eq!(event["pod_uid"], pod.uid.as_str());
+            assert_eq!(event["container_id"], pod.container_id.as_str());
+            assert_eq!(event["namespace"], "default");
+            assert!(
+                event["service_account"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("app-"))
+            );
+            assert!(
+                event["pod_name"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("pod-"))
+            );
+            assert_eq!(event["pid"].as_u64(), Some(pid), "{event}");
+            assert_eq!(event["process"], "pod-client");
+            let cgroup = match who {
+                Who::A => &env.cg_a,
+                Who::B => &env.cg_b,
+            };
+            assert_eq!(
+                event["cgroup_id"].as_u64(),
+                Some(harness_cgroup_id(cgroup)?)
+            );
+            assert!(
+                event["role_arn"].as_str().is_some_and(|r| r.contains(role)),
+                "{event}"
+            );
+            assert!(
+                event["association_id"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("a-"))
+            );
+            assert!(
+                event["cache"].is_string()
+                    && event["latency_ms"].is_number()
+                    && event["peer"].is_string()
+            );
+        }
+    }
+    // Never a token or a secret in the audit trail.
+    let trail = std::fs::read_to_string(env.dir.0.join("audit.jsonl"))?;
+    assert!(
+        !trail.contains("eyJ") && !trail.contains("secret-") && !trail.contains("session-token-")
+    );
+    Ok(())
+}
+
+fn harness_cgroup_id(path: &Path) -> Result<u64> {
+    Ok(agent::cgroup::CgroupResolver::id_of(path)?)
+}
+
+#[test]
+fn a_replayed_token_is_refused_in_enforce_and_flagged_in_audit() -> Result<()> {
+    if !privileged_or_skip("a_replayed_token_is_refused") {
+        return Ok(());
+    }
+    for (mode, served, decision) in [("enforce", false, "deny"), ("audit", true, "audit-only")] {
+        let env = env(mode, &[])?;
+        let stolen = env.own_token(Who::A)?;
+        let out = env.sdk(Who::B, V4_URI, &stolen)?;
+        assert_eq!(
+            out.status.success(),
+            served,
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let event = env.last_audit()?;
+        assert_eq!(event["decision"], decision, "{mode}: {event}");
+        assert_eq!(event["reason"], "pod-mismatch", "{mode}");
+        assert_eq!(
+            event["pod_uid"],
+            env.pod_b.uid.as_str(),
+            "{mode}: the event names the caller"
+        );
+        if !served {
+            assert_eq!(event["status"], 403);
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("pod check failed")
+                    || event["status"] == 403
+            );
+        }
+        let metrics = env.metrics()?;
+        assert!(
+            metrics.contains(&format!(r#"pod_identity_caller_decisions_total{{result="{decision}",reason="pod-mismatch"}} 1"#)),
+            "{metrics}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn node_processes_unbound_tokens_other_subjects_and_other_nodes_are_refused() -> Result<()> {
+    if !privileged_or_skip("refusals") {
+        return Ok(());
+    }
+    let env = env("enforce", &[])?;
+    let node_service = env.tree.create("system.slice/node-agent.service")?;
+    let unbound = env
+        .issuer
+        .mint(&TokenSpec::new("default", "app-a").node(NODE))?;
+    let other_node = env.issuer.mint(&env.own_spec(Who::A).node("node-2"))?;
+    // (what, cgroup, netns, token, EKS Auth subject override, reason)
+    type Case<'a> = (
+        &'a str,
+        &'a Path,
+        &'a Netns,
+        String,
+        Option<(&'a str, &'a str)>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "node process",
+            &node_service,
+            &env.node.netns,
+            env.own_token(Who::A)?,
+            None,
+            "caller-not-a-pod",
+        ),
+        (
+            "token without pod binding",
+            &env.cg_a,
+            &env.net_a.netns,
+            unbound,
+            None,
+            "token-not-pod-bound",
+        ),
+        (
+            "EKS Auth answers another subject",
+            &env.cg_a,
+            &env.net_a.netns,
+            env.own_token(Who::A)?,
+            Some(("default", "admin")),
+            "upstream-subject-mismatch",
+        ),
+        (
+            "another node's token",
+            &env.cg_a,
+            &env.net_a.netns,
+            other_node,
+            None,
+            "node-mismatch",
+        ),
+    ];
+    for (what, cgroup, netns, token, subject, reason) in cases {
+        env.fake
+            .set(|k| k.subject_override = subject.map(|(n, s)| (n.to_owned(), s.to_owned())));
+        let out = env.sdk_in(cgroup, netns, V4_URI, &token)?;
+        assert!(!out.status.success(), "{what}: served");
+        let event = env.last_audit()?;
+        assert_eq!(
+            (event["decision"].as_str(), event["reason"].as_str()),
+            (Some("deny"), Some(reason)),
+            "{what}: {event}"
+        );
+        assert_eq!(event["status"], 403, "{what}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_rotated_token_of_the_same_pod_is_served_from_cache() -> Result<()> {
+    if !privileged_or_skip("a_rotated_token_is_served_from_cache") {
+        return Ok(());
+    }
+    let env = env("enforce", &[])?;
+    let first = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    let calls = env.fake.calls();
+    // The kubelet's next token: a new JWT (new jti, new times), same pod.
+    let rotated = env.own_token(Who::A)?;
+    let second = env.sdk_ok(Who::A, V6_URI, &rotated)?;
+    assert_eq!(second["access_key_id"], first["access_key_id"]);
+    assert_eq!(env.fake.calls(), calls, "the rotated token went upstream");
+    assert_eq!(env.last_audit()?["cache"], "hit");
+    // Another pod's identity never reads A's entry.
+    let b = env.sdk_ok(Who::B, V4_URI, &env.own_token(Who::B)?)?;
+    assert_ne!(b["access_key_id"], first["access_key_id"]);
+    Ok(())
+}
+
+#[test]
+fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
+    if !privileged_or_skip("a_removed_pod_is_evicted") {
+        return Ok(());
+    }
+    let mut env = env(
+        "enforce",
+        &[
+            "--max-credential-retention-before-renewal",
+            "1s",
+            "--max-service-qps",
+            "20",
+            "--pod-gc-interval",
+            "200ms",
+        ],
+    )?;
+    env.fake
+        .set(|k| k.credential_lifetime = Duration::from_secs(600));
+    env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    env.sdk_ok(Who::B, V4_URI, &env.own_token(Who::B)?)?;
+    // Both are renewed in the background while their pods exist.
+    wait_for(
+        "both pods' credentials to be refreshed",
+        Duration::from_secs(60),
+        || {
+            Ok(env.fake.issued_for("default", "app-a") >= 2
+                && env.fake.issued_for("default", "app-b") >= 2)
+        },
+    )?;
+    // Pod A goes away: kubelet removes its cgroups.
+    let pod_dir = env.cg_a.parent().context("pod cgroup")?.to_owned();
+    remove_tree(&pod_dir)?;
+    env.cg_a = PathBuf::new();
+    wait_for("A's entry to be evicted", Duration::from_secs(60), || {
+        Ok(env.metrics()?.contains("pod_identity_cache_entries 1\n"))
+    })?;
+    let a_after = env.fake.issued_for("default", "app-a");
+    let b_after = env.fake.issued_for("default", "app-b");
+    // B keeps being refreshed; A never again.
+    wait_for("two more refreshes of B", Duration::from_secs(60), || {
+        Ok(env.fake.issued_for("default", "app-b") >= b_after + 2)
+    })?;
+    assert_eq!(
+        env.fake.issued_for("default", "app-a"),
+        a_after,
+        "a gone pod's credentials were refreshed"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused() -> Result<()> {
+    if !privileged_or_skip("a_thousand_legitimate_requests") {
+        return Ok(());
+    }
+    let env = env("enforce", &["--pod-rate-limit", "0"])?;
+    let v4: SocketAddr = (AGENT_V4, 80).into();
+    let v6: SocketAddr = (AGENT_V6, 80).into();
+    let mut clients = Vec::new();
+    for who in [Who::A, Who::B] {
+        for addr in [v4, v6] {
+            clients.push(env.burst(who, addr, &env.own_token(who)?, 250)?);
+        }
+    }
+    let mut ok = 0;
+    for client in clients {
+        let counts = statuses(client)?;
+        let served = counts["200"].as_u64().unwrap_or(0);
+        assert_eq!(served, 250, "refusals: {counts}");
+        ok += served;
+    }
+    assert_eq!(ok, 1000);
+    let metrics = env.metrics()?;
+    assert!(!metrics.contains(r#"result="deny""#), "{metrics}");
+    Ok(())
+}
+
+#[test]
+fn the_rate_limit_answers_429_to_the_noisy_pod_only() -> Result<()> {
+    if !privileged_or_skip("the_rate_limit_answers_429_to_the_noisy_pod_only") {
+        return Ok(());
+    }
+    let env = env(
+        "enforce",
+        &["--pod-rate-limit", "2", "--pod-rate-burst", "5"],
+    )?;
+    let v4: SocketAddr = (AGENT_V4, 80).into();
+    let noisy = statuses(env.burst(Who::A, v4, &env.own_token(Who::A)?, 40)?)?;
+    assert!(
+        noisy["429"].as_u64().unwrap_or(0) >= 20,
+        "noisy pod: {noisy}"
+    );
+    let quiet = statuses(env.burst(Who::B, v4, &env.own_token(Who::B)?, 3)?)?;
+    assert_eq!(quiet["200"].as_u64(), Some(3), "quiet pod: {quiet}");
+    Ok(())
+}
