@@ -12,16 +12,23 @@ pub fn agent_binary() -> Result<PathBuf> {
     if let Some(explicit) = std::env::var_os("EPIA_AGENT_BIN") {
         return Ok(PathBuf::from(explicit));
     }
-    // target/<profile>/deps/<test> → target/<profile>/eks-pod-identity-agent
+    built_binary("eks-pod-identity-agent")
+}
+
+/// A binary of this workspace in `target/<profile>/`, found from the
+/// running executable (a test in `deps/`, or a binary next to it).
+pub fn built_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test executable is not in target/<profile>/deps")?;
-    let bin = profile_dir.join("eks-pod-identity-agent");
+    let dir = exe.parent().context("executable without a directory")?;
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let bin = profile_dir.join(name);
     ensure!(
         bin.is_file(),
-        "{} missing: build it first (`cargo build -p eks-pod-identity-agent`; `cargo xtask test` does)",
+        "{} missing: build it first (`cargo build --bins`; `cargo xtask test` and `demo` do)",
         bin.display()
     );
     Ok(bin)

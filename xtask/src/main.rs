@@ -1,6 +1,7 @@
-//! Project automation: `cargo xtask setup | test`.
+//! Project automation: `cargo xtask demo | setup | test`.
 
 mod cmd;
+mod demo;
 mod setup;
 mod test;
 
@@ -15,6 +16,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// The whole system on one machine: node, pods, agent, fake EKS Auth.
+    Demo {
+        /// Leave it running (and print how to talk to it) until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Install what building the kernel programs needs (idempotent).
     Setup,
     /// setup, then fmt, clippy and every test (privileged ones need root).
@@ -27,6 +34,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Task::Demo { keep } => demo::demo(keep),
         Task::Setup => setup::setup(),
         Task::Test { extra } => test::test(&extra),
     }

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the project's one test command (CI runs exactly this).
 //!
 //! setup → fmt check → clippy (-D warnings) → every test, the privileged
-//! ones included (they need root; under CI=true they fail rather than skip).
+//! ones included (they need root; under CI=true they fail rather than skip)
+//! → the demo.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -56,6 +57,12 @@ pub fn test(extra: &[String]) -> Result<()> {
     ]))?;
     step("workspace tests (default members)");
     tally.run(cargo().args(["test", "--locked"]).args(extra))?;
+    if is_root() {
+        step("demo (so the README's first command cannot rot)");
+        run(&mut std::process::Command::new(
+            crate::cmd::workspace_root()?.join("target/debug/demo"),
+        ))?;
+    }
     eprintln!("test: all green in {:.0?}", started.elapsed());
     // One closing line over every test binary (cargo prints one per binary,
     // the last of which is often an empty doc-test run).

@@ -1,0 +1,488 @@
+//! `cargo xtask demo`: the whole system on one machine — a node network
+//! namespace owned by the agent's `init`, the agent `server` with caller
+//! attribution enforced, a fake EKS Auth, two pods laid out as kubelet lays
+//! them out, the real AWS SDK fetching credentials in one of them and a
+//! stolen token replayed from the other.
+//!
+//! Prints what happens and why; exits non-zero if anything does not behave
+//! as shown; removes every namespace, link, cgroup and process it made, also
+//! on Ctrl-C or failure (everything is owned by values dropped on the way
+//! out). `--keep` leaves it running until Ctrl-C.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{ExitCode, Output},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use harness::{
+    agent_bin::{agent_binary, built_binary},
+    agent_proc::{AgentProcess, init_node},
+    cgroups::{CgroupTree, Driver, PodSpec},
+    fake_eks_auth::FakeEksAuth,
+    http,
+    netns::Netns,
+    pod::pod_command,
+    tokens::{Issuer, TokenSpec},
+    topology::{Node, PodNet},
+};
+use serde_json::Value;
+
+const NODE: &str = "demo-node";
+const FULL_URI: &str = "http://169.254.170.23/v1/credentials";
+const TOKEN_PATH: &str =
+    "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token";
+
+fn main() -> ExitCode {
+    let keep = std::env::args().any(|a| a == "--keep");
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, interrupted.clone()) {
+            eprintln!("demo: cannot handle signal {signal}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("demo: needs root (network namespaces, cgroups, eBPF)");
+        return ExitCode::FAILURE;
+    }
+    let result = run(keep, &interrupted);
+    // Everything the demo made has been dropped (cleaned up) by now.
+    match result {
+        Ok(()) => {
+            println!("\nDemo complete; namespaces, links, cgroups and processes removed.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\ndemo FAILED: {e:#}\n(everything it created has been removed)");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Stops between steps when Ctrl-C was pressed.
+fn check(interrupted: &AtomicBool) -> Result<()> {
+    if interrupted.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn step(n: u32, title: &str, why: &str) {
+    println!("\n── {n}. {title}");
+    for line in why.lines() {
+        println!("   {line}");
+    }
+}
+
+/// Everything the demo owns, in drop (cleanup) order.
+struct Demo {
+    agent: AgentProcess,
+    fake: FakeEksAuth,
+    issuer: Issuer,
+    net_a: PodNet,
+    node: Node,
+    pod_a: PodSpec,
+    pod_b: PodSpec,
+    cg_a: PathBuf,
+    cg_b: PathBuf,
+    tree: CgroupTree,
+    dir: DemoDir,
+}
+
+struct DemoDir(PathBuf);
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
+    let dir = DemoDir(std::env::temp_dir().join(format!("epia-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    println!(
+        "EKS Pod Identity Agent demo: real kernel, real netlink, real HTTP, real AWS SDK; only EKS Auth is faked."
+    );
+
+    step(
+        1,
+        "A node",
+        "A network namespace plays the node. The agent's `init` (netlink, as the DaemonSet's\ninit container) creates pod-id-link0 with 169.254.170.23/32 and fd00:ec2::23/128.",
+    );
+    let node = Node::bare()?;
+    init_node(&node.netns)?;
+    show_link(&node.netns)?;
+    check(interrupted)?;
+
+    step(
+        2,
+        "Pods, as kubelet lays them out",
+        "Pod A: systemd cgroup driver, its own network namespace over a veth (as a CNI wires it).\nPod B: cgroupfs driver, hostNetwork (shares the node's namespace).",
+    );
+    let tree = CgroupTree::new()?;
+    let pod_a = PodSpec::new(Driver::Systemd);
+    let pod_b = PodSpec::new(Driver::Cgroupfs);
+    let cg_a = tree.pod(&pod_a)?;
+    let cg_b = tree.pod(&pod_b)?;
+    let net_a = PodNet::attach(&node)?;
+    println!(
+        "   pod A  uid {}  netns {}  ip {}",
+        pod_a.uid,
+        net_a.netns.name(),
+        net_a.ipv4
+    );
+    println!("          cgroup {}", cg_a.display());
+    println!("   pod B  uid {}  hostNetwork", pod_b.uid);
+    println!("          cgroup {}", cg_b.display());
+    check(interrupted)?;
+
+    step(
+        3,
+        "EKS Auth (fake) and the agent",
+        "A local fake speaks EKS Auth's rest-json protocol and verifies tokens against the demo\ncluster's signing key. Associations: default/app-a → role-a, default/app-b → role-b.\nThe agent serves with --attribution enforce: eBPF attributes every connection to its pod.",
+    );
+    let issuer = Issuer::generate()?;
+    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
+    fake.associate("default", "app-a", "role-a");
+    fake.associate("default", "app-b", "role-b");
+    let audit_log = dir.0.join("audit.jsonl");
+    let args: Vec<String> = [
+        "-c",
+        "demo-cluster",
+        "--endpoint",
+        &fake.endpoint(),
+        "--attribution",
+        "enforce",
+        "--cgroup-root",
+        &tree.root().to_string_lossy(),
+        "--node-name",
+        NODE,
+        "--audit-log",
+        &audit_log.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let agent = AgentProcess::start(&node.netns, &args)?;
+    println!(
+        "   agent pid {} ready (EKS Auth at {})",
+        agent.pid(),
+        fake.endpoint()
+    );
+    let demo = Demo {
+        agent,
+        fake,
+        issuer,
+        net_a,
+        node,
+        pod_a,
+        pod_b,
+        cg_a,
+        cg_b,
+        tree,
+        dir,
+    };
+    check(interrupted)?;
+    demo.scenario(interrupted)?;
+    if keep {
+        demo.print_keep_instructions();
+        while !interrupted.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!("\nCtrl-C: cleaning up");
+    }
+    Ok(())
+}
+
+impl Demo {
+    fn scenario(&self, interrupted: &AtomicBool) -> Result<()> {
+        step(
+            4,
+            "The webhook's environment",
+            "Each pod gets what the EKS mutating webhook injects, and its projected token.",
+        );
+        let token_a = self.issuer.mint(
+            &TokenSpec::new("default", "app-a")
+                .pod("pod-a", &self.pod_a.uid)
+                .node(NODE),
+        )?;
+        let env_a = self.write_pod_env("pod-a", &token_a)?;
+        let env_b = self.write_pod_env(
+            "pod-b",
+            &self.issuer.mint(
+                &TokenSpec::new("default", "app-b")
+                    .pod("pod-b", &self.pod_b.uid)
+                    .node(NODE),
+            )?,
+        )?;
+        for line in std::fs::read_to_string(&env_a)?.lines() {
+            println!("   pod A: {line}");
+        }
+        println!(
+            "   (a real pod reads its token at {TOKEN_PATH}; here it lives in {})",
+            self.dir.0.display()
+        );
+        check(interrupted)?;
+
+        step(
+            5,
+            "Pod A fetches credentials with the real AWS SDK",
+            "aws-config's container credentials provider reads the token file and calls the agent.",
+        );
+        let out = self.sdk(&self.cg_a, &self.net_a.netns, &env_a)?;
+        ensure!(
+            out.status.success(),
+            "pod A was refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let creds: Value = serde_json::from_slice(&out.stdout)?;
+        let key = creds["access_key_id"].as_str().unwrap_or_default();
+        println!("   AccessKeyId     {}", mask(key));
+        println!(
+            "   SecretAccessKey {}",
+            mask(creds["secret_access_key"].as_str().unwrap_or_default())
+        );
+        println!(
+            "   AccountId       {}",
+            creds["account_id"].as_str().unwrap_or("-")
+        );
+        ensure!(key.starts_with("ASIA"), "unexpected credentials {creds}");
+        check(interrupted)?;
+
+        step(
+            6,
+            "Pod B replays pod A's stolen token",
+            "Same token, different caller: the kernel says the connection comes from pod B's cgroup,\nthe token says pod A. The AWS agent would hand out A's role; this one refuses.",
+        );
+        let stolen = self.write_pod_env("pod-b-with-a-token", &token_a)?;
+        let out = self.sdk(&self.cg_b, &self.node.netns, &stolen)?;
+        ensure!(
+            !out.status.success(),
+            "pod B was served pod A's credentials"
+        );
+        let error = String::from_utf8_lossy(&out.stderr);
+        ensure!(error.contains("403"), "unexpected failure: {error}");
+        println!(
+            "   SDK in pod B: {}",
+            error.trim().split(" (").next().unwrap_or_default()
+        );
+        let logs = self.agent.logs();
+        let why = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["fields"]["message"] == "caller check failed; refused")
+            .filter_map(|l| l["fields"]["check"].as_str().map(str::to_owned))
+            .next_back()
+            .context("the agent logged no refusal")?;
+        println!("   the agent's 403 body: Access Denied: {why}");
+        ensure!(
+            why.contains("pod check failed"),
+            "unexpected refusal: {why}"
+        );
+        let out = self.sdk(&self.cg_b, &self.node.netns, &env_b)?;
+        ensure!(
+            out.status.success(),
+            "pod B was refused its own credentials"
+        );
+        println!("   pod B with its own token: served");
+        check(interrupted)?;
+
+        step(
+            7,
+            "The audit trail",
+            "One event per request, naming the pod from the kernel's point of view (never the token).",
+        );
+        let trail = std::fs::read_to_string(self.dir.0.join("audit.jsonl"))?;
+        let events: Vec<Value> = trail
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        for e in &events {
+            println!(
+                "   {:<10} {:<13} pod {} ({}/{})  pid {} {}  cgroup {}  status {}",
+                e["decision"].as_str().unwrap_or("-"),
+                e["reason"].as_str().unwrap_or("-"),
+                e["pod_uid"].as_str().unwrap_or("-"),
+                e["namespace"].as_str().unwrap_or("-"),
+                e["service_account"].as_str().unwrap_or("-"),
+                e["pid"],
+                e["process"].as_str().unwrap_or("-"),
+                e["cgroup_id"],
+                e["status"],
+            );
+        }
+        ensure!(
+            events
+                .iter()
+                .any(|e| e["decision"] == "allow" && e["pod_uid"] == self.pod_a.uid.as_str()),
+            "no allow event for pod A"
+        );
+        ensure!(
+            events.iter().any(|e| e["decision"] == "deny"
+                && e["reason"] == "pod-mismatch"
+                && e["pod_uid"] == self.pod_b.uid.as_str()),
+            "no pod-mismatch event naming pod B"
+        );
+        ensure!(
+            !trail.contains("eyJ"),
+            "a token leaked into the audit trail"
+        );
+
+        step(
+            8,
+            "Metrics",
+            "Prometheus on :2705 (inside the node namespace).",
+        );
+        let metrics = self.node.netns.run_in(|| {
+            http::request(
+                ([127, 0, 0, 1], 2705).into(),
+                "GET",
+                "/metrics",
+                &[("Host", "localhost")],
+            )
+        })?;
+        let shown: Vec<&str> = metrics
+            .body
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with("pod_identity_http_response")
+                        || l.starts_with("pod_identity_caller_decisions")
+                        || l.starts_with("pod_identity_cache_state")
+                        || l.starts_with("pod_identity_attribution_mode"))
+            })
+            .collect();
+        for line in &shown {
+            println!("   {line}");
+        }
+        ensure!(
+            metrics.body.contains(
+                r#"pod_identity_caller_decisions_total{result="deny",reason="pod-mismatch"}"#
+            ),
+            "the refusal is not counted"
+        );
+        Ok(())
+    }
+
+    /// Writes the webhook-style environment of a pod and its token file.
+    fn write_pod_env(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let pod_dir = self.dir.0.join(name);
+        std::fs::create_dir_all(&pod_dir)?;
+        let token_file = pod_dir.join("eks-pod-identity-token");
+        std::fs::write(&token_file, token)?;
+        let env_file = pod_dir.join("env");
+        std::fs::write(
+            &env_file,
+            format!(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI={FULL_URI}\nAWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}\nAWS_REGION=us-west-2\n",
+                token_file.display()
+            ),
+        )?;
+        Ok(env_file)
+    }
+
+    /// The real SDK provider in a process placed in the pod.
+    fn sdk(&self, cgroup: &Path, netns: &Netns, env_file: &Path) -> Result<Output> {
+        let mut cmd = pod_command(&built_binary("pod-client")?, cgroup, netns)?;
+        cmd.arg("sdk-credentials")
+            .env_clear()
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        for line in std::fs::read_to_string(env_file)?.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        cmd.output().context("run the pod's SDK client")
+    }
+
+    fn print_keep_instructions(&self) {
+        let agent = agent_binary()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        println!("\n── Left running (--keep). Ctrl-C here removes everything.");
+        println!(
+            "   A shell inside pod A (its cgroup and network namespace, the webhook's environment):"
+        );
+        println!(
+            "     sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{} env $(cat {}) bash'",
+            self.cg_a.display(),
+            self.net_a.netns.name(),
+            self.dir.0.join("pod-a/env").display()
+        );
+        println!(
+            "   then: curl -s -H \"Authorization: $(cat $AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)\" $AWS_CONTAINER_CREDENTIALS_FULL_URI"
+        );
+        println!("   A shell in pod B (hostNetwork):");
+        println!(
+            "     sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{} env $(cat {}) bash'",
+            self.cg_b.display(),
+            self.node.netns.name(),
+            self.dir.0.join("pod-b/env").display()
+        );
+        println!(
+            "   Metrics:   nsenter --net=/run/netns/{} curl -s localhost:2705/metrics",
+            self.node.netns.name()
+        );
+        println!(
+            "   Readiness: nsenter --net=/run/netns/{} curl -s localhost:2703/readyz",
+            self.node.netns.name()
+        );
+        println!("   Audit log: {}", self.dir.0.join("audit.jsonl").display());
+        println!(
+            "   Agent:     pid {} ({agent}); its namespace {}",
+            self.agent.pid(),
+            self.agent.netns_path()
+        );
+        println!(
+            "   EKS Auth (fake): {} inside the node namespace",
+            self.fake.endpoint()
+        );
+        println!("   Pod cgroups under {}", self.tree.root().display());
+    }
+}
+
+fn show_link(netns: &Netns) -> Result<()> {
+    let (link, addrs) = netns.run_in(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let nl = agent::link::Netlink::connect()?;
+            let link = nl
+                .link_by_name("pod-id-link0")
+                .await?
+                .context("pod-id-link0 missing")?;
+            let kind = agent::link::link_kind(&link)
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            let addrs: Vec<String> = nl
+                .addresses(None)
+                .await?
+                .iter()
+                .filter(|a| a.header.index == link.header.index)
+                .filter_map(agent::link::address_of)
+                .filter(|a| !matches!(a, std::net::IpAddr::V6(v6) if v6.segments()[0] == 0xfe80))
+                .map(|a| a.to_string())
+                .collect();
+            Ok::<_, anyhow::Error>((kind, addrs))
+        })
+    })?;
+    println!("   pod-id-link0 ({link}) up with {}", addrs.join(", "));
+    ensure!(addrs.len() == 2, "expected both addresses, got {addrs:?}");
+    Ok(())
+}
+
+/// `ASIAFAKE00000001` → `ASIA…0001`.
+fn mask(secret: &str) -> String {
+    if secret.len() <= 8 {
+        return "…".into();
+    }
+    format!("{}…{}", &secret[..4], &secret[secret.len() - 4..])
+}
