@@ -47,14 +47,8 @@ pub fn test(extra: &[String]) -> Result<()> {
         "--features",
         "user",
     ]))?;
-    step("agent binary (the integration tests run it)");
-    run(cargo().args([
-        "build",
-        "--locked",
-        "-p",
-        "eks-pod-identity-agent",
-        "--bins",
-    ]))?;
+    step("binaries (the integration tests and the demo run them)");
+    crate::demo::build_binaries()?;
     step("workspace tests (default members)");
     tally.run(cargo().args(["test", "--locked"]).args(extra))?;
     if is_root() {
