@@ -22,7 +22,7 @@ pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
 /// Capacity of [`CONNECTIONS_MAP`]. Entries are deleted when the client socket
 /// closes; the map is LRU on top of that so even a leak could never make it
 /// refuse new connections.
-pub const CONNECTIONS_CAPACITY: u32 = 65_536;
+pub const CONNECTIONS_CAPACITY: u32 = 16_384;
 
 /// An IPv6 address, or an IPv4 address in its IPv4-mapped IPv6 form, as four
 /// 32-bit words in network byte order (the layout of `bpf_sock_addr.user_ip6`

@@ -38,6 +38,10 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{0} is not a cgroup2 mount (with cgroup v1 or a hybrid layout, point --cgroup-mount at the cgroup2 one)"
+    )]
+    NotCgroup2(PathBuf),
     #[error("cgroup path {0:?} nests a pod-like cgroup inside a pod: refused")]
     Conflict(String),
     #[error("cgroup path {0:?} has a malformed pod UID: refused")]
@@ -116,13 +120,24 @@ struct KernfsHandle {
     id: u64,
 }
 
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
 impl CgroupResolver {
+    /// `mount` must be a cgroup2 mount (of the hierarchy's root).
     pub fn new(mount: impl Into<PathBuf>) -> Result<CgroupResolver, CgroupError> {
         let mount = mount.into();
         let mount_fd = File::open(&mount).map_err(|source| CgroupError::Io {
             path: mount.clone(),
             source,
         })?;
+        // SAFETY: fstatfs on an open fd into a zeroed struct.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(mount_fd.as_raw_fd(), &mut fs) } != 0
+            || fs.f_type as i64 != CGROUP2_MAGIC
+        {
+            return Err(CgroupError::NotCgroup2(mount));
+        }
         Ok(CgroupResolver { mount, mount_fd })
     }
 

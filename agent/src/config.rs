@@ -152,6 +152,12 @@ pub struct ServerArgs {
     #[arg(long)]
     pub cgroup_root: Option<std::path::PathBuf>,
 
+    /// Where the host's cgroup2 hierarchy is mounted (default: found in
+    /// /proc/self/mountinfo). In a container with its own cgroup namespace,
+    /// point it at a hostPath mount of the host's /sys/fs/cgroup.
+    #[arg(long)]
+    pub cgroup_mount: Option<std::path::PathBuf>,
+
     /// Also append audit events (JSON lines) to this file.
     #[arg(long)]
     pub audit_log: Option<std::path::PathBuf>,

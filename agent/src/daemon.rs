@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::{
     attribution::{AttachOptions, Attribution, CallerLookup},
     audit::Auditor,
+    capabilities,
     cgroup::{self, CgroupResolver},
     config::{AttributionMode, ServerArgs},
     credentials::{CacheOptions, Credentials},
@@ -31,6 +32,10 @@ use crate::{
 };
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    if capabilities::port_is_privileged(args.port) {
+        capabilities::require(&[capabilities::NET_BIND_SERVICE])
+            .with_context(|| format!("serving on port {}", args.port))?;
+    }
     report_missing_addresses(&args).await;
     let (listeners, failed) = server::bind_all(&args.bind_hosts, args.port);
     let mut unbound = Vec::new();
@@ -216,7 +221,11 @@ fn verification(
 }
 
 fn attach(args: &ServerArgs) -> anyhow::Result<(Attribution, CgroupResolver, std::path::PathBuf)> {
-    let mount = cgroup::find_cgroup2_mount()?;
+    capabilities::require(capabilities::ATTRIBUTION)?;
+    let mount = match &args.cgroup_mount {
+        Some(mount) => mount.clone(),
+        None => cgroup::find_cgroup2_mount()?,
+    };
     let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     if !cgroup::has_kubepods(&root) {
         bail!(

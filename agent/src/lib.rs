@@ -6,6 +6,7 @@
 
 pub mod attribution;
 pub mod audit;
+pub mod capabilities;
 pub mod cgroup;
 pub mod config;
 pub mod credentials;

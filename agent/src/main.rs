@@ -40,6 +40,7 @@ fn multi_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn init(args: InitArgs) -> anyhow::Result<()> {
+    agent::capabilities::require(&[agent::capabilities::NET_ADMIN]).context("init")?;
     let netlink = Netlink::connect()?;
     if args.remove {
         let removed = netlink.remove(&args.link_name).await?;

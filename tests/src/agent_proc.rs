@@ -34,6 +34,23 @@ pub const AGENT_ENV: &[(&str, &str)] = &[
 impl AgentProcess {
     /// Runs `server ARGS` inside `netns` and waits until /readyz says 200.
     pub fn start(netns: &Netns, args: &[String]) -> Result<AgentProcess> {
+        Self::start_with_caps(netns, args, None)
+    }
+
+    /// Like [`start`](Self::start), with exactly the capabilities `caps`
+    /// (as a container runtime grants them), if given.
+    pub fn start_with_caps(
+        netns: &Netns,
+        args: &[String],
+        caps: Option<&[String]>,
+    ) -> Result<AgentProcess> {
+        let mut agent = Self::spawn(netns, args, caps)?;
+        agent.wait_ready(netns)?;
+        Ok(agent)
+    }
+
+    /// Starts the server without waiting for readiness.
+    pub fn spawn(netns: &Netns, args: &[String], caps: Option<&[String]>) -> Result<AgentProcess> {
         let log =
             std::env::temp_dir().join(format!("epia-agent-{}.log", crate::names::unique_id()));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
@@ -45,6 +62,9 @@ impl AgentProcess {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .stdout(Stdio::null())
             .stderr(log_file);
+        if let Some(caps) = caps {
+            crate::caps::restrict_to(&mut cmd, caps)?;
+        }
         let child = cmd.spawn().context("spawn the agent")?;
         let probe_port = args
             .iter()
@@ -52,14 +72,26 @@ impl AgentProcess {
             .and_then(|i| args.get(i + 1))
             .and_then(|p| p.parse().ok())
             .unwrap_or(2703);
-        let mut agent = AgentProcess {
+        Ok(AgentProcess {
             child,
             log,
             probe: ([127, 0, 0, 1], probe_port).into(),
             netns_path: netns.path(),
-        };
-        agent.wait_ready(netns)?;
-        Ok(agent)
+        })
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent still running after {within:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&mut self, netns: &Netns) -> Result<()> {

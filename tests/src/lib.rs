@@ -4,6 +4,7 @@
 
 pub mod agent_bin;
 pub mod agent_proc;
+pub mod caps;
 pub mod cgroups;
 pub mod fake_eks_auth;
 pub mod http;

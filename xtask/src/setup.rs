@@ -7,6 +7,8 @@
 //! * `bpf-linker` must link the same LLVM major as that rustc (22): it is
 //!   built from crates.io against Debian's shared libLLVM.
 //! * `iproute2` builds the test topologies.
+//! * `kubernetes-validate` (PyPI) validates deploy/ against the Kubernetes
+//!   schemas.
 
 use std::{
     env,
@@ -27,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 pub fn setup() -> Result<()> {
     let missing = missing_apt_packages();
@@ -43,6 +46,7 @@ pub fn setup() -> Result<()> {
         bail!("{BPF_CORE} is missing after installing libstd-rust-web-dev-bpf: unsupported system");
     }
     ensure_bpf_linker()?;
+    ensure_manifest_validator()?;
     eprintln!(
         "setup: eBPF toolchain ready (Debian rustc-web + bpf-linker {BPF_LINKER_VERSION}, LLVM {LLVM_MAJOR})"
     );
@@ -133,6 +137,27 @@ fn ensure_bpf_linker() -> Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+/// kubernetes-validate (PyPI) checks deploy/ against the Kubernetes schemas
+/// it ships (no network at test time).
+fn ensure_manifest_validator() -> Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (pip)");
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
 }
 
 fn find_libllvm() -> Result<PathBuf> {

@@ -1,0 +1,264 @@
+//! deploy/ and the Dockerfile's promises: manifests valid against the
+//! Kubernetes schemas, flags the binary accepts, and capability sets that
+//! are exactly enough — verified by running the agent with precisely those
+//! capabilities, then without each one.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use agent::config::Cli;
+use anyhow::{Context as _, Result, ensure};
+use clap::Parser as _;
+use harness::{
+    agent_bin::agent_binary,
+    agent_proc::{AgentProcess, init_node},
+    caps::restrict_to,
+    cgroups::{CgroupTree, Driver, PodSpec},
+    fake_eks_auth::FakeEksAuth,
+    netns::Netns,
+    pod::pod_command,
+    privilege::privileged_or_skip,
+    tokens::{Issuer, TokenSpec},
+    topology::{Node, PodNet},
+};
+use serde_yaml_ng::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn daemonset() -> Result<Value> {
+    let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml"))?;
+    serde_yaml_ng::from_str(&text).context("daemonset.yaml")
+}
+
+fn pod_spec(ds: &Value) -> &Value {
+    &ds["spec"]["template"]["spec"]
+}
+
+fn container<'a>(ds: &'a Value, list: &str) -> &'a Value {
+    &pod_spec(ds)[list][0]
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn caps_of(c: &Value) -> Vec<String> {
+    strings(&c["securityContext"]["capabilities"]["add"])
+}
+
+/// Container args with `$(VAR)` expanded from its env (downward-API values
+/// stand in as a sample node name).
+fn args_of(c: &Value) -> Vec<String> {
+    let env: Vec<(String, String)> = c["env"]
+        .as_sequence()
+        .map(|vars| {
+            vars.iter()
+                .map(|v| {
+                    let name = v["name"].as_str().unwrap_or_default().to_owned();
+                    let value = v["value"]
+                        .as_str()
+                        .unwrap_or("ip-10-0-1-23.ec2.internal")
+                        .to_owned();
+                    (name, value)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    strings(&c["args"])
+        .into_iter()
+        .map(|mut arg| {
+            for (name, value) in &env {
+                arg = arg.replace(&format!("$({name})"), value);
+            }
+            arg
+        })
+        .collect()
+}
+
+#[test]
+fn manifests_pass_the_kubernetes_schemas() -> Result<()> {
+    let dir = deploy_dir();
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg(dir.join("namespace.yaml"))
+        .arg(dir.join("daemonset.yaml"))
+        .output()
+        .context("python3 -m kubernetes_validate (installed by `cargo xtask setup`)")?;
+    ensure!(
+        out.status.success(),
+        "schema validation failed (is kubernetes-validate installed? `cargo xtask setup`):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kustomization: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml"))?)?;
+    for resource in strings(&kustomization["resources"]) {
+        ensure!(
+            dir.join(&resource).is_file(),
+            "kustomization lists missing {resource}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn manifest_flags_are_flags_the_binary_accepts() -> Result<()> {
+    let ds = daemonset()?;
+    for list in ["initContainers", "containers"] {
+        let args = args_of(container(&ds, list));
+        let argv = std::iter::once("eks-pod-identity-agent".to_owned()).chain(args.iter().cloned());
+        Cli::try_parse_from(argv)
+            .map_err(|e| anyhow::anyhow!("{list} args {args:?} rejected:\n{e}"))?;
+    }
+    let spec = pod_spec(&ds);
+    assert_eq!(spec["hostNetwork"], Value::Bool(true));
+    assert_eq!(spec["automountServiceAccountToken"], Value::Bool(false));
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    let server = container(&ds, "containers");
+    let args = args_of(server);
+    for (flag, port_name) in [
+        ("--probe-port=2703", "probes"),
+        ("--metrics-port=2705", "metrics"),
+    ] {
+        assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        let port = flag.rsplit('=').next().unwrap_or_default().parse::<u64>()?;
+        let declared = server["ports"]
+            .as_sequence()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == port_name))
+            .and_then(|p| p["containerPort"].as_u64());
+        assert_eq!(declared, Some(port), "{port_name} port");
+    }
+    for c in [container(&ds, "initContainers"), server] {
+        let sc = &c["securityContext"];
+        assert_eq!(strings(&sc["capabilities"]["drop"]), vec!["ALL"]);
+        assert_eq!(sc["readOnlyRootFilesystem"], Value::Bool(true));
+        assert_eq!(sc["allowPrivilegeEscalation"], Value::Bool(false));
+        assert!(sc.get("privileged").is_none(), "no privileged containers");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_init_capability_set_suffices_and_each_is_needed() -> Result<()> {
+    if !privileged_or_skip("the_init_capability_set_suffices") {
+        return Ok(());
+    }
+    let caps = caps_of(container(&daemonset()?, "initContainers"));
+    assert_eq!(caps, vec!["NET_ADMIN"]);
+    let run = |ns: &Netns, caps: &[String]| -> Result<std::process::Output> {
+        let mut cmd = ns.command(agent_binary()?)?;
+        cmd.arg("init");
+        restrict_to(&mut cmd, caps)?;
+        Ok(cmd.output()?)
+    };
+    let ns = Netns::new("epk")?;
+    let out = run(&ns, &caps)?;
+    ensure!(
+        out.status.success(),
+        "init with {caps:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dropped in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| c != &dropped).cloned().collect();
+        let fresh = Netns::new("epk")?;
+        let out = run(&fresh, &fewer)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "init worked without {dropped}");
+        ensure!(
+            err.contains(&format!("CAP_{dropped}")),
+            "the error does not name CAP_{dropped}: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_needed() -> Result<()>
+{
+    if !privileged_or_skip("the_server_capability_set_suffices") {
+        return Ok(());
+    }
+    let caps = caps_of(container(&daemonset()?, "containers"));
+    let tree = CgroupTree::new()?;
+    let pod = PodSpec::new(Driver::Systemd);
+    let cgroup = tree.pod(&pod)?;
+    let node = Node::bare()?;
+    init_node(&node.netns)?;
+    let net = PodNet::attach(&node)?;
+    let issuer = Issuer::generate()?;
+    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
+    fake.associate("default", "app", "role");
+    let root = tree.root().to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "-c",
+        "test-cluster",
+        "--endpoint",
+        &fake.endpoint(),
+        "--attribution",
+        "enforce",
+        "--cgroup-root",
+        &root,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    // Exactly the manifest's set: attach, resolve, serve.
+    let agent = AgentProcess::start_with_caps(&node.netns, &args, Some(&caps))?;
+    let token = issuer.mint(&TokenSpec::new("default", "app").pod("p", &pod.uid))?;
+    let file =
+        std::env::temp_dir().join(format!("epia-caps-token-{}", harness::names::unique_id()));
+    std::fs::write(&file, &token)?;
+    let out = pod_command(
+        env!("CARGO_BIN_EXE_pod-client").as_ref(),
+        &cgroup,
+        &net.netns,
+    )?
+    .arg("sdk-credentials")
+    .env_clear()
+    .env(
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "http://169.254.170.23/v1/credentials",
+    )
+    .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file)
+    .env("AWS_EC2_METADATA_DISABLED", "true")
+    .output()?;
+    let _ = std::fs::remove_file(&file);
+    ensure!(
+        out.status.success(),
+        "SDK against the agent with {caps:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.logs()
+    );
+    ensure!(
+        agent.logs().contains(r#""decision":"allow""#),
+        "not verified:\n{}",
+        agent.logs()
+    );
+    drop(agent);
+
+    // Without any one of them it refuses to start, naming it.
+    for dropped in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| c != &dropped).cloned().collect();
+        let mut agent = AgentProcess::spawn(&node.netns, &args, Some(&fewer))?;
+        let status = agent.wait_exit(Duration::from_secs(60))?;
+        let logs = agent.logs();
+        ensure!(!status.success(), "the agent ran without {dropped}");
+        ensure!(
+            logs.contains(&format!("CAP_{dropped}")),
+            "the error does not name CAP_{dropped}:\n{logs}"
+        );
+    }
+    Ok(())
+}
