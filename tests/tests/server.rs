@@ -689,3 +689,27 @@ fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
     assert_eq!(health.status, 200);
     Ok(())
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
+    if !privileged_or_skip("a_client_that_never_finishes_its_headers_is_cut_off") {
+        return Ok(());
+    }
+    let env = env(&["--header-read-timeout", "1s"])?;
+    let closed = env.pod.netns.run_in(|| {
+        use std::io::{Read as _, Write as _};
+        let mut slow = std::net::TcpStream::connect(v4())?;
+        slow.write_all(b"GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\n")?;
+        // Never the final CRLF. The agent must hang up (long before this).
+        slow.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut buf = [0u8; 512];
+        Ok(match slow.read(&mut buf) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        })
+    })?;
+    assert!(closed, "the slow client was not cut off");
+    let reply = env.get_with_token(v4(), &env.app_token()?)?;
+    assert_eq!(reply.status, 200, "the agent stopped serving");
+    Ok(())
+}

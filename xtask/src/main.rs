@@ -1,5 +1,6 @@
-//! Project automation: `cargo xtask demo | setup | test`.
+//! Project automation: `cargo xtask bench | demo | setup | test`.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// What attribution costs, as ratios against a same-run baseline.
+    Bench,
     /// The whole system on one machine: node, pods, agent, fake EKS Auth.
     Demo {
         /// Leave it running (and print how to talk to it) until Ctrl-C.
@@ -34,6 +37,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Task::Bench => bench::bench(),
         Task::Demo { keep } => demo::demo(keep),
         Task::Setup => setup::setup(),
         Task::Test { extra } => test::test(&extra),

@@ -9,6 +9,7 @@
 //!   `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`). Prints one JSON line.
 //! * `pod-client http-get ADDR TOKEN_FILE COUNT`: COUNT raw credential
 //!   requests; prints how many got each status.
+//! * `pod-client connect-bench ADDR COUNT`: COUNT connect/close; prints ns.
 
 use std::{
     io::Read as _,
@@ -35,6 +36,7 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, addr, count] if cmd == "connect" => connect(addr, count),
         [cmd] if cmd == "sdk-credentials" => sdk_credentials(),
         [cmd, addr, token_file, count] if cmd == "http-get" => http_get(addr, token_file, count),
+        [cmd, addr, count] if cmd == "connect-bench" => connect_bench(addr, count),
         _ => Err(
             "usage: pod-client connect ADDR COUNT | sdk-credentials | http-get ADDR TOKEN_FILE COUNT".into(),
         ),
@@ -56,6 +58,19 @@ fn connect(addr: &str, count: &str) -> Result<(), String> {
             .read_to_end(&mut sink)
             .map_err(|e| format!("read {addr} (#{i}): {e}"))?;
     }
+    Ok(())
+}
+
+/// COUNT connect()+close() to ADDR as fast as possible; prints the elapsed
+/// nanoseconds (what every connect() on the node pays for the programs).
+fn connect_bench(addr: &str, count: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let count: u32 = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    let started = std::time::Instant::now();
+    for i in 0..count {
+        drop(TcpStream::connect(addr).map_err(|e| format!("connect {addr} (#{i}): {e}"))?);
+    }
+    println!("{}", started.elapsed().as_nanos());
     Ok(())
 }
 
