@@ -1,6 +1,6 @@
 //! Connection → caller: the kernel's record (cgroup id, pid), the cgroup's
-//! path (one `open_by_handle_at`), the pod it belongs to. No tree walks, no
-//! work proportional to the number of pods.
+//! path (one `open_by_handle_at`, remembered per cgroup id), the pod it
+//! belongs to. No tree walks, no work proportional to the number of pods.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -24,7 +24,19 @@ pub struct Identifier {
     lookup: Arc<dyn CallerLookup>,
     resolver: CgroupResolver,
     metrics: Arc<Metrics>,
+    /// cgroup id → what it resolved to. cgroup ids are 64-bit and never
+    /// reused, and a removed cgroup has no process left to connect, so an
+    /// entry can only ever be right; caching saves the open_by_handle_at +
+    /// readlink + parse on every request after a pod's first.
+    resolved: moka::sync::Cache<u64, Caller>,
+    /// pid → process name, briefly: a client making many requests costs one
+    /// /proc read, and a recycled pid can mislabel only this best-effort
+    /// field, for at most the TTL.
+    names: moka::sync::Cache<u32, Option<String>>,
 }
+
+/// Distinct caller cgroups remembered (a node runs ~100 pods).
+const RESOLVED_CAPACITY: u64 = 4096;
 
 impl Identifier {
     pub fn new(
@@ -36,6 +48,11 @@ impl Identifier {
             lookup,
             resolver,
             metrics,
+            resolved: moka::sync::Cache::new(RESOLVED_CAPACITY),
+            names: moka::sync::Cache::builder()
+                .max_capacity(RESOLVED_CAPACITY)
+                .time_to_live(std::time::Duration::from_secs(5))
+                .build(),
         }
     }
 
@@ -67,7 +84,7 @@ impl Identifier {
                 Identified {
                     caller: self.pod_of(kernel.cgroup_id),
                     kernel: Some(kernel),
-                    process: process_name(kernel.pid),
+                    process: self.names.get_with(kernel.pid, || process_name(kernel.pid)),
                 }
             }
         };
@@ -76,6 +93,18 @@ impl Identifier {
     }
 
     fn pod_of(&self, cgroup_id: u64) -> Caller {
+        if let Some(known) = self.resolved.get(&cgroup_id) {
+            return known;
+        }
+        let caller = self.resolve(cgroup_id);
+        // Failures are not remembered: they may be transient.
+        if matches!(caller, Caller::Pod(_) | Caller::NotAPod { .. }) {
+            self.resolved.insert(cgroup_id, caller.clone());
+        }
+        caller
+    }
+
+    fn resolve(&self, cgroup_id: u64) -> Caller {
         match self.resolver.path_of(cgroup_id) {
             Ok(Some(path)) => match pod_of_path(&path) {
                 Ok(Some(pod)) => Caller::Pod(pod),
