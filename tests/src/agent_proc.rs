@@ -149,6 +149,19 @@ impl AgentProcess {
     }
 }
 
+/// `/metrics` of the agent running in `netns` (default port).
+pub fn scrape_metrics(netns: &Netns) -> Result<String> {
+    let reply = netns.run_in(|| {
+        http::request(
+            ([127, 0, 0, 1], 2705).into(),
+            "GET",
+            "/metrics",
+            &[("Host", "localhost")],
+        )
+    })?;
+    Ok(reply.body)
+}
+
 /// Runs `init` (default flags) in `netns`: what the DaemonSet's init
 /// container does before the server starts.
 pub fn init_node(netns: &Netns) -> Result<()> {

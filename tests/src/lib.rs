@@ -13,5 +13,7 @@ pub mod netns;
 pub mod pod;
 pub mod privilege;
 pub mod probe_server;
+pub mod tempdir;
 pub mod tokens;
 pub mod topology;
+pub mod wait;

@@ -6,8 +6,7 @@
 //! it still sees the host's cgroup2 mount only through inherited fds.
 
 use std::{
-    fs::{File, OpenOptions},
-    io::Write as _,
+    fs::OpenOptions,
     os::{
         fd::{AsRawFd, OwnedFd},
         unix::process::CommandExt as _,
@@ -48,11 +47,16 @@ pub fn pod_command(program: &Path, cgroup: &Path, netns: &Netns) -> Result<Comma
     Ok(cmd)
 }
 
-/// Moves an already running process into a cgroup.
-pub fn move_to_cgroup(pid: u32, cgroup: &Path) -> Result<()> {
-    let mut procs = File::options()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .context("open cgroup.procs")?;
-    write!(procs, "{pid}").context("write cgroup.procs")
+/// Makes `cmd` (a `pod-client`) fetch credentials the way an AWS SDK in a
+/// pod does: only the webhook's environment, nothing else from ours.
+pub fn sdk_credentials<'a>(
+    cmd: &'a mut Command,
+    full_uri: &str,
+    token_file: &Path,
+) -> &'a mut Command {
+    cmd.arg("sdk-credentials")
+        .env_clear()
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
 }

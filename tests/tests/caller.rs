@@ -8,20 +8,21 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Output,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::{AgentProcess, init_node},
+    agent_proc::{AgentProcess, init_node, scrape_metrics},
     cgroups::{CgroupTree, Driver, PodSpec, remove_tree},
     fake_eks_auth::FakeEksAuth,
-    http,
     netns::Netns,
-    pod::pod_command,
+    pod::{pod_command, sdk_credentials},
     privilege::privileged_or_skip,
+    tempdir::TempDir,
     tokens::{Issuer, TokenSpec},
     topology::{AGENT_V4, AGENT_V6, Node, PodNet},
+    wait::wait_for,
 };
 use serde_json::Value;
 
@@ -45,14 +46,6 @@ struct Env {
     dir: TempDir,
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A pod's process placement: its cgroup and network namespace.
 #[derive(Clone, Copy)]
 enum Who {
@@ -73,11 +66,10 @@ fn env(mode: &str, extra: &[&str]) -> Result<Env> {
     let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
     fake.associate("default", "app-a", "role-a");
     fake.associate("default", "app-b", "role-b");
-    let dir = std::env::temp_dir().join(format!("epia-caller-{}", harness::names::unique_id()));
-    std::fs::create_dir_all(&dir)?;
-    let audit = dir.join("audit.jsonl");
+    let dir = TempDir::new("epia-caller-")?;
+    let audit = dir.path().join("audit.jsonl");
     let root = tree.root().to_string_lossy().into_owned();
-    let mut args: Vec<String> = [
+    let mut args = harness::wait::args(&[
         "-c",
         "test-cluster",
         "--endpoint",
@@ -90,10 +82,7 @@ fn env(mode: &str, extra: &[&str]) -> Result<Env> {
         NODE,
         "--audit-log",
         &audit.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let agent = AgentProcess::start(&node.netns, &args)?;
     Ok(Env {
@@ -107,7 +96,7 @@ fn env(mode: &str, extra: &[&str]) -> Result<Env> {
         cg_a,
         cg_b,
         tree,
-        dir: TempDir(dir),
+        dir,
     })
 }
 
@@ -142,25 +131,19 @@ impl Env {
     }
 
     fn token_file(&self, token: &str) -> Result<PathBuf> {
-        let file = self
-            .dir
-            .0
-            .join(format!("token-{}", harness::names::unique_id()));
-        std::fs::write(&file, token)?;
-        Ok(file)
+        self.dir.file("token-", token)
     }
 
     /// The real SDK provider in a process placed in `cgroup` and `netns`.
     fn sdk_in(&self, cgroup: &Path, netns: &Netns, uri: &str, token: &str) -> Result<Output> {
         let file = self.token_file(token)?;
-        pod_command(POD_CLIENT.as_ref(), cgroup, netns)?
-            .arg("sdk-credentials")
-            .env_clear()
-            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", uri)
-            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .output()
-            .context("run pod-client")
+        sdk_credentials(
+            &mut pod_command(POD_CLIENT.as_ref(), cgroup, netns)?,
+            uri,
+            &file,
+        )
+        .output()
+        .context("run pod-client")
     }
 
     fn sdk(&self, who: Who, uri: &str, token: &str) -> Result<Output> {
@@ -181,7 +164,7 @@ impl Env {
 
     /// Audit events so far.
     fn audit(&self) -> Result<Vec<Value>> {
-        let text = std::fs::read_to_string(self.dir.0.join("audit.jsonl")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default();
         text.lines()
             .map(|l| serde_json::from_str(l).context("audit line"))
             .collect()
@@ -192,18 +175,7 @@ impl Env {
     }
 
     fn metrics(&self) -> Result<String> {
-        Ok(self
-            .node
-            .netns
-            .run_in(|| {
-                http::request(
-                    ([127, 0, 0, 1], 2705).into(),
-                    "GET",
-                    "/metrics",
-                    &[("Host", "localhost")],
-                )
-            })?
-            .body)
+        scrape_metrics(&self.node.netns)
     }
 
     /// `count` raw requests from a pod process; status → how many.
@@ -237,15 +209,6 @@ fn statuses(child: std::process::Child) -> Result<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).context("http-get output")
-}
-
-fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let end = Instant::now() + deadline;
-    while !check()? {
-        ensure!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    Ok(())
 }
 
 #[test]
@@ -303,7 +266,7 @@ fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail(
         }
     }
     // Never a token or a secret in the audit trail.
-    let trail = std::fs::read_to_string(env.dir.0.join("audit.jsonl"))?;
+    let trail = std::fs::read_to_string(env.dir.path().join("audit.jsonl"))?;
     assert!(
         !trail.contains("eyJ") && !trail.contains("secret-") && !trail.contains("session-token-")
     );

@@ -19,8 +19,9 @@ use harness::{
     cgroups::{CgroupTree, Driver, PodSpec},
     fake_eks_auth::FakeEksAuth,
     netns::Netns,
-    pod::pod_command,
+    pod::{pod_command, sdk_credentials},
     privilege::privileged_or_skip,
+    tempdir::TempDir,
     tokens::{Issuer, TokenSpec},
     topology::{Node, PodNet},
 };
@@ -200,7 +201,7 @@ fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_ne
     let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
     fake.associate("default", "app", "role");
     let root = tree.root().to_string_lossy().into_owned();
-    let args: Vec<String> = [
+    let args = harness::wait::args(&[
         "-c",
         "test-cluster",
         "--endpoint",
@@ -209,32 +210,20 @@ fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_ne
         "enforce",
         "--cgroup-root",
         &root,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
 
     // Exactly the manifest's set: attach, resolve, serve.
     let agent = AgentProcess::start_with_caps(&node.netns, &args, Some(&caps))?;
     let token = issuer.mint(&TokenSpec::new("default", "app").pod("p", &pod.uid))?;
-    let file =
-        std::env::temp_dir().join(format!("epia-caps-token-{}", harness::names::unique_id()));
-    std::fs::write(&file, &token)?;
-    let out = pod_command(
+    let dir = TempDir::new("epia-caps-")?;
+    let file = dir.file("token-", &token)?;
+    let mut client = pod_command(
         env!("CARGO_BIN_EXE_pod-client").as_ref(),
         &cgroup,
         &net.netns,
-    )?
-    .arg("sdk-credentials")
-    .env_clear()
-    .env(
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "http://169.254.170.23/v1/credentials",
-    )
-    .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file)
-    .env("AWS_EC2_METADATA_DISABLED", "true")
-    .output()?;
-    let _ = std::fs::remove_file(&file);
+    )?;
+    let out =
+        sdk_credentials(&mut client, "http://169.254.170.23/v1/credentials", &file).output()?;
     ensure!(
         out.status.success(),
         "SDK against the agent with {caps:?}: {}\n{}",

@@ -4,17 +4,20 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Barrier},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::{AgentProcess, init_node},
+    agent_proc::{AgentProcess, init_node, scrape_metrics},
     fake_eks_auth::{ACCOUNT, FakeEksAuth, Fault},
     http::{self, Reply},
+    pod::sdk_credentials,
     privilege::privileged_or_skip,
+    tempdir::TempDir,
     tokens::{Issuer, TokenSpec},
     topology::{AGENT_V4, Node, PodNet},
+    wait::{args, wait_for},
 };
 use serde_json::Value;
 
@@ -30,14 +33,6 @@ struct Env {
     dir: TempDir,
 }
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn env(extra: &[&str]) -> Result<Env> {
     let node = Node::bare()?;
     init_node(&node.netns)?;
@@ -46,28 +41,24 @@ fn env(extra: &[&str]) -> Result<Env> {
     fake.associate("default", "app", "app-role");
     let pod = PodNet::attach(&node)?;
     // Caller verification has its own tests; these are about serving.
-    let mut args: Vec<String> = [
+    let mut args = args(&[
         "-c",
         "test-cluster",
         "--attribution",
         "off",
         "--endpoint",
         &fake.endpoint(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let agent = AgentProcess::start(&node.netns, &args)?;
-    let dir = std::env::temp_dir().join(format!("epia-server-{}", harness::names::unique_id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = TempDir::new("epia-server-")?;
     Ok(Env {
         agent,
         fake,
         issuer,
         pod,
         node,
-        dir: TempDir(dir),
+        dir,
     })
 }
 
@@ -113,20 +104,8 @@ impl Env {
     /// The real Rust SDK container provider in the pod, as the webhook
     /// configures it.
     fn sdk(&self, full_uri: &str, token: &str) -> Result<Value> {
-        let file = self
-            .dir
-            .0
-            .join(format!("token-{}", harness::names::unique_id()));
-        std::fs::write(&file, token)?;
-        let out = self
-            .pod
-            .netns
-            .command(POD_CLIENT)?
-            .arg("sdk-credentials")
-            .env_clear()
-            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
-            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
+        let file = self.dir.file("token-", token)?;
+        let out = sdk_credentials(&mut self.pod.netns.command(POD_CLIENT)?, full_uri, &file)
             .output()
             .context("run pod-client")?;
         ensure!(
@@ -139,26 +118,8 @@ impl Env {
     }
 
     fn metrics(&self) -> Result<String> {
-        let reply = self.node.netns.run_in(|| {
-            http::request(
-                ([127, 0, 0, 1], 2705).into(),
-                "GET",
-                "/metrics",
-                &[("Host", "localhost")],
-            )
-        })?;
-        Ok(reply.body)
+        scrape_metrics(&self.node.netns)
     }
-}
-
-/// Waits for `what` to hold, polling; generous deadline, no fixed sleep.
-fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
-    let end = Instant::now() + deadline;
-    while !check() {
-        ensure!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 #[test]
@@ -371,7 +332,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             );
         }
         wait_for(row.what, Duration::from_secs(30), || {
-            env.fake.calls() - before >= row.calls
+            Ok(env.fake.calls() - before >= row.calls)
         })?;
         assert_eq!(
             env.fake.calls() - before,
@@ -573,7 +534,7 @@ fn short_lived_credentials_are_refreshed_ahead_in_the_background() -> Result<()>
     let first: Value = serde_json::from_str(&env.get_with_token(v4(), &token)?.body)?;
     // No client asks; the agent renews on its own.
     wait_for("a background refresh", Duration::from_secs(30), || {
-        env.fake.issued() >= 2
+        Ok(env.fake.issued() >= 2)
     })?;
     let refreshed: Value = serde_json::from_str(&env.get_with_token(v4(), &token)?.body)?;
     assert_ne!(
@@ -608,7 +569,7 @@ fn sigterm_lets_in_flight_requests_complete_and_exits_zero() -> Result<()> {
     wait_for(
         "the request to reach EKS Auth",
         Duration::from_secs(30),
-        || env.fake.calls() >= 1,
+        || Ok(env.fake.calls() >= 1),
     )?;
     let status = env.agent.terminate(Duration::from_secs(30))?;
     let reply = in_flight
@@ -642,17 +603,14 @@ fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
     );
     let issuer = Issuer::generate()?;
     let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
-    let args: Vec<String> = [
+    let args = args(&[
         "-c",
         "test-cluster",
         "--attribution",
         "off",
         "--endpoint",
         &fake.endpoint(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let agent = AgentProcess::start(&node.netns, &args)?;
     let logs = agent.logs();
     assert!(

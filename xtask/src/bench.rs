@@ -1,15 +1,13 @@
 //! `cargo xtask bench`: builds release binaries and runs the harness's
 //! `bench` (ratios against a baseline from the same run).
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
-use crate::cmd::{cargo, is_root, run, workspace_root};
+use crate::cmd::{cargo, require_root, run, workspace_root};
 
 pub fn bench() -> Result<()> {
     crate::setup::setup()?;
-    if !is_root() {
-        bail!("the benchmark attaches eBPF programs and creates namespaces: run it as root");
-    }
+    require_root("the benchmark")?;
     run(cargo().args([
         "build",
         "--release",

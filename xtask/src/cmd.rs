@@ -36,3 +36,11 @@ pub fn is_root() -> bool {
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
+
+/// Commands that create namespaces, cgroups and eBPF programs need root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} creates network namespaces, cgroups and eBPF programs: run it as root");
+    }
+    Ok(())
+}

@@ -1,15 +1,13 @@
 //! `cargo xtask demo [--keep]`: setup, build, then the demo driver (the
 //! test harness's `demo` binary) with the agent it just built.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
-use crate::cmd::{cargo, is_root, run, workspace_root};
+use crate::cmd::{cargo, require_root, run, workspace_root};
 
 pub fn demo(keep: bool) -> Result<()> {
     crate::setup::setup()?;
-    if !is_root() {
-        bail!("the demo creates network namespaces, cgroups and eBPF programs: run it as root");
-    }
+    require_root("the demo")?;
     build_binaries()?;
     let demo = workspace_root()?.join("target/debug/demo");
     let mut cmd = std::process::Command::new(demo);

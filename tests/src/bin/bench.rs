@@ -158,7 +158,7 @@ fn run() -> Result<()> {
     let mut per_mode = Vec::new();
     for mode in ["off", "enforce"] {
         let root = tree.root().to_string_lossy().into_owned();
-        let args: Vec<String> = [
+        let args = harness::wait::args(&[
             "-c",
             "bench",
             "--endpoint",
@@ -169,10 +169,7 @@ fn run() -> Result<()> {
             &root,
             "--pod-rate-limit",
             "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         let agent = AgentProcess::start(&node.netns, &args)?;
         let per_request = best(|| {
             let started = Instant::now();

@@ -22,12 +22,12 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use harness::{
     agent_bin::{agent_binary, built_binary},
-    agent_proc::{AgentProcess, init_node},
+    agent_proc::{AgentProcess, init_node, scrape_metrics},
     cgroups::{CgroupTree, Driver, PodSpec},
     fake_eks_auth::FakeEksAuth,
-    http,
     netns::Netns,
     pod::pod_command,
+    tempdir::TempDir,
     tokens::{Issuer, TokenSpec},
     topology::{Node, PodNet},
 };
@@ -93,20 +93,11 @@ struct Demo {
     cg_a: PathBuf,
     cg_b: PathBuf,
     tree: CgroupTree,
-    dir: DemoDir,
-}
-
-struct DemoDir(PathBuf);
-
-impl Drop for DemoDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    dir: TempDir,
 }
 
 fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
-    let dir = DemoDir(std::env::temp_dir().join(format!("epia-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = TempDir::new("epia-demo-")?;
     println!(
         "EKS Pod Identity Agent demo: real kernel, real netlink, real HTTP, real AWS SDK; only EKS Auth is faked."
     );
@@ -152,8 +143,8 @@ fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
     let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
     fake.associate("default", "app-a", "role-a");
     fake.associate("default", "app-b", "role-b");
-    let audit_log = dir.0.join("audit.jsonl");
-    let args: Vec<String> = [
+    let audit_log = dir.path().join("audit.jsonl");
+    let args = harness::wait::args(&[
         "-c",
         "demo-cluster",
         "--endpoint",
@@ -166,10 +157,7 @@ fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
         NODE,
         "--audit-log",
         &audit_log.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let agent = AgentProcess::start(&node.netns, &args)?;
     println!(
         "   agent pid {} ready (EKS Auth at {})",
@@ -227,7 +215,7 @@ impl Demo {
         }
         println!(
             "   (a real pod reads its token at {TOKEN_PATH}; here it lives in {})",
-            self.dir.0.display()
+            self.dir.path().display()
         );
         check(interrupted)?;
 
@@ -299,7 +287,7 @@ impl Demo {
             "The audit trail",
             "One event per request, naming the pod from the kernel's point of view (never the token).",
         );
-        let trail = std::fs::read_to_string(self.dir.0.join("audit.jsonl"))?;
+        let trail = std::fs::read_to_string(self.dir.path().join("audit.jsonl"))?;
         let events: Vec<Value> = trail
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -340,16 +328,8 @@ impl Demo {
             "Metrics",
             "Prometheus on :2705 (inside the node namespace).",
         );
-        let metrics = self.node.netns.run_in(|| {
-            http::request(
-                ([127, 0, 0, 1], 2705).into(),
-                "GET",
-                "/metrics",
-                &[("Host", "localhost")],
-            )
-        })?;
+        let metrics = scrape_metrics(&self.node.netns)?;
         let shown: Vec<&str> = metrics
-            .body
             .lines()
             .filter(|l| {
                 !l.starts_with('#')
@@ -363,7 +343,7 @@ impl Demo {
             println!("   {line}");
         }
         ensure!(
-            metrics.body.contains(
+            metrics.contains(
                 r#"pod_identity_caller_decisions_total{result="deny",reason="pod-mismatch"}"#
             ),
             "the refusal is not counted"
@@ -373,7 +353,7 @@ impl Demo {
 
     /// Writes the webhook-style environment of a pod and its token file.
     fn write_pod_env(&self, name: &str, token: &str) -> Result<PathBuf> {
-        let pod_dir = self.dir.0.join(name);
+        let pod_dir = self.dir.path().join(name);
         std::fs::create_dir_all(&pod_dir)?;
         let token_file = pod_dir.join("eks-pod-identity-token");
         std::fs::write(&token_file, token)?;
@@ -414,7 +394,7 @@ impl Demo {
             "     sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{} env $(cat {}) bash'",
             self.cg_a.display(),
             self.net_a.netns.name(),
-            self.dir.0.join("pod-a/env").display()
+            self.dir.path().join("pod-a/env").display()
         );
         println!(
             "   then: curl -s -H \"Authorization: $(cat $AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)\" $AWS_CONTAINER_CREDENTIALS_FULL_URI"
@@ -424,7 +404,7 @@ impl Demo {
             "     sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{} env $(cat {}) bash'",
             self.cg_b.display(),
             self.node.netns.name(),
-            self.dir.0.join("pod-b/env").display()
+            self.dir.path().join("pod-b/env").display()
         );
         println!(
             "   Metrics:   nsenter --net=/run/netns/{} curl -s localhost:2705/metrics",
@@ -434,7 +414,10 @@ impl Demo {
             "   Readiness: nsenter --net=/run/netns/{} curl -s localhost:2703/readyz",
             self.node.netns.name()
         );
-        println!("   Audit log: {}", self.dir.0.join("audit.jsonl").display());
+        println!(
+            "   Audit log: {}",
+            self.dir.path().join("audit.jsonl").display()
+        );
         println!(
             "   Agent:     pid {} ({agent}); its namespace {}",
             self.agent.pid(),
