@@ -6,6 +6,7 @@ pub mod agent_bin;
 pub mod agent_proc;
 pub mod caps;
 pub mod cgroups;
+pub mod cluster;
 pub mod fake_eks_auth;
 pub mod http;
 pub mod names;

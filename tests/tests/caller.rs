@@ -13,15 +13,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::{AgentProcess, init_node, scrape_metrics},
-    cgroups::{CgroupTree, Driver, PodSpec, remove_tree},
-    fake_eks_auth::FakeEksAuth,
+    agent_proc::{AgentProcess, scrape_metrics},
+    cgroups::remove_tree,
+    cluster::{Cluster, Who},
     netns::Netns,
     pod::{pod_command, sdk_credentials},
     privilege::privileged_or_skip,
-    tempdir::TempDir,
-    tokens::{Issuer, TokenSpec},
-    topology::{AGENT_V4, AGENT_V6, Node, PodNet},
+    tokens::TokenSpec,
+    topology::{AGENT_V4, AGENT_V6},
     wait::wait_for,
 };
 use serde_json::Value;
@@ -31,105 +30,27 @@ const NODE: &str = "node-1";
 const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 const V6_URI: &str = "http://[fd00:ec2::23]/v1/credentials";
 
-/// Declared in drop order: agent, upstream, pods' network, node, cgroups.
+/// The agent first (dropped first), then the cluster it serves.
 struct Env {
     agent: AgentProcess,
-    fake: FakeEksAuth,
-    issuer: Issuer,
-    net_a: PodNet,
-    node: Node,
-    pod_a: PodSpec,
-    pod_b: PodSpec,
-    cg_a: PathBuf,
-    cg_b: PathBuf,
-    tree: CgroupTree,
-    dir: TempDir,
+    cluster: Cluster,
 }
 
-/// A pod's process placement: its cgroup and network namespace.
-#[derive(Clone, Copy)]
-enum Who {
-    A,
-    B,
+impl std::ops::Deref for Env {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
 
 fn env(mode: &str, extra: &[&str]) -> Result<Env> {
-    let tree = CgroupTree::new()?;
-    let pod_a = PodSpec::new(Driver::Systemd);
-    let pod_b = PodSpec::new(Driver::Cgroupfs);
-    let cg_a = tree.pod(&pod_a)?;
-    let cg_b = tree.pod(&pod_b)?;
-    let node = Node::bare()?;
-    init_node(&node.netns)?;
-    let net_a = PodNet::attach(&node)?;
-    let issuer = Issuer::generate()?;
-    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
-    fake.associate("default", "app-a", "role-a");
-    fake.associate("default", "app-b", "role-b");
-    let dir = TempDir::new("epia-caller-")?;
-    let audit = dir.path().join("audit.jsonl");
-    let root = tree.root().to_string_lossy().into_owned();
-    let mut args = harness::wait::args(&[
-        "-c",
-        "test-cluster",
-        "--endpoint",
-        &fake.endpoint(),
-        "--attribution",
-        mode,
-        "--cgroup-root",
-        &root,
-        "--node-name",
-        NODE,
-        "--audit-log",
-        &audit.to_string_lossy(),
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let agent = AgentProcess::start(&node.netns, &args)?;
-    Ok(Env {
-        agent,
-        fake,
-        issuer,
-        net_a,
-        node,
-        pod_a,
-        pod_b,
-        cg_a,
-        cg_b,
-        tree,
-        dir,
-    })
+    let cluster = Cluster::new(NODE)?;
+    let agent = AgentProcess::start(&cluster.node.netns, &cluster.agent_args(mode, extra))?;
+    Ok(Env { agent, cluster })
 }
 
 impl Env {
-    fn placement(&self, who: Who) -> (&Path, &Netns) {
-        match who {
-            Who::A => (&self.cg_a, &self.net_a.netns),
-            Who::B => (&self.cg_b, &self.node.netns),
-        }
-    }
-
-    fn pod(&self, who: Who) -> &PodSpec {
-        match who {
-            Who::A => &self.pod_a,
-            Who::B => &self.pod_b,
-        }
-    }
-
-    /// `who`'s own projected token (service account app-a / app-b).
-    fn own_token(&self, who: Who) -> Result<String> {
-        self.issuer.mint(&self.own_spec(who))
-    }
-
-    fn own_spec(&self, who: Who) -> TokenSpec {
-        let (sa, name) = match who {
-            Who::A => ("app-a", "pod-a"),
-            Who::B => ("app-b", "pod-b"),
-        };
-        TokenSpec::new("default", sa)
-            .pod(name, &self.pod(who).uid)
-            .node(NODE)
-    }
-
     fn token_file(&self, token: &str) -> Result<PathBuf> {
         self.dir.file("token-", token)
     }
@@ -164,7 +85,7 @@ impl Env {
 
     /// Audit events so far.
     fn audit(&self) -> Result<Vec<Value>> {
-        let text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
         text.lines()
             .map(|l| serde_json::from_str(l).context("audit line"))
             .collect()
@@ -266,7 +187,7 @@ fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail(
         }
     }
     // Never a token or a secret in the audit trail.
-    let trail = std::fs::read_to_string(env.dir.path().join("audit.jsonl"))?;
+    let trail = std::fs::read_to_string(env.audit_log())?;
     assert!(
         !trail.contains("eyJ") && !trail.contains("secret-") && !trail.contains("session-token-")
     );
@@ -411,7 +332,7 @@ fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
     if !privileged_or_skip("a_removed_pod_is_evicted") {
         return Ok(());
     }
-    let mut env = env(
+    let env = env(
         "enforce",
         &[
             "--max-credential-retention-before-renewal",
@@ -438,7 +359,6 @@ fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
     // Pod A goes away: kubelet removes its cgroups.
     let pod_dir = env.cg_a.parent().context("pod cgroup")?.to_owned();
     remove_tree(&pod_dir)?;
-    env.cg_a = PathBuf::new();
     wait_for("A's entry to be evicted", Duration::from_secs(60), || {
         Ok(env.metrics()?.contains("pod_identity_cache_entries 1\n"))
     })?;

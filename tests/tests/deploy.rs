@@ -14,16 +14,12 @@ use anyhow::{Context as _, Result, ensure};
 use clap::Parser as _;
 use harness::{
     agent_bin::agent_binary,
-    agent_proc::{AgentProcess, init_node},
+    agent_proc::AgentProcess,
     caps::restrict_to,
-    cgroups::{CgroupTree, Driver, PodSpec},
-    fake_eks_auth::FakeEksAuth,
+    cluster::{Cluster, Who},
     netns::Netns,
     pod::{pod_command, sdk_credentials},
     privilege::privileged_or_skip,
-    tempdir::TempDir,
-    tokens::{Issuer, TokenSpec},
-    topology::{Node, PodNet},
 };
 use serde_yaml_ng::Value;
 
@@ -191,36 +187,17 @@ fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_ne
         return Ok(());
     }
     let caps = caps_of(container(&daemonset()?, "containers"));
-    let tree = CgroupTree::new()?;
-    let pod = PodSpec::new(Driver::Systemd);
-    let cgroup = tree.pod(&pod)?;
-    let node = Node::bare()?;
-    init_node(&node.netns)?;
-    let net = PodNet::attach(&node)?;
-    let issuer = Issuer::generate()?;
-    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
-    fake.associate("default", "app", "role");
-    let root = tree.root().to_string_lossy().into_owned();
-    let args = harness::wait::args(&[
-        "-c",
-        "test-cluster",
-        "--endpoint",
-        &fake.endpoint(),
-        "--attribution",
-        "enforce",
-        "--cgroup-root",
-        &root,
-    ]);
+    let cluster = Cluster::new("node-1")?;
+    let node = &cluster.node;
+    let args = cluster.agent_args("enforce", &[]);
 
     // Exactly the manifest's set: attach, resolve, serve.
     let agent = AgentProcess::start_with_caps(&node.netns, &args, Some(&caps))?;
-    let token = issuer.mint(&TokenSpec::new("default", "app").pod("p", &pod.uid))?;
-    let dir = TempDir::new("epia-caps-")?;
-    let file = dir.file("token-", &token)?;
+    let file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
     let mut client = pod_command(
         env!("CARGO_BIN_EXE_pod-client").as_ref(),
-        &cgroup,
-        &net.netns,
+        &cluster.cg_a,
+        &cluster.net_a.netns,
     )?;
     let out =
         sdk_credentials(&mut client, "http://169.254.170.23/v1/credentials", &file).output()?;

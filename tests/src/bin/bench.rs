@@ -22,13 +22,11 @@ use agent::attribution::{AttachOptions, Attribution};
 use anyhow::{Context as _, Result, ensure};
 use harness::{
     agent_bin::built_binary,
-    agent_proc::{AgentProcess, init_node},
-    cgroups::{CgroupTree, Driver, PodSpec},
-    fake_eks_auth::FakeEksAuth,
+    agent_proc::AgentProcess,
+    cluster::{Cluster, Who},
     netns::Netns,
     pod::pod_command,
-    tokens::{Issuer, TokenSpec},
-    topology::{AGENT_V4, AGENT_V6, Node, PodNet},
+    topology::{AGENT_V4, AGENT_V6},
 };
 
 const CONNECTS: u32 = 10_000;
@@ -104,12 +102,8 @@ fn best(mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
 }
 
 fn run() -> Result<()> {
-    let tree = CgroupTree::new()?;
-    let pod = PodSpec::new(Driver::Systemd);
-    let cgroup = tree.pod(&pod)?;
-    let node = Node::bare()?;
-    init_node(&node.netns)?;
-    let net = PodNet::attach(&node)?;
+    let cluster = Cluster::new("bench-node")?;
+    let (cgroup, node, net) = (&cluster.cg_a, &cluster.node, &cluster.net_a);
     // Tens of thousands of short connections: reuse TIME_WAIT ports.
     net.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     net.netns
@@ -122,15 +116,15 @@ fn run() -> Result<()> {
     println!(
         "attribution cost, best of {ROUNDS} rounds, ratios against a baseline from the same run\n"
     );
-    let base_other = best(|| connect_ns(&cgroup, &net.netns, other))?;
-    let base_ours = best(|| connect_ns(&cgroup, &net.netns, ours))?;
+    let base_other = best(|| connect_ns(cgroup, &net.netns, other))?;
+    let base_ours = best(|| connect_ns(cgroup, &net.netns, ours))?;
     let attached = Attribution::attach(&AttachOptions {
-        cgroup: tree.root().to_owned(),
+        cgroup: cluster.tree.root().to_owned(),
         addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
         port: 80,
     })?;
-    let with_other = best(|| connect_ns(&cgroup, &net.netns, other))?;
-    let with_ours = best(|| connect_ns(&cgroup, &net.netns, ours))?;
+    let with_other = best(|| connect_ns(cgroup, &net.netns, other))?;
+    let with_ours = best(|| connect_ns(cgroup, &net.netns, ours))?;
     drop(attached);
     drop(ours_sink);
     row(
@@ -149,31 +143,14 @@ fn run() -> Result<()> {
     );
 
     // Credential requests served from cache, attribution off vs enforce.
-    let issuer = Issuer::generate()?;
-    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
-    fake.associate("default", "app", "role");
-    let token = issuer.mint(&TokenSpec::new("default", "app").pod("p", &pod.uid))?;
-    let token_file = std::env::temp_dir().join(format!("epia-bench-token-{}", std::process::id()));
-    std::fs::write(&token_file, &token)?;
+    let token_file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
     let mut per_mode = Vec::new();
     for mode in ["off", "enforce"] {
-        let root = tree.root().to_string_lossy().into_owned();
-        let args = harness::wait::args(&[
-            "-c",
-            "bench",
-            "--endpoint",
-            &fake.endpoint(),
-            "--attribution",
-            mode,
-            "--cgroup-root",
-            &root,
-            "--pod-rate-limit",
-            "0",
-        ]);
+        let args = cluster.agent_args(mode, &["--pod-rate-limit", "0"]);
         let agent = AgentProcess::start(&node.netns, &args)?;
         let per_request = best(|| {
             let started = Instant::now();
-            let out = pod_command(&built_binary("pod-client")?, &cgroup, &net.netns)?
+            let out = pod_command(&built_binary("pod-client")?, cgroup, &net.netns)?
                 .args([
                     "http-get",
                     &ours.to_string(),
@@ -221,7 +198,6 @@ fn run() -> Result<()> {
         }
         drop(agent);
     }
-    let _ = std::fs::remove_file(&token_file);
     row(
         "credential request (cache hit), off → enforce",
         per_mode[0],

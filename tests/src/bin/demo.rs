@@ -22,14 +22,10 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use harness::{
     agent_bin::{agent_binary, built_binary},
-    agent_proc::{AgentProcess, init_node, scrape_metrics},
-    cgroups::{CgroupTree, Driver, PodSpec},
-    fake_eks_auth::FakeEksAuth,
+    agent_proc::{AgentProcess, scrape_metrics},
+    cluster::{Cluster, Who},
     netns::Netns,
     pod::pod_command,
-    tempdir::TempDir,
-    tokens::{Issuer, TokenSpec},
-    topology::{Node, PodNet},
 };
 use serde_json::Value;
 
@@ -81,35 +77,33 @@ fn step(n: u32, title: &str, why: &str) {
     }
 }
 
-/// Everything the demo owns, in drop (cleanup) order.
+/// Everything the demo owns, in drop (cleanup) order: the agent, then
+/// the cluster it serves.
 struct Demo {
     agent: AgentProcess,
-    fake: FakeEksAuth,
-    issuer: Issuer,
-    net_a: PodNet,
-    node: Node,
-    pod_a: PodSpec,
-    pod_b: PodSpec,
-    cg_a: PathBuf,
-    cg_b: PathBuf,
-    tree: CgroupTree,
-    dir: TempDir,
+    cluster: Cluster,
+}
+
+impl std::ops::Deref for Demo {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
 
 fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
-    let dir = TempDir::new("epia-demo-")?;
     println!(
         "EKS Pod Identity Agent demo: real kernel, real netlink, real HTTP, real AWS SDK; only EKS Auth is faked."
     );
+    let cluster = Cluster::new(NODE)?;
 
     step(
         1,
         "A node",
-        "A network namespace plays the node. The agent's `init` (netlink, as the DaemonSet's\ninit container) creates pod-id-link0 with 169.254.170.23/32 and fd00:ec2::23/128.",
+        "A network namespace plays the node. The agent's `init` (netlink, as the DaemonSet's\ninit container) created pod-id-link0 with 169.254.170.23/32 and fd00:ec2::23/128.",
     );
-    let node = Node::bare()?;
-    init_node(&node.netns)?;
-    show_link(&node.netns)?;
+    show_link(&cluster.node.netns)?;
     check(interrupted)?;
 
     step(
@@ -117,21 +111,15 @@ fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
         "Pods, as kubelet lays them out",
         "Pod A: systemd cgroup driver, its own network namespace over a veth (as a CNI wires it).\nPod B: cgroupfs driver, hostNetwork (shares the node's namespace).",
     );
-    let tree = CgroupTree::new()?;
-    let pod_a = PodSpec::new(Driver::Systemd);
-    let pod_b = PodSpec::new(Driver::Cgroupfs);
-    let cg_a = tree.pod(&pod_a)?;
-    let cg_b = tree.pod(&pod_b)?;
-    let net_a = PodNet::attach(&node)?;
     println!(
         "   pod A  uid {}  netns {}  ip {}",
-        pod_a.uid,
-        net_a.netns.name(),
-        net_a.ipv4
+        cluster.pod_a.uid,
+        cluster.net_a.netns.name(),
+        cluster.net_a.ipv4
     );
-    println!("          cgroup {}", cg_a.display());
-    println!("   pod B  uid {}  hostNetwork", pod_b.uid);
-    println!("          cgroup {}", cg_b.display());
+    println!("          cgroup {}", cluster.cg_a.display());
+    println!("   pod B  uid {}  hostNetwork", cluster.pod_b.uid);
+    println!("          cgroup {}", cluster.cg_b.display());
     check(interrupted)?;
 
     step(
@@ -139,44 +127,13 @@ fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
         "EKS Auth (fake) and the agent",
         "A local fake speaks EKS Auth's rest-json protocol and verifies tokens against the demo\ncluster's signing key. Associations: default/app-a → role-a, default/app-b → role-b.\nThe agent serves with --attribution enforce: eBPF attributes every connection to its pod.",
     );
-    let issuer = Issuer::generate()?;
-    let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
-    fake.associate("default", "app-a", "role-a");
-    fake.associate("default", "app-b", "role-b");
-    let audit_log = dir.path().join("audit.jsonl");
-    let args = harness::wait::args(&[
-        "-c",
-        "demo-cluster",
-        "--endpoint",
-        &fake.endpoint(),
-        "--attribution",
-        "enforce",
-        "--cgroup-root",
-        &tree.root().to_string_lossy(),
-        "--node-name",
-        NODE,
-        "--audit-log",
-        &audit_log.to_string_lossy(),
-    ]);
-    let agent = AgentProcess::start(&node.netns, &args)?;
+    let agent = AgentProcess::start(&cluster.node.netns, &cluster.agent_args("enforce", &[]))?;
     println!(
         "   agent pid {} ready (EKS Auth at {})",
         agent.pid(),
-        fake.endpoint()
+        cluster.fake.endpoint()
     );
-    let demo = Demo {
-        agent,
-        fake,
-        issuer,
-        net_a,
-        node,
-        pod_a,
-        pod_b,
-        cg_a,
-        cg_b,
-        tree,
-        dir,
-    };
+    let demo = Demo { agent, cluster };
     check(interrupted)?;
     demo.scenario(interrupted)?;
     if keep {
@@ -196,20 +153,9 @@ impl Demo {
             "The webhook's environment",
             "Each pod gets what the EKS mutating webhook injects, and its projected token.",
         );
-        let token_a = self.issuer.mint(
-            &TokenSpec::new("default", "app-a")
-                .pod("pod-a", &self.pod_a.uid)
-                .node(NODE),
-        )?;
+        let token_a = self.own_token(Who::A)?;
         let env_a = self.write_pod_env("pod-a", &token_a)?;
-        let env_b = self.write_pod_env(
-            "pod-b",
-            &self.issuer.mint(
-                &TokenSpec::new("default", "app-b")
-                    .pod("pod-b", &self.pod_b.uid)
-                    .node(NODE),
-            )?,
-        )?;
+        let env_b = self.write_pod_env("pod-b", &self.own_token(Who::B)?)?;
         for line in std::fs::read_to_string(&env_a)?.lines() {
             println!("   pod A: {line}");
         }
@@ -287,7 +233,7 @@ impl Demo {
             "The audit trail",
             "One event per request, naming the pod from the kernel's point of view (never the token).",
         );
-        let trail = std::fs::read_to_string(self.dir.path().join("audit.jsonl"))?;
+        let trail = std::fs::read_to_string(self.audit_log())?;
         let events: Vec<Value> = trail
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -414,10 +360,7 @@ impl Demo {
             "   Readiness: nsenter --net=/run/netns/{} curl -s localhost:2703/readyz",
             self.node.netns.name()
         );
-        println!(
-            "   Audit log: {}",
-            self.dir.path().join("audit.jsonl").display()
-        );
+        println!("   Audit log: {}", self.audit_log().display());
         println!(
             "   Agent:     pid {} ({agent}); its namespace {}",
             self.agent.pid(),

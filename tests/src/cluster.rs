@@ -1,0 +1,129 @@
+//! A small cluster on one machine: a node namespace owned by the agent's
+//! `init`, pod A (systemd cgroup driver, own network namespace over a veth)
+//! and pod B (cgroupfs driver, hostNetwork) in a private cgroup subtree, a
+//! fake EKS Auth with `default/app-a → role-a` and `default/app-b → role-b`,
+//! and the test issuer. The agent itself is started by the user, with
+//! [`Cluster::agent_args`].
+//!
+//! Fields are declared in drop order: upstream, pod network, node, cgroups.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::{
+    agent_proc::init_node,
+    cgroups::{CgroupTree, Driver, PodSpec},
+    fake_eks_auth::FakeEksAuth,
+    netns::Netns,
+    tempdir::TempDir,
+    tokens::{Issuer, TokenSpec},
+    topology::{Node, PodNet},
+};
+
+/// One of the two pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Who {
+    A,
+    B,
+}
+
+pub struct Cluster {
+    pub fake: FakeEksAuth,
+    pub issuer: Issuer,
+    pub net_a: PodNet,
+    pub node: Node,
+    pub pod_a: PodSpec,
+    pub pod_b: PodSpec,
+    pub cg_a: PathBuf,
+    pub cg_b: PathBuf,
+    pub tree: CgroupTree,
+    pub dir: TempDir,
+    pub node_name: String,
+}
+
+impl Cluster {
+    pub fn new(node_name: &str) -> Result<Cluster> {
+        let tree = CgroupTree::new()?;
+        let pod_a = PodSpec::new(Driver::Systemd);
+        let pod_b = PodSpec::new(Driver::Cgroupfs);
+        let cg_a = tree.pod(&pod_a)?;
+        let cg_b = tree.pod(&pod_b)?;
+        let node = Node::bare()?;
+        init_node(&node.netns)?;
+        let net_a = PodNet::attach(&node)?;
+        let issuer = Issuer::generate()?;
+        let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;
+        fake.associate("default", "app-a", "role-a");
+        fake.associate("default", "app-b", "role-b");
+        Ok(Cluster {
+            fake,
+            issuer,
+            net_a,
+            node,
+            pod_a,
+            pod_b,
+            cg_a,
+            cg_b,
+            tree,
+            dir: TempDir::new("epia-cluster-")?,
+            node_name: node_name.to_owned(),
+        })
+    }
+
+    /// `server` arguments for this cluster: its EKS Auth, attribution `mode`
+    /// attached to the cluster's cgroup subtree, its node name, an audit log
+    /// in [`Cluster::audit_log`]; then `extra`.
+    pub fn agent_args(&self, mode: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = crate::wait::args(&[
+            "-c",
+            "test-cluster",
+            "--endpoint",
+            &self.fake.endpoint(),
+            "--attribution",
+            mode,
+            "--cgroup-root",
+            &self.tree.root().to_string_lossy(),
+            "--node-name",
+            &self.node_name,
+            "--audit-log",
+            &self.audit_log().to_string_lossy(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// A pod's process placement: its cgroup and network namespace.
+    pub fn placement(&self, who: Who) -> (&Path, &Netns) {
+        match who {
+            Who::A => (&self.cg_a, &self.net_a.netns),
+            Who::B => (&self.cg_b, &self.node.netns),
+        }
+    }
+
+    pub fn pod(&self, who: Who) -> &PodSpec {
+        match who {
+            Who::A => &self.pod_a,
+            Who::B => &self.pod_b,
+        }
+    }
+
+    /// What `who`'s own projected token says (service account app-a/app-b).
+    pub fn own_spec(&self, who: Who) -> TokenSpec {
+        let (sa, name) = match who {
+            Who::A => ("app-a", "pod-a"),
+            Who::B => ("app-b", "pod-b"),
+        };
+        TokenSpec::new("default", sa)
+            .pod(name, &self.pod(who).uid)
+            .node(&self.node_name)
+    }
+
+    pub fn own_token(&self, who: Who) -> Result<String> {
+        self.issuer.mint(&self.own_spec(who))
+    }
+}
