@@ -73,6 +73,7 @@ struct State {
     calls: AtomicUsize,
     issued: AtomicUsize,
     issued_for: Mutex<HashMap<(String, String), usize>>,
+    last_node_name: Mutex<Option<String>>,
 }
 
 pub struct FakeEksAuth {
@@ -93,6 +94,7 @@ impl FakeEksAuth {
             calls: AtomicUsize::new(0),
             issued: AtomicUsize::new(0),
             issued_for: Mutex::new(HashMap::new()),
+            last_node_name: Mutex::new(None),
         });
         let ns_file = netns.map(Netns::open).transpose()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -169,6 +171,15 @@ impl FakeEksAuth {
     /// Credentials handed out.
     pub fn issued(&self) -> usize {
         self.state.issued.load(Ordering::SeqCst)
+    }
+
+    /// `eksNodeName` of the last request (None if it had none).
+    pub fn last_node_name(&self) -> Option<String> {
+        self.state
+            .last_node_name
+            .lock()
+            .ok()
+            .and_then(|n| n.clone())
     }
 
     /// Credentials handed out for one (namespace, service account).
@@ -278,9 +289,17 @@ async fn assume_role(
         Ok(b) => b.to_bytes(),
         Err(_) => return error(400, "InvalidRequest", "unreadable body", request_id),
     };
-    let token = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_owned));
+    let request = serde_json::from_slice::<Value>(&body).unwrap_or_default();
+    if let Ok(mut node) = state.last_node_name.lock() {
+        *node = request
+            .get("eksNodeName")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    let token = request
+        .get("token")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let Some(token) = token else {
         return error(400, "InvalidParameter", "token is required", request_id);
     };

@@ -186,6 +186,11 @@ fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail(
             );
         }
     }
+    assert_eq!(
+        env.fake.last_node_name().as_deref(),
+        Some(NODE),
+        "eksNodeName not sent"
+    );
     // Never a token or a secret in the audit trail.
     let trail = std::fs::read_to_string(env.audit_log())?;
     assert!(

@@ -3,21 +3,12 @@
 
 use anyhow::Result;
 
-use crate::cmd::{cargo, require_root, run, workspace_root};
+use crate::cmd::{require_root, run, workspace_root};
 
 pub fn bench() -> Result<()> {
     crate::setup::setup()?;
     require_root("the benchmark")?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "eks-pod-identity-agent",
-        "-p",
-        "integration-tests",
-        "--bins",
-    ]))?;
+    crate::demo::build_binaries(true)?;
     run(&mut std::process::Command::new(
         workspace_root()?.join("target/release/bench"),
     ))

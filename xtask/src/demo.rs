@@ -8,7 +8,7 @@ use crate::cmd::{cargo, require_root, run, workspace_root};
 pub fn demo(keep: bool) -> Result<()> {
     crate::setup::setup()?;
     require_root("the demo")?;
-    build_binaries()?;
+    build_binaries(false)?;
     let demo = workspace_root()?.join("target/debug/demo");
     let mut cmd = std::process::Command::new(demo);
     if keep {
@@ -17,10 +17,11 @@ pub fn demo(keep: bool) -> Result<()> {
     run(&mut cmd)
 }
 
-/// The agent, the demo driver and the pod client, as the demo and the
-/// integration tests run them.
-pub fn build_binaries() -> Result<()> {
-    run(cargo().args([
+/// The agent and the harness's binaries (demo, bench, pod client), as the
+/// demo, the bench and the integration tests run them.
+pub fn build_binaries(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
         "build",
         "--locked",
         "-p",
@@ -28,5 +29,9 @@ pub fn build_binaries() -> Result<()> {
         "-p",
         "integration-tests",
         "--bins",
-    ]))
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
 }

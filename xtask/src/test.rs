@@ -48,7 +48,7 @@ pub fn test(extra: &[String]) -> Result<()> {
         "user",
     ]))?;
     step("binaries (the integration tests and the demo run them)");
-    crate::demo::build_binaries()?;
+    crate::demo::build_binaries(false)?;
     step("workspace tests (default members)");
     tally.run(cargo().args(["test", "--locked"]).args(extra))?;
     if is_root() {
