@@ -195,6 +195,10 @@ fn run() -> Result<()> {
                 "caller resolution inside the agent (map lookup + cgroup → pod): mean {:.2} µs over {count} requests",
                 sum / count * 1e6
             );
+            println!(
+                "agent resident memory after {count} requests: {:.1} MiB (sizes the manifest's requests/limits)",
+                value("process_resident_memory_bytes ") / 1_048_576.0
+            );
         }
         drop(agent);
     }
