@@ -113,15 +113,12 @@ fn remember_owner(ctx: &SockAddrContext) {
         },
         ..SocketOwner::default()
     };
-    // SAFETY: the storage pointer is checked for null before use; the map
-    // definition is the static above.
-    unsafe {
-        let slot = SOCKET_OWNERS.get_or_insert_ptr_mut(ctx, None);
-        if !slot.is_null() {
-            // Overwrite: a socket that retries connect() (after a failure)
-            // must carry the owner of the latest attempt.
-            *slot = owner;
-        }
+    // SAFETY: the map definition is the static above; the pointer is
+    // checked for null by `as_mut`.
+    if let Some(slot) = unsafe { SOCKET_OWNERS.get_or_insert_ptr_mut(ctx, None).as_mut() } {
+        // Overwrite: a socket that retries connect() (after a failure) must
+        // carry the owner of the latest attempt.
+        *slot = owner;
     }
 }
 
@@ -176,35 +173,31 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn endpoints(ctx: &SockOpsContext) -> Option<(RawAddr, RawAddr)> {
     let family = ops_field!(ctx, family);
-    if family == AF_INET {
-        return Some((
-            mapped_v4(ops_field!(ctx, remote_ip4)),
-            mapped_v4(ops_field!(ctx, local_ip4)),
-        ));
-    }
-    if family != AF_INET6 {
+    if family == AF_INET6 {
+        let remote = ops_field!(ctx, remote_ip6);
+        if !is_v4_mapped(&remote) {
+            return Some((remote, ops_field!(ctx, local_ip6)));
+        }
+    } else if family != AF_INET {
         return None;
     }
-    let remote = ops_field!(ctx, remote_ip6);
-    if is_v4_mapped(&remote) {
-        return Some((
-            mapped_v4(ops_field!(ctx, remote_ip4)),
-            mapped_v4(ops_field!(ctx, local_ip4)),
-        ));
+    Some((
+        mapped_v4(ops_field!(ctx, remote_ip4)),
+        mapped_v4(ops_field!(ctx, local_ip4)),
+    ))
+}
+
+/// This socket's storage, if `connect4|6` attributed it. Lookup only, never
+/// create: a socket without storage is not ours.
+#[inline(always)]
+fn socket_owner<'a>(ctx: &SockOpsContext) -> Option<&'a mut SocketOwner> {
+    // SAFETY: reading the ctx's `sk` field (may be null, checked here).
+    let sk: *mut bpf_sock = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
     }
-    Some((remote, ops_field!(ctx, local_ip6)))
-}
-
-#[inline(always)]
-fn sock_of(ctx: &SockOpsContext) -> *mut bpf_sock {
-    // SAFETY: reading the ctx's `sk` field; may be null, checked by callers.
-    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
-}
-
-#[inline(always)]
-fn socket_owner(sk: *mut bpf_sock) -> *mut SocketOwner {
-    // SAFETY: sk is non-null (checked by the caller); flags 0 = lookup only,
-    // never create: a socket without storage is not ours.
+    // SAFETY: sk is a non-null socket from the ctx; flags 0 = lookup only.
+    // The storage lives as long as the socket, beyond this program run.
     unsafe {
         bpf_sk_storage_get(
             core::ptr::from_ref(&SOCKET_OWNERS).cast_mut().cast(),
@@ -212,7 +205,8 @@ fn socket_owner(sk: *mut bpf_sock) -> *mut SocketOwner {
             core::ptr::null_mut(),
             0,
         )
-        .cast()
+        .cast::<SocketOwner>()
+        .as_mut()
     }
 }
 
@@ -229,28 +223,18 @@ fn on_connect(ctx: &SockOpsContext) {
     if !served_v6(&remote) {
         return;
     }
-    let sk = sock_of(ctx);
-    if sk.is_null() {
+    let Some(state) = socket_owner(ctx) else {
         return;
-    }
-    let state = socket_owner(sk);
-    if state.is_null() {
-        return;
-    }
+    };
     let key = ConnKey {
         peer_addr: local,
         local_addr: remote,
         peer_port: ops_field!(ctx, local_port) as u16,
         local_port: remote_port,
     };
-    // SAFETY: non-null storage of this socket.
-    let owner = unsafe { (*state).owner };
-    if CONNECTIONS.insert(&key, &owner, 0).is_ok() {
-        // SAFETY: as above.
-        unsafe {
-            (*state).key = key;
-            (*state).published = 1;
-        }
+    if CONNECTIONS.insert(&key, &state.owner, 0).is_ok() {
+        state.key = key;
+        state.published = 1;
         let _ = ctx.set_cb_flags(
             (ops_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
         );
@@ -263,20 +247,11 @@ fn on_state_change(ctx: &SockOpsContext) {
     if ops_field!(ctx, __bindgen_anon_1.args[1]) != BPF_TCP_CLOSE {
         return;
     }
-    let sk = sock_of(ctx);
-    if sk.is_null() {
-        return;
-    }
-    let state = socket_owner(sk);
-    if state.is_null() {
-        return;
-    }
-    // SAFETY: non-null storage of this socket.
-    unsafe {
-        if (*state).published != 0 {
-            let _ = CONNECTIONS.remove(&(*state).key);
-            (*state).published = 0;
-        }
+    if let Some(state) = socket_owner(ctx)
+        && state.published != 0
+    {
+        let _ = CONNECTIONS.remove(&state.key);
+        state.published = 0;
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use agent_ebpf::{CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner};
@@ -133,26 +133,26 @@ impl Attribution {
             path: options.cgroup.clone(),
             source,
         })?;
-        for name in [CONNECT4, CONNECT6] {
-            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| AttributionError::Program { name, source })?;
-            // Single: AllowMultiple is EINVAL here, and links coexist anyway.
-            program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| attach_error(name, &options.cgroup, source))?;
+        // Single: AllowMultiple is EINVAL here, and links coexist anyway.
+        macro_rules! load_and_attach {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let program: &mut $ty = program(&mut ebpf, name)?;
+                program
+                    .load()
+                    .map_err(|source| AttributionError::Program { name, source })?;
+                program
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| AttributionError::Attach {
+                        name,
+                        path: options.cgroup.clone(),
+                        source,
+                    })?;
+            }};
         }
-        let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS)?;
-        sock_ops
-            .load()
-            .map_err(|source| AttributionError::Program {
-                name: SOCK_OPS,
-                source,
-            })?;
-        sock_ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| attach_error(SOCK_OPS, &options.cgroup, source))?;
+        load_and_attach!(CgroupSockAddr, CONNECT4);
+        load_and_attach!(CgroupSockAddr, CONNECT6);
+        load_and_attach!(SockOps, SOCK_OPS);
 
         let map = ebpf
             .take_map(CONNECTIONS_MAP)
@@ -196,14 +196,6 @@ where
     program
         .try_into()
         .map_err(|source| AttributionError::Program { name, source })
-}
-
-fn attach_error(name: &'static str, path: &Path, source: ProgramError) -> AttributionError {
-    AttributionError::Attach {
-        name,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK.

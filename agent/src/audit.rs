@@ -39,16 +39,20 @@ pub struct AuditEvent {
 }
 
 pub struct Auditor {
+    cluster_name: String,
     file: Option<Mutex<File>>,
 }
 
 impl Auditor {
-    pub fn new(path: Option<&Path>) -> std::io::Result<Auditor> {
+    pub fn new(cluster_name: &str, path: Option<&Path>) -> std::io::Result<Auditor> {
         let file = path
             .map(|p| OpenOptions::new().create(true).append(true).open(p))
             .transpose()?
             .map(Mutex::new);
-        Ok(Auditor { file })
+        Ok(Auditor {
+            cluster_name: cluster_name.to_owned(),
+            file,
+        })
     }
 
     pub fn emit(&self, event: &AuditEvent) {
@@ -59,10 +63,21 @@ impl Auditor {
                 return;
             }
         };
-        info!(target: "audit", event = %json, decision = event.decision, reason = event.reason, "credential request");
+        // The request's one log line, with the reference agent's fields.
+        info!(
+            target: "audit",
+            client_addr = event.peer,
+            cluster_name = self.cluster_name,
+            association_id = event.association_id,
+            decision = event.decision,
+            reason = event.reason,
+            event = %json,
+            "credential request"
+        );
         if let Some(file) = &self.file
             && let Ok(mut f) = file.lock()
-            && let Err(e) = writeln!(f, "{json}")
+            // One write per event: lines from concurrent requests never interleave.
+            && let Err(e) = f.write_all(format!("{json}\n").as_bytes())
         {
             warn!(error = %e, "writing the audit log failed");
         }

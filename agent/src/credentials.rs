@@ -49,6 +49,16 @@ pub enum CacheKey {
     },
 }
 
+impl Source {
+    /// `hit` / `miss`, as metrics, logs and audit events say it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Cache => "hit",
+            Source::Upstream => "miss",
+        }
+    }
+}
+
 impl CacheKey {
     pub fn of_token(token: &str) -> CacheKey {
         CacheKey::TokenHash(Sha256::digest(token.as_bytes()).into())
@@ -117,14 +127,16 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilUnservable {
         Some(entry.unservable_at.saturating_duration_since(now))
     }
 
+    /// A refresh replaces the entry: its new deadline applies (moka's
+    /// default would keep the old one).
     fn expire_after_update(
         &self,
-        _key: &CacheKey,
+        key: &CacheKey,
         entry: &Arc<Entry>,
         now: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.unservable_at.saturating_duration_since(now))
+        self.expire_after_create(key, entry, now)
     }
 }
 
@@ -176,12 +188,12 @@ impl Credentials {
     /// Credentials for `key`, presenting `token` if EKS Auth must be asked.
     pub async fn get(
         &self,
-        key: CacheKey,
+        key: &CacheKey,
         token: &str,
     ) -> Result<(Arc<Assumed>, Source), UpstreamError> {
         let inner = &self.inner;
         if let Some(cache) = &inner.cache
-            && let Some(entry) = cache.get(&key).await
+            && let Some(entry) = cache.get(key).await
             && entry.servable(Instant::now())
         {
             if let Ok(mut newest) = entry.token.lock()
@@ -194,7 +206,7 @@ impl Credentials {
             return Ok((entry.assumed.clone(), Source::Cache));
         }
         inner.metrics.cache(CacheState::Miss);
-        let assumed = self.fetch(key, token.to_owned()).await?;
+        let assumed = self.fetch(key.clone(), token.to_owned()).await?;
         Ok((assumed, Source::Upstream))
     }
 
@@ -286,22 +298,21 @@ impl Credentials {
         }
     }
 
-    /// Drops every entry `keep` rejects (e.g. of pods that are gone).
-    pub async fn retain(&self, keep: impl Fn(&CacheKey) -> bool) -> usize {
+    /// Drops the entries of `keys` (e.g. of pods that are gone); returns how
+    /// many were cached.
+    pub async fn evict(&self, keys: &[CacheKey]) -> usize {
         let Some(cache) = &self.inner.cache else {
             return 0;
         };
-        let doomed: Vec<CacheKey> = cache
-            .iter()
-            .filter(|(key, _)| !keep(key))
-            .map(|(key, _)| (*key).clone())
-            .collect();
-        for key in &doomed {
-            cache.invalidate(key).await;
-            self.inner.metrics.cache(CacheState::Evicted);
+        let mut evicted = 0;
+        for key in keys {
+            if cache.remove(key).await.is_some() {
+                self.inner.metrics.cache(CacheState::Evicted);
+                evicted += 1;
+            }
         }
         self.inner.metrics.set_cache_entries(cache.entry_count());
-        doomed.len()
+        evicted
     }
 }
 
@@ -379,14 +390,14 @@ mod tests {
             .map(|_| {
                 let creds = creds.clone();
                 let key = key.clone();
-                tokio::spawn(async move { creds.get(key, "t").await })
+                tokio::spawn(async move { creds.get(&key, "t").await })
             })
             .collect();
         for w in waiters {
             w.await.unwrap().unwrap();
         }
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
-        let (_, source) = creds.get(key, "t").await.unwrap();
+        let (_, source) = creds.get(&key, "t").await.unwrap();
         assert_eq!(source, Source::Cache);
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
     }
@@ -398,11 +409,11 @@ mod tests {
         let key = CacheKey::of_token("t");
         let first = tokio::spawn({
             let (creds, key) = (creds.clone(), key.clone());
-            async move { creds.get(key, "t").await }
+            async move { creds.get(&key, "t").await }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         first.abort();
-        let (_, source) = creds.get(key, "t").await.unwrap();
+        let (_, source) = creds.get(&key, "t").await.unwrap();
         assert_eq!(source, Source::Upstream);
         assert_eq!(
             upstream.calls.load(Ordering::SeqCst),
@@ -416,8 +427,8 @@ mod tests {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(10));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
         let key = CacheKey::of_token("t");
-        creds.get(key.clone(), "t").await.unwrap();
-        let (_, source) = creds.get(key, "t").await.unwrap();
+        creds.get(&key, "t").await.unwrap();
+        let (_, source) = creds.get(&key, "t").await.unwrap();
         assert_eq!(
             source,
             Source::Upstream,
@@ -431,7 +442,7 @@ mod tests {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::ZERO);
         for _ in 0..3 {
-            let (_, source) = creds.get(CacheKey::of_token("t"), "t").await.unwrap();
+            let (_, source) = creds.get(&CacheKey::of_token("t"), "t").await.unwrap();
             assert_eq!(source, Source::Upstream);
         }
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 3);
@@ -442,7 +453,7 @@ mod tests {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
         let key = CacheKey::of_token("t");
-        creds.get(key.clone(), "t").await.unwrap();
+        creds.get(&key, "t").await.unwrap();
         let cases = [
             (UpstreamError::Unavailable("timeout".into()), true),
             (

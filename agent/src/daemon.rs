@@ -1,7 +1,7 @@
 //! `server`: wires the modules together and runs until SIGTERM/SIGINT.
 //! The application's edge, so errors here are anyhow with context.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -73,9 +73,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             max_service_qps: args.max_service_qps,
         },
     );
-    let registry = Arc::new(PodRegistry::default());
-    let (verification, attribution_detail) = verification(&args, &metrics, &registry)?;
-    let auditor = Auditor::new(args.audit_log.as_deref())
+    let (verification, attribution_detail) = verification(&args, &metrics)?;
+    let auditor = Auditor::new(&args.cluster_name, args.audit_log.as_deref())
         .with_context(|| format!("opening the audit log {:?}", args.audit_log))?;
     let state = Arc::new(AppState {
         cluster_name: args.cluster_name.clone(),
@@ -87,11 +86,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     });
 
     let limits = HttpLimits {
-        max_connections: args.max_connections,
         header_read_timeout: args.header_read_timeout,
         max_header_bytes: args.max_header_bytes,
     };
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let permits = Arc::new(Semaphore::new(args.max_connections));
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -116,14 +114,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         unbound,
         details: vec![attribution_detail],
     });
-    let side_limits = HttpLimits {
-        max_connections: 64,
-        ..limits.clone()
-    };
+    // Probes and metrics: few clients; their own small caps.
+    const SIDE_CONNECTIONS: usize = 64;
     tasks.spawn(server::serve(
         probe_listener,
-        side_limits.clone(),
-        Arc::new(Semaphore::new(side_limits.max_connections)),
+        limits.clone(),
+        Arc::new(Semaphore::new(SIDE_CONNECTIONS)),
         graceful.clone(),
         stop_rx.clone(),
         move |_conn, req| probes::handle_probe(probe_state.clone(), req),
@@ -134,36 +130,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let exported = metrics.clone();
     tasks.spawn(server::serve(
         metrics_listener,
-        side_limits.clone(),
-        Arc::new(Semaphore::new(side_limits.max_connections)),
+        limits.clone(),
+        Arc::new(Semaphore::new(SIDE_CONNECTIONS)),
         graceful.clone(),
         stop_rx.clone(),
         move |_conn, req| probes::handle_metrics(exported.clone(), req),
     ));
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
-    let gc = tokio::spawn(registry.clone().gc_loop(credentials, args.pod_gc_interval));
-    let limiter_state = state.clone();
-    let limiter_gc = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(args.pod_gc_interval);
-        loop {
-            tick.tick().await;
-            if let Some(limiter) = limiter_state
-                .verification
-                .as_ref()
-                .and_then(|v| v.limiter.as_ref())
-            {
-                limiter.forget_idle();
-            }
-        }
-    });
+    let housekeeping = tokio::spawn(pod_housekeeping(state.clone(), args.pod_gc_interval));
     info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
 
     wait_for_signal().await?;
     info!(grace = ?args.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
     refresher.abort();
-    gc.abort();
-    limiter_gc.abort();
+    housekeeping.abort();
     while tasks.join_next().await.is_some() {}
     let graceful = Arc::try_unwrap(graceful)
         .map_err(|_| anyhow::anyhow!("listeners still hold the shutdown handle"))?;
@@ -179,7 +160,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 fn verification(
     args: &ServerArgs,
     metrics: &Arc<Metrics>,
-    registry: &Arc<PodRegistry>,
 ) -> anyhow::Result<(Option<Verification>, String)> {
     if args.attribution == AttributionMode::Off {
         metrics.set_attribution_mode("off");
@@ -214,7 +194,7 @@ fn verification(
             identifier: Identifier::new(lookup, resolver, metrics.clone()),
             node_name: args.node_name.clone(),
             limiter: PodRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
-            registry: registry.clone(),
+            registry: PodRegistry::default(),
         }),
         format!("attribution: {mode} (attached at {})", root.display()),
     ))
@@ -244,6 +224,29 @@ fn attach(args: &ServerArgs) -> anyhow::Result<(Attribution, CgroupResolver, std
         port: args.port,
     })?;
     Ok((attribution, resolver, root))
+}
+
+/// Every `every`: evicts cached credentials of pods that are gone (never
+/// refreshed again) and forgets idle pods' rate-limit buckets.
+async fn pod_housekeeping(state: Arc<AppState>, every: Duration) {
+    let Some(verification) = &state.verification else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (gone, evicted) = verification.registry.evict_dead(&state.credentials).await;
+        if gone > 0 {
+            info!(
+                identities = gone,
+                evicted, "evicted credentials of pods that no longer exist"
+            );
+        }
+        if let Some(limiter) = &verification.limiter {
+            limiter.forget_idle();
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

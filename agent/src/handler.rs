@@ -12,7 +12,7 @@
 //! 9. Answer the SDK's JSON; one audit event per request.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -25,10 +25,11 @@ use hyper::{
     header::{self, HeaderValue},
 };
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{
     audit::{AuditEvent, Auditor},
+    cgroup::PodCgroup,
     credentials::{CacheKey, Credentials, Source},
     hygiene::PodRegistry,
     identify::{Identified, Identifier},
@@ -61,7 +62,8 @@ pub struct Verification {
     pub identifier: Identifier,
     pub node_name: Option<String>,
     pub limiter: Option<PodRateLimiter>,
-    pub registry: Arc<PodRegistry>,
+    /// Which pod each identity cached for an attributed caller belongs to.
+    pub registry: PodRegistry,
 }
 
 impl AppState {
@@ -125,19 +127,13 @@ async fn credentials(
     req: &Request<Incoming>,
     event: &mut AuditEvent,
 ) -> HttpResponse {
-    let client = conn.peer.to_string();
+    let client = conn.peer;
     // 1. Host.
     let host = host_of(req);
-    if !state
-        .served_hosts
-        .iter()
-        .any(|h| Some(*h) == host.parse::<IpAddr>().ok())
-    {
+    let called = host.parse::<IpAddr>().ok();
+    if !called.is_some_and(|ip| state.served_hosts.contains(&ip)) {
         let served: Vec<String> = state.served_hosts.iter().map(IpAddr::to_string).collect();
-        warn!(
-            client_addr = client,
-            host, "called through an address that is not served"
-        );
+        warn!(client_addr = %client, host, "called through an address that is not served");
         event.reason = "invalid-host".into();
         return text(
             403,
@@ -155,27 +151,24 @@ async fn credentials(
         .unwrap_or_default()
         .trim();
     if token.is_empty() {
-        warn!(
-            client_addr = client,
-            "request without a service account token"
-        );
+        warn!(client_addr = %client, "request without a service account token");
         event.reason = "no-token".into();
         return text(400, "Service account token cannot be empty");
     }
     // 3. Claims.
     let claims = match token::parse(token) {
         Ok(claims) => claims,
-        Err(e) => return reject_token(&client, e, event),
+        Err(e) => return reject_token(client, e, event),
     };
     event.namespace = claims.namespace().map(str::to_owned);
     event.service_account = claims.service_account().map(str::to_owned);
     event.pod_name = claims.pod_name().map(str::to_owned);
     if let Err(e) = token::validate_times(&claims, SystemTime::now()) {
-        return reject_token(&client, e, event);
+        return reject_token(client, e, event);
     }
     // 4. Who is calling (kernel), 5. rate limit, 6. checks before EKS Auth.
     let mut audit_only: Option<Violation> = None;
-    let mut key = CacheKey::of_token(token);
+    let mut verified_pod: Option<PodCgroup> = None;
     if let Some(verification) = &state.verification {
         let identified = verification.identifier.identify(conn.peer, conn.local);
         fill_caller(event, &identified);
@@ -185,11 +178,7 @@ async fn credentials(
         {
             event.reason = "rate-limited".into();
             state.metrics.decision("deny", "rate-limited");
-            warn!(
-                client_addr = client,
-                pod_uid = pod.pod_uid,
-                "pod exceeded its credential request rate"
-            );
+            warn!(client_addr = %client, pod_uid = pod.pod_uid, "pod exceeded its credential request rate");
             return text(
                 429,
                 format!(
@@ -204,68 +193,66 @@ async fn credentials(
             verification.node_name.as_deref(),
         ) {
             Ok(()) => {
-                if let Caller::Pod(pod) = &identified.caller {
-                    if verification.enforce {
-                        // Kernel-verified pod + its service account: the
-                        // kubelet's rotated tokens share the entry.
-                        key = CacheKey::Pod {
-                            uid: pod.pod_uid.clone(),
-                            namespace: claims.namespace().unwrap_or_default().to_owned(),
-                            service_account: claims
-                                .service_account()
-                                .unwrap_or_default()
-                                .to_owned(),
-                        };
-                    }
-                    let dir = verification
-                        .identifier
-                        .resolver()
-                        .mount()
-                        .join(&pod.pod_path);
-                    verification.registry.record(&key, dir);
+                if let Caller::Pod(pod) = identified.caller {
+                    verified_pod = Some(pod);
                 }
             }
-            Err(violation) => {
-                if verification.enforce {
-                    return refuse(state, &client, violation, event);
-                }
-                audit_only = Some(violation);
+            Err(violation) if verification.enforce => {
+                return refuse(state, client, violation, event);
             }
+            Err(violation) => audit_only = Some(violation),
         }
     }
-    // 7. Credentials.
-    let (assumed, source) = match state.credentials.get(key, token).await {
+    // 7. Credentials. In enforce mode keyed by the kernel-verified pod and
+    // its service account, so the kubelet's rotated tokens share the entry.
+    let key = match (&state.verification, &verified_pod) {
+        (Some(verification), Some(pod)) if verification.enforce => CacheKey::Pod {
+            uid: pod.pod_uid.clone(),
+            namespace: claims.namespace().unwrap_or_default().to_owned(),
+            service_account: claims.service_account().unwrap_or_default().to_owned(),
+        },
+        _ => CacheKey::of_token(token),
+    };
+    let (assumed, source) = match state.credentials.get(&key, token).await {
         Ok(found) => found,
         Err(e) => {
-            warn!(client_addr = client, cluster_name = state.cluster_name, error = %e, "EKS Auth call failed");
+            warn!(client_addr = %client, cluster_name = state.cluster_name, error = %e, "EKS Auth call failed");
             event.reason = format!("upstream:{}", e.code());
             return text(e.status(), e.to_string());
         }
     };
+    if let (Some(verification), Some(pod), Source::Upstream) =
+        (&state.verification, &verified_pod, source)
+    {
+        // A newly cached identity: remember its pod, so the entry goes
+        // when the pod does.
+        let dir = verification
+            .identifier
+            .resolver()
+            .mount()
+            .join(&pod.pod_path);
+        verification.registry.record(key, dir);
+    }
     event.association_id = Some(assumed.association_id.clone());
     event.role_arn = Some(assumed.role_arn.clone());
-    event.cache = Some(if source == Source::Cache {
-        "hit"
-    } else {
-        "miss"
-    });
+    event.cache = Some(source.label());
     // 8. EKS Auth's subject must be the token's.
     if let Some(verification) = &state.verification
         && audit_only.is_none()
         && let Err(violation) = policy::after_upstream(&claims, &assumed)
     {
         if verification.enforce {
-            return refuse(state, &client, violation, event);
+            return refuse(state, client, violation, event);
         }
         audit_only = Some(violation);
     }
-    // 9. Answer.
+    // 9. Answer (the audit event, emitted by the caller, is the log line).
     match (&state.verification, audit_only) {
         (Some(_), Some(violation)) => {
             event.decision = "audit-only";
             event.reason = violation.reason().into();
             state.metrics.decision("audit-only", violation.reason());
-            warn!(client_addr = client, check = %violation, "caller check failed; served because attribution is in audit mode");
+            warn!(client_addr = %client, check = %violation, "caller check failed; served because attribution is in audit mode");
         }
         (Some(_), None) => {
             event.reason = "ok".into();
@@ -273,36 +260,25 @@ async fn credentials(
         }
         (None, _) => event.reason = "ok".into(),
     }
-    info!(
-        client_addr = client,
-        cluster_name = state.cluster_name,
-        association_id = assumed.association_id,
-        cache = if source == Source::Cache {
-            "hit"
-        } else {
-            "miss"
-        },
-        "served credentials"
-    );
     json_credentials(&assumed)
 }
 
-fn reject_token(client: &str, e: token::TokenError, event: &mut AuditEvent) -> HttpResponse {
-    warn!(client_addr = client, error = %e, "token rejected before EKS Auth");
+fn reject_token(client: SocketAddr, e: token::TokenError, event: &mut AuditEvent) -> HttpResponse {
+    warn!(client_addr = %client, error = %e, "token rejected before EKS Auth");
     event.reason = "invalid-token".into();
     text(400, e.to_string())
 }
 
 fn refuse(
     state: &AppState,
-    client: &str,
+    client: SocketAddr,
     violation: Violation,
     event: &mut AuditEvent,
 ) -> HttpResponse {
     event.decision = "deny";
     event.reason = violation.reason().into();
     state.metrics.decision("deny", violation.reason());
-    warn!(client_addr = client, check = %violation, "caller check failed; refused");
+    warn!(client_addr = %client, check = %violation, "caller check failed; refused");
     text(403, format!("Access Denied: {violation}"))
 }
 

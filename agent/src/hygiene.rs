@@ -4,9 +4,7 @@
 //! the cgroup disappears, the entries go and are never refreshed again. No
 //! API server needed: the kernel's cgroup tree is the truth.
 
-use std::{collections::HashMap, path::PathBuf, sync::Mutex, time::Duration};
-
-use tracing::info;
+use std::{collections::HashMap, path::PathBuf, sync::Mutex};
 
 use crate::credentials::{CacheKey, Credentials};
 
@@ -17,45 +15,29 @@ pub struct PodRegistry {
 }
 
 impl PodRegistry {
-    pub fn record(&self, key: &CacheKey, pod_cgroup: PathBuf) {
-        if let Ok(mut owners) = self.owners.lock()
-            && owners.get(key) != Some(&pod_cgroup)
-        {
-            owners.insert(key.clone(), pod_cgroup);
+    /// Remembers whose pod a freshly cached identity is.
+    pub fn record(&self, key: CacheKey, pod_cgroup: PathBuf) {
+        if let Ok(mut owners) = self.owners.lock() {
+            owners.insert(key, pod_cgroup);
         }
     }
 
-    /// Keys whose pod cgroup no longer exists (removed from the registry).
-    pub fn take_dead(&self) -> Vec<CacheKey> {
-        let Ok(mut owners) = self.owners.lock() else {
-            return Vec::new();
-        };
-        let dead: Vec<CacheKey> = owners
-            .iter()
-            .filter(|(_, dir)| !dir.exists())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in &dead {
-            owners.remove(key);
+    /// Evicts the cached credentials of every pod whose cgroup is gone (and
+    /// forgets them); returns (identities of gone pods, entries evicted).
+    pub async fn evict_dead(&self, credentials: &Credentials) -> (usize, usize) {
+        let mut dead = Vec::new();
+        if let Ok(mut owners) = self.owners.lock() {
+            owners.retain(|key, dir| {
+                let alive = dir.exists();
+                if !alive {
+                    dead.push(key.clone());
+                }
+                alive
+            });
         }
-        dead
-    }
-
-    /// Every `every`, evicts the entries of pods that are gone.
-    pub async fn gc_loop(self: std::sync::Arc<Self>, credentials: Credentials, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let dead = self.take_dead();
-            if dead.is_empty() {
-                continue;
-            }
-            let evicted = credentials.retain(|key| !dead.contains(key)).await;
-            info!(
-                pods_gone = dead.len(),
-                evicted, "evicted credentials of pods that no longer exist"
-            );
+        if dead.is_empty() {
+            return (0, 0);
         }
+        (dead.len(), credentials.evict(&dead).await)
     }
 }

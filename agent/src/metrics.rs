@@ -8,32 +8,70 @@
 use std::time::{Duration, Instant};
 
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{EncodeLabelSet, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
+    registry::Metric,
     registry::Registry,
 };
 
-type Labels = Vec<(&'static str, String)>;
+// Typed label sets: the request path updates several families per request,
+// and static labels cost no allocation (only error codes are owned).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheErrorLabels {
+    r#type: &'static str,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorCodeLabel {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    result: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
 
 pub struct Metrics {
     registry: Registry,
-    http_response: Family<Labels, Counter>,
-    cache_state: Family<Labels, Counter>,
-    cache_errors: Family<Labels, Counter>,
+    http_response: Family<CodeLabel, Counter>,
+    cache_state: Family<StateLabel, Counter>,
+    cache_errors: Family<CacheErrorLabels, Counter>,
     request_seconds: Histogram,
     upstream_seconds: Histogram,
-    upstream_errors: Family<Labels, Counter>,
+    upstream_errors: Family<ErrorCodeLabel, Counter>,
     cache_entries: Gauge,
     in_flight: Gauge,
-    decisions: Family<Labels, Counter>,
-    attribution_lookups: Family<Labels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    attribution_lookups: Family<ResultLabel, Counter>,
     resolve_seconds: Histogram,
-    attribution_mode: Family<Labels, Gauge>,
+    attribution_mode: Family<ModeLabel, Gauge>,
 }
 
 /// Cache outcome labels of `pod_identity_cache_state`.
@@ -60,111 +98,104 @@ impl Default for Metrics {
     }
 }
 
+/// Registers `metric` and hands back the handle that updates it.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let http_response = Family::<Labels, Counter>::default();
-        registry.register(
-            "pod_identity_http_response",
-            "Credential endpoint responses by HTTP status code",
-            http_response.clone(),
-        );
-        let cache_state = Family::<Labels, Counter>::default();
-        registry.register(
-            "pod_identity_cache_state",
-            "Credential cache lookups and evictions (state=hit|miss|evicted)",
-            cache_state.clone(),
-        );
-        let cache_errors = Family::<Labels, Counter>::default();
-        registry.register(
-            "pod_identity_cache_errors",
-            "Failures while filling or refreshing the credential cache (type, code)",
-            cache_errors.clone(),
-        );
-        let request_seconds = Histogram::new(exponential_buckets(0.000_1, 2.5, 14));
-        registry.register(
-            "pod_identity_request_duration_seconds",
-            "Time to answer a credential request",
-            request_seconds.clone(),
-        );
-        let upstream_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
-        registry.register(
-            "pod_identity_upstream_duration_seconds",
-            "Time of one AssumeRoleForPodIdentity call, retries included",
-            upstream_seconds.clone(),
-        );
-        let upstream_errors = Family::<Labels, Counter>::default();
-        registry.register(
-            "pod_identity_upstream_errors",
-            "AssumeRoleForPodIdentity failures by error code",
-            upstream_errors.clone(),
-        );
-        let cache_entries = Gauge::default();
-        registry.register(
-            "pod_identity_cache_entries",
-            "Identities currently cached",
-            cache_entries.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register(
-            "pod_identity_requests_in_flight",
-            "Credential requests being answered",
-            in_flight.clone(),
-        );
-        let decisions = Family::<Labels, Counter>::default();
-        registry.register(
-            "pod_identity_caller_decisions",
-            "Caller verification outcomes (result=allow|deny|audit-only, reason)",
-            decisions.clone(),
-        );
-        let attribution_lookups = Family::<Labels, Counter>::default();
-        registry.register(
-            "pod_identity_attribution_lookups",
-            "Kernel attribution lookups per accepted request (result=hit|miss|error)",
-            attribution_lookups.clone(),
-        );
-        let resolve_seconds = Histogram::new(exponential_buckets(0.000_002, 2.5, 12));
-        registry.register(
-            "pod_identity_caller_resolve_duration_seconds",
-            "Time from connection to pod identity (map lookup + cgroup resolution)",
-            resolve_seconds.clone(),
-        );
-        let attribution_mode = Family::<Labels, Gauge>::default();
-        registry.register(
-            "pod_identity_attribution_mode",
-            "1 for the caller attribution mode in force (enforce|audit|off)",
-            attribution_mode.clone(),
-        );
-        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        let mut r = Registry::default();
+        r.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        // Fields are evaluated in order: each borrows `r` briefly, the last
+        // one moves it.
         Metrics {
-            registry,
-            http_response,
-            cache_state,
-            cache_errors,
-            request_seconds,
-            upstream_seconds,
-            upstream_errors,
-            cache_entries,
-            in_flight,
-            decisions,
-            attribution_lookups,
-            resolve_seconds,
-            attribution_mode,
+            http_response: registered(
+                &mut r,
+                "pod_identity_http_response",
+                "Credential endpoint responses by HTTP status code",
+                Family::default(),
+            ),
+            cache_state: registered(
+                &mut r,
+                "pod_identity_cache_state",
+                "Credential cache lookups and evictions (state=hit|miss|evicted)",
+                Family::default(),
+            ),
+            cache_errors: registered(
+                &mut r,
+                "pod_identity_cache_errors",
+                "Failures while filling or refreshing the credential cache (type, code)",
+                Family::default(),
+            ),
+            request_seconds: registered(
+                &mut r,
+                "pod_identity_request_duration_seconds",
+                "Time to answer a credential request",
+                Histogram::new(exponential_buckets(0.000_1, 2.5, 14)),
+            ),
+            upstream_seconds: registered(
+                &mut r,
+                "pod_identity_upstream_duration_seconds",
+                "Time of one AssumeRoleForPodIdentity call, retries included",
+                Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            ),
+            upstream_errors: registered(
+                &mut r,
+                "pod_identity_upstream_errors",
+                "AssumeRoleForPodIdentity failures by error code",
+                Family::default(),
+            ),
+            cache_entries: registered(
+                &mut r,
+                "pod_identity_cache_entries",
+                "Identities currently cached",
+                Gauge::default(),
+            ),
+            in_flight: registered(
+                &mut r,
+                "pod_identity_requests_in_flight",
+                "Credential requests being answered",
+                Gauge::default(),
+            ),
+            decisions: registered(
+                &mut r,
+                "pod_identity_caller_decisions",
+                "Caller verification outcomes (result=allow|deny|audit-only, reason)",
+                Family::default(),
+            ),
+            attribution_lookups: registered(
+                &mut r,
+                "pod_identity_attribution_lookups",
+                "Kernel attribution lookups per accepted request (result=hit|miss|error)",
+                Family::default(),
+            ),
+            resolve_seconds: registered(
+                &mut r,
+                "pod_identity_caller_resolve_duration_seconds",
+                "Time from connection to pod identity (map lookup + cgroup resolution)",
+                Histogram::new(exponential_buckets(0.000_002, 2.5, 12)),
+            ),
+            attribution_mode: registered(
+                &mut r,
+                "pod_identity_attribution_mode",
+                "1 for the caller attribution mode in force (enforce|audit|off)",
+                Family::default(),
+            ),
+            registry: r,
         }
     }
 
-    pub fn decision(&self, result: &'static str, reason: &str) {
+    pub fn decision(&self, result: &'static str, reason: &'static str) {
         self.decisions
-            .get_or_create(&vec![
-                ("result", result.to_owned()),
-                ("reason", reason.to_owned()),
-            ])
+            .get_or_create(&DecisionLabels { result, reason })
             .inc();
     }
 
     pub fn attribution_lookup(&self, result: &'static str) {
         self.attribution_lookups
-            .get_or_create(&vec![("result", result.to_owned())])
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 
@@ -175,33 +206,31 @@ impl Metrics {
     pub fn set_attribution_mode(&self, mode: &str) {
         for m in ["enforce", "audit", "off"] {
             self.attribution_mode
-                .get_or_create(&vec![("mode", m.to_owned())])
+                .get_or_create(&ModeLabel { mode: m })
                 .set(i64::from(m == mode));
         }
     }
 
-    /// Registry for other modules' metrics (at startup only).
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-
     pub fn response(&self, code: u16, started: Instant) {
-        self.http_response
-            .get_or_create(&vec![("code", code.to_string())])
-            .inc();
+        self.http_response.get_or_create(&CodeLabel { code }).inc();
         self.request_seconds
             .observe(started.elapsed().as_secs_f64());
     }
 
     pub fn cache(&self, state: CacheState) {
         self.cache_state
-            .get_or_create(&vec![("state", state.label().to_owned())])
+            .get_or_create(&StateLabel {
+                state: state.label(),
+            })
             .inc();
     }
 
     pub fn cache_error(&self, kind: &'static str, code: &str) {
         self.cache_errors
-            .get_or_create(&vec![("type", kind.to_owned()), ("code", code.to_owned())])
+            .get_or_create(&CacheErrorLabels {
+                r#type: kind,
+                code: code.to_owned(),
+            })
             .inc();
     }
 
@@ -209,7 +238,9 @@ impl Metrics {
         self.upstream_seconds.observe(took.as_secs_f64());
         if let Some(code) = error_code {
             self.upstream_errors
-                .get_or_create(&vec![("code", code.to_owned())])
+                .get_or_create(&ErrorCodeLabel {
+                    code: code.to_owned(),
+                })
                 .inc();
         }
     }

@@ -38,7 +38,6 @@ pub struct ConnInfo {
 /// Limits that keep one slow or hostile client from hurting the others.
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
-    pub max_connections: usize,
     /// Headers must arrive within this (slowloris); needs hyper's timer.
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
@@ -72,8 +71,9 @@ pub fn bind_all(hosts: &[IpAddr], port: u16) -> (Vec<TcpListener>, Vec<(SocketAd
 }
 
 /// Accepts on `listener` until `stop` flips, serving each connection with
-/// `handle`. Connections are registered with `graceful` so shutdown can let
-/// their in-flight requests finish.
+/// `handle`; each connection holds one of `permits` (the connection cap,
+/// shared by the listeners given the same semaphore). Connections are
+/// registered with `graceful` so shutdown can let in-flight requests finish.
 pub async fn serve<H, F>(
     listener: TcpListener,
     limits: HttpLimits,

@@ -18,38 +18,27 @@ pub enum TokenError {
     Claims(String),
 }
 
-/// The claims this agent reads (DESIGN §2.4).
+/// The claims this agent reads (DESIGN §2.4); absent ones are `None`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct Claims {
-    #[serde(default)]
     pub sub: Option<String>,
-    #[serde(default)]
     pub exp: Option<i64>,
-    #[serde(default)]
     pub nbf: Option<i64>,
-    #[serde(default)]
-    pub iat: Option<i64>,
     #[serde(rename = "kubernetes.io", default)]
     pub kubernetes: Option<KubernetesClaims>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct KubernetesClaims {
-    #[serde(default)]
     pub namespace: Option<String>,
-    #[serde(default)]
     pub pod: Option<ObjectRef>,
-    #[serde(default)]
     pub serviceaccount: Option<ObjectRef>,
-    #[serde(default)]
     pub node: Option<ObjectRef>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct ObjectRef {
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub uid: Option<String>,
 }
 

@@ -12,7 +12,7 @@ use std::{
 
 use aws_config::{BehaviorVersion, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_eksauth::{
-    Client, error::ProvideErrorMetadata as _, error::SdkError,
+    Client, error::ProvideErrorMetadata as _, error::SdkError, operation::RequestId as _,
     operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityError,
 };
 use aws_smithy_http_client::{Builder as HttpClientBuilder, Connector, proxy::ProxyConfig, tls};
@@ -211,12 +211,7 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
             let inner = service.err();
             let code = inner.code().unwrap_or("UnknownError").to_owned();
             let message = inner.message().unwrap_or_default().to_owned();
-            let request_id = service
-                .raw()
-                .headers()
-                .get("x-amzn-requestid")
-                .unwrap_or_default()
-                .to_owned();
+            let request_id = inner.request_id().unwrap_or_default().to_owned();
             UpstreamError::Service {
                 status,
                 code,

@@ -5,12 +5,12 @@ use std::{
     fs::File,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{agent_bin::agent_binary, http, netns::Netns};
+use crate::{agent_bin::agent_binary, http, netns::Netns, wait::wait_for};
 
 pub struct AgentProcess {
     child: Child,
@@ -82,37 +82,28 @@ impl AgentProcess {
 
     /// Waits (bounded) for the process to exit by itself.
     pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("agent still running after {within:?}:\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut exited = None;
+        let child = &mut self.child;
+        let waited = wait_for("the agent to exit", within, || {
+            exited = child.try_wait()?;
+            Ok(exited.is_some())
+        });
+        waited.with_context(|| format!("agent logs:\n{}", self.logs()))?;
+        exited.context("agent exit status")
     }
 
     fn wait_ready(&mut self, netns: &Netns) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("agent exited before ready ({status}):\n{}", self.logs());
+        let probe = self.probe;
+        let child = &mut self.child;
+        let waited = wait_for("agent readiness", Duration::from_secs(60), || {
+            if let Some(status) = child.try_wait()? {
+                bail!("agent exited before ready ({status})");
             }
-            let probe = self.probe;
-            let ready = netns
+            Ok(netns
                 .run_in(|| http::request(probe, "GET", "/readyz", &[("Host", "localhost")]))
-                .map(|r| r.status == 200)
-                .unwrap_or(false);
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("agent not ready after 60s:\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                .is_ok_and(|r| r.status == 200))
+        });
+        waited.with_context(|| format!("agent logs:\n{}", self.logs()))
     }
 
     pub fn pid(&self) -> u32 {
@@ -133,19 +124,7 @@ impl AgentProcess {
     pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "agent still running {within:?} after SIGTERM:\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit(within)
     }
 }
 

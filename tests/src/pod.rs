@@ -2,8 +2,8 @@
 //! network namespace before exec, as a container's process would be placed.
 //!
 //! cgroup membership is per process, so a pod client must be its own
-//! process; it joins the cgroup first, because after entering another netns
-//! it still sees the host's cgroup2 mount only through inherited fds.
+//! process. It joins its cgroup through an fd opened before fork, so the
+//! network namespace it has entered by then does not matter.
 
 use std::{
     fs::OpenOptions,
@@ -28,17 +28,13 @@ pub fn pod_command(program: &Path, cgroup: &Path, netns: &Netns) -> Result<Comma
         .open(cgroup.join("cgroup.procs"))
         .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?
         .into();
-    let ns: OwnedFd = netns.open()?.into();
-    let mut cmd = Command::new(program);
-    // SAFETY: only async-signal-safe calls (write, setns) on fds opened
-    // before fork; both are O_CLOEXEC and vanish at exec.
+    let mut cmd = netns.command(program)?;
+    // SAFETY: only write(2), async-signal-safe, on an O_CLOEXEC fd opened
+    // before fork. (Runs after the setns; the fd still names the cgroup.)
     unsafe {
         cmd.pre_exec(move || {
             // "0" moves the writing process.
             if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

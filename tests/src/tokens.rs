@@ -43,10 +43,6 @@ impl Issuer {
         DecodingKey::from_rsa_der(&self.public_der)
     }
 
-    pub fn public_der(&self) -> &[u8] {
-        &self.public_der
-    }
-
     /// A signed token for `spec`.
     pub fn mint(&self, spec: &TokenSpec) -> Result<String> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;

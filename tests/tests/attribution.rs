@@ -8,14 +8,14 @@ use std::{
     net::SocketAddr,
     process::{Child, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agent::{
     attribution::{AttachOptions, Attribution},
     cgroup::{CgroupResolver, pod_of_path},
 };
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use harness::{
     cgroups::{CgroupTree, Driver, PodSpec},
     netns::Netns,
@@ -23,6 +23,7 @@ use harness::{
     privilege::privileged_or_skip,
     probe_server::{Observation, ProbeServer},
     topology::{AGENT_V4, AGENT_V6, Node, PodNet},
+    wait::wait_for,
 };
 
 const POD_CLIENT: &str = env!("CARGO_BIN_EXE_pod-client");
@@ -106,17 +107,9 @@ fn next_observation(fx: &Fixture) -> Result<Observation> {
 
 /// Waits (generously) until the kernel tracks no connection any more.
 fn wait_until_no_tracked_connections(fx: &Fixture) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = fx.attribution.tracked_connections();
-        if left == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{left} connection entries left in the kernel map");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the kernel map to empty", Duration::from_secs(60), || {
+        Ok(fx.attribution.tracked_connections() == 0)
+    })
 }
 
 #[test]

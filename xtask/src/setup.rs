@@ -79,8 +79,7 @@ fn ensure_apt() -> Result<()> {
             APT_PACKAGES.join(", ")
         );
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::cmd::is_root() {
         bail!(
             "setup must install {} and needs root",
             APT_PACKAGES.join(", ")
@@ -174,7 +173,7 @@ fn find_libllvm() -> Result<PathBuf> {
     bail!("libLLVM.so.{LLVM_MAJOR}.1 not found: rustc-web should have brought it")
 }
 
-pub fn which(program: &str) -> Option<PathBuf> {
+fn which(program: &str) -> Option<PathBuf> {
     env::split_paths(&env::var_os("PATH")?)
         .map(|d| d.join(program))
         .find(|p| p.is_file())

@@ -82,8 +82,8 @@ impl Tally {
             let line = line?;
             println!("{line}");
             if let Some(rest) = line.strip_prefix("test result: ") {
-                self.passed += count(rest, " passed");
-                self.failed += count(rest, " failed");
+                self.passed += count(rest, "passed");
+                self.failed += count(rest, "failed");
             }
         }
         let status = child.wait()?;
@@ -103,7 +103,7 @@ fn count(summary: &str, label: &str) -> u64 {
             part.trim()
                 .trim_start_matches("ok. ")
                 .trim_start_matches("FAILED. ")
-                .strip_suffix(label.trim_start())
+                .strip_suffix(label)
         })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
