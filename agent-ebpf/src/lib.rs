@@ -17,12 +17,21 @@ pub const MAX_SERVED_ADDRS: usize = 4;
 pub const CONFIG_SYMBOL: &str = "CONFIG";
 /// Map: socket-local storage carrying the connecting caller (freed with the socket).
 pub const SOCKET_OWNERS_MAP: &str = "SOCKET_OWNERS";
-/// Map: connection 4-tuple (as the server sees it) → caller.
+/// Map: connection id (carried in the SYN's stamp) → who opened the connection.
 pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
-/// Capacity of [`CONNECTIONS_MAP`]. Entries are deleted when the client socket
-/// closes; the map is LRU on top of that so even a leak could never make it
-/// refuse new connections.
-pub const CONNECTIONS_CAPACITY: u32 = 16_384;
+/// Capacity of [`CONNECTIONS_MAP`]: live connections to the served
+/// endpoints, node-wide. Entries are inserted only under a fresh random id
+/// (never overwriting) and deleted only by the socket that inserted them,
+/// when it closes. A plain hash, not LRU: eviction would let a flood of one
+/// caller's connections push out another's record. Allocated on demand.
+pub const CONNECTIONS_CAPACITY: u32 = 65_536;
+
+/// TCP option kind for experiments with an ExID (RFC 6994).
+pub const TCP_OPT_EXPERIMENT: u8 = 253;
+/// The 16-bit experiment id that marks the agent's stamp among experiments.
+pub const STAMP_EXID: u16 = 0xe4a5;
+/// Length of the stamp option: kind, length, ExID, id, MAC.
+pub const STAMP_OPTION_LEN: usize = 2 + 2 + 8 + 8;
 
 /// An IPv6 address, or an IPv4 address in its IPv4-mapped IPv6 form, as four
 /// 32-bit words in network byte order (the layout of `bpf_sock_addr.user_ip6`
@@ -47,6 +56,13 @@ pub struct Config {
     pub v6_count: u32,
     /// Served TCP port, host byte order.
     pub port: u32,
+    /// The probe port on the loopback addresses (`127.0.0.1`, `::1`), host
+    /// byte order; 0: not attributed. Attributing it lets the agent give
+    /// each local caller its own connection budget, so no pod can starve
+    /// kubelet's liveness probe.
+    pub probe_port: u32,
+    /// SipHash-2-4 key for the stamp's MAC; random per load.
+    pub mac_key: [u64; 2],
 }
 
 impl Config {
@@ -58,6 +74,8 @@ impl Config {
         v4_count: 0,
         v6_count: 0,
         port: 0,
+        probe_port: 0,
+        mac_key: [0; 2],
     };
 
     /// Builds the config for the served socket addresses. All must share one
@@ -136,16 +154,148 @@ impl ConnKey {
     }
 }
 
+/// What [`CONNECTIONS_MAP`] holds for one connection id: who opened it, and
+/// the 4-tuple it was opened with (the agent serves a stamp only on exactly
+/// that connection).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub owner: ConnOwner,
+    pub key: ConnKey,
+    pub _pad: u32,
+}
+
 /// What the kernel keeps with each client socket it attributed: the owner
-/// from `connect()`, and once the source port is bound, the key under which
-/// the owner was published (so the close callback can delete exactly it).
+/// from `connect()`, and once the source port is bound, the id under which
+/// the record was published and the stamp its SYN carries (so the close
+/// callback deletes exactly its own record, and SYN retransmissions carry
+/// the same stamp).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketOwner {
-    pub owner: ConnOwner,
-    pub key: ConnKey,
-    /// Non-zero once `key` has been published to [`CONNECTIONS_MAP`].
+    pub record: ConnRecord,
+    pub stamp: Stamp,
+    /// Non-zero once the record has been published to [`CONNECTIONS_MAP`].
     pub published: u32,
+    pub _pad: u32,
+}
+
+/// What the SYN of an attributed connection carries: the id of its record
+/// and a MAC over (id, 4-tuple) under the per-load key. Only the kernel
+/// program knows the key, so only it can make a stamp the agent accepts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub id: u64,
+    pub mac: u64,
+}
+
+impl Stamp {
+    /// The TCP option as written into the SYN (multi-byte fields big-endian).
+    pub const fn to_option(self) -> [u8; STAMP_OPTION_LEN] {
+        let exid = STAMP_EXID.to_be_bytes();
+        let id = self.id.to_be_bytes();
+        let mac = self.mac.to_be_bytes();
+        [
+            TCP_OPT_EXPERIMENT,
+            STAMP_OPTION_LEN as u8,
+            exid[0],
+            exid[1],
+            id[0],
+            id[1],
+            id[2],
+            id[3],
+            id[4],
+            id[5],
+            id[6],
+            id[7],
+            mac[0],
+            mac[1],
+            mac[2],
+            mac[3],
+            mac[4],
+            mac[5],
+            mac[6],
+            mac[7],
+        ]
+    }
+
+    /// The stamp in a TCP option (kind and length included), if it is one.
+    pub fn from_option(option: &[u8]) -> Option<Stamp> {
+        if option.len() != STAMP_OPTION_LEN
+            || option[0] != TCP_OPT_EXPERIMENT
+            || option[1] as usize != STAMP_OPTION_LEN
+            || u16::from_be_bytes([option[2], option[3]]) != STAMP_EXID
+        {
+            return None;
+        }
+        let mut id = [0; 8];
+        let mut mac = [0; 8];
+        id.copy_from_slice(&option[4..12]);
+        mac.copy_from_slice(&option[12..20]);
+        Some(Stamp {
+            id: u64::from_be_bytes(id),
+            mac: u64::from_be_bytes(mac),
+        })
+    }
+}
+
+/// SipHash-2-4 of the 44 bytes `id (LE) ‖ key` (the in-memory `ConnKey`,
+/// little-endian), under `mac_key`. Written over words so the kernel
+/// program computes it without a byte loop; on little-endian machines it is
+/// exactly SipHash-2-4 of those bytes (tested against a reference).
+#[inline(always)]
+pub fn stamp_mac(mac_key: &[u64; 2], id: u64, key: &ConnKey) -> u64 {
+    let word = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    let words = [
+        id,
+        word(key.peer_addr[0], key.peer_addr[1]),
+        word(key.peer_addr[2], key.peer_addr[3]),
+        word(key.local_addr[0], key.local_addr[1]),
+        word(key.local_addr[2], key.local_addr[3]),
+    ];
+    // 4 tail bytes (the two ports) and the message length in the top byte.
+    let last = u64::from(key.peer_port) | (u64::from(key.local_port) << 16) | (44u64 << 56);
+    let mut v = [
+        mac_key[0] ^ 0x736f_6d65_7073_6575,
+        mac_key[1] ^ 0x646f_7261_6e64_6f6d,
+        mac_key[0] ^ 0x6c79_6765_6e65_7261,
+        mac_key[1] ^ 0x7465_6462_7974_6573,
+    ];
+    let mut i = 0;
+    while i < words.len() {
+        sip_compress(&mut v, words[i]);
+        i += 1;
+    }
+    sip_compress(&mut v, last);
+    v[2] ^= 0xff;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+#[inline(always)]
+fn sip_compress(v: &mut [u64; 4], m: u64) {
+    v[3] ^= m;
+    sip_round(v);
+    sip_round(v);
+    v[0] ^= m;
+}
+
+#[inline(always)]
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13) ^ v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16) ^ v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21) ^ v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17) ^ v[2];
+    v[2] = v[2].rotate_left(32);
 }
 
 /// `a.b.c.d` as `bpf_sock_addr.user_ip4` presents it.
@@ -187,20 +337,24 @@ pub fn raw_ip(addr: IpAddr) -> RawAddr {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)], made only of integers and arrays of
+    // SAFETY: all of them are #[repr(C)], made only of integers and arrays of
     // integers, with no padding (sizes asserted below), so every bit pattern
     // is valid and none carries uninitialised bytes into the kernel.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ConnOwner {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::SocketOwner {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::Stamp {}
 }
 
 // No implicit padding anywhere: a padded key would hash uninitialised bytes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 36);
 const _: () = assert!(core::mem::size_of::<ConnOwner>() == 16);
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 16 + 36 + 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 12);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 16 + 36 + 4);
+const _: () = assert!(core::mem::size_of::<Stamp>() == 16);
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56 + 16 + 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16 + 16);
 
 #[cfg(test)]
 mod tests {
@@ -228,6 +382,48 @@ mod tests {
         let v6 = raw_v6("fd00:ec2::23".parse().unwrap());
         assert_eq!(v6[0].to_ne_bytes(), [0xfd, 0x00, 0x0e, 0xc2]);
         assert_eq!(v6[3].to_ne_bytes(), [0, 0, 0, 0x23]);
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_stamp_mac_is_siphash_2_4_of_id_and_key_bytes() {
+        use core::hash::Hasher as _;
+        let key = ConnKey::from_sockets(
+            "198.18.0.2:40000".parse().unwrap(),
+            "169.254.170.23:80".parse().unwrap(),
+        );
+        for (k0, k1, id) in [
+            (0, 0, 0),
+            (0x0706050403020100, 0x0f0e0d0c0b0a0908, 1),
+            (u64::MAX, 42, u64::MAX),
+        ] {
+            let mut bytes = std::vec::Vec::from(id.to_le_bytes());
+            // SAFETY: ConnKey is repr(C) without padding (asserted above).
+            bytes.extend_from_slice(unsafe {
+                core::slice::from_raw_parts((&raw const key).cast::<u8>(), 36)
+            });
+            let mut reference = siphasher::sip::SipHasher24::new_with_keys(k0, k1);
+            reference.write(&bytes);
+            assert_eq!(stamp_mac(&[k0, k1], id, &key), reference.finish());
+        }
+    }
+
+    #[test]
+    fn stamp_options_round_trip_and_reject_lookalikes() {
+        let stamp = Stamp {
+            id: 0x0102_0304_0506_0708,
+            mac: 0xa1a2_a3a4_a5a6_a7a8,
+        };
+        let option = stamp.to_option();
+        assert_eq!(&option[..4], &[253, 20, 0xe4, 0xa5]);
+        assert_eq!(Stamp::from_option(&option), Some(stamp));
+        let mut other_exid = option;
+        other_exid[3] ^= 1;
+        let mut other_kind = option;
+        other_kind[0] = 254;
+        for bad in [&other_exid[..], &other_kind[..], &option[..19]] {
+            assert_eq!(Stamp::from_option(bad), None);
+        }
     }
 
     #[test]

@@ -1,14 +1,20 @@
-//! Kernel programs that attribute every TCP connection to the agent's served
-//! addresses to the process (cgroup id, pid) that opened it.
+//! Kernel programs that attribute every TCP connection to the agent's
+//! endpoints to the process (cgroup id, pid) that opened it, in a way no
+//! other process can forge, overwrite or erase.
 //!
-//! Two hops, because no single hook sees both facts:
 //! * `cgroup/connect4|6` runs in the caller's process context at `connect()`,
 //!   so it knows the cgroup and pid — but the source port is not bound yet.
 //!   It stores the owner in socket-local storage (freed with the socket).
-//! * `sock_ops` at `TCP_CONNECT_CB` runs once the 4-tuple is final; it copies
-//!   the owner into `CONNECTIONS` under the key the server will compute from
-//!   `accept()`, and asks for the state callback so that, when the socket
-//!   reaches `TCP_CLOSE`, exactly that entry is deleted.
+//! * `sock_ops` at `TCP_CONNECT_CB` runs once the 4-tuple is final: it
+//!   publishes `{owner, 4-tuple}` in `CONNECTIONS` under a fresh random id
+//!   (insert-if-absent, never overwrite) and asks to write a TCP option into
+//!   the SYN: the id and a MAC over (id, 4-tuple) under the key the agent
+//!   set at load time. The agent reads the SYN it accepted
+//!   (`TCP_SAVED_SYN`), checks the MAC and the 4-tuple, and looks the
+//!   record up by id. A process elsewhere (say, in its own user+network
+//!   namespace holding a pod's source address) can make records of its own,
+//!   but never touch another's: ids are random, the key is per socket.
+//! * When the socket reaches `TCP_CLOSE`, exactly its own record is deleted.
 //!
 //! Both programs run for every connect()/TCP event on the node, so each
 //! rejects foreign traffic with a couple of context loads and compares before
@@ -17,15 +23,21 @@
 #![no_main]
 
 use agent_ebpf::{
-    Config, ConnKey, ConnOwner, MAX_SERVED_ADDRS, RawAddr, SocketOwner, is_v4_mapped, mapped_v4,
+    Config, ConnKey, ConnOwner, ConnRecord, MAX_SERVED_ADDRS, RawAddr, STAMP_OPTION_LEN,
+    SocketOwner, Stamp, is_v4_mapped, mapped_v4, stamp_mac,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, bpf_sock,
     },
-    btf_maps::{LruHashMap, SkStorage},
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_sk_storage_get},
+    btf_maps::{HashMap, SkStorage},
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
+        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
+    },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
@@ -35,6 +47,12 @@ const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 /// cgroup/connect* verdict: let the syscall proceed. We only observe.
 const ALLOW: i32 = 1;
+const TCP_FLAG_SYN: u32 = 0x02;
+const TCP_FLAG_ACK: u32 = 0x10;
+/// 127.0.0.1 as `user_ip4` presents it.
+const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1 in `RawAddr` form.
+const LOOPBACK_V6: RawAddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// What "ours" means; overridden by the agent at load time.
 #[unsafe(no_mangle)]
@@ -44,8 +62,12 @@ static CONFIG: Config = Config::EMPTY;
 static SOCKET_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
 
 #[btf_map]
-static CONNECTIONS: LruHashMap<ConnKey, ConnOwner, { agent_ebpf::CONNECTIONS_CAPACITY as usize }> =
-    LruHashMap::new();
+static CONNECTIONS: HashMap<
+    u64,
+    ConnRecord,
+    { agent_ebpf::CONNECTIONS_CAPACITY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Reads one field of [`CONFIG`]. Volatile, field by field: the compiler
 /// would otherwise fold the `EMPTY` initialiser into the code (the loader
@@ -67,9 +89,24 @@ macro_rules! ops_field {
     };
 }
 
+/// Which of our endpoints a port may belong to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Served,
+    Probe,
+}
+
+/// The hot path's first and usually last test.
 #[inline(always)]
-fn served_port(port: u16) -> bool {
-    u32::from(port) == config!(port)
+fn our_port(port: u16) -> Option<Port> {
+    let port = u32::from(port);
+    if port == config!(port) {
+        Some(Port::Served)
+    } else if port != 0 && port == config!(probe_port) {
+        Some(Port::Probe)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
@@ -101,23 +138,41 @@ fn served_v6(addr: &RawAddr) -> bool {
     false
 }
 
+/// Whether `addr` (canonical form) on `port` is one of our endpoints.
+#[inline(always)]
+fn ours(port: Port, addr: &RawAddr) -> bool {
+    match port {
+        Port::Served => served_v6(addr),
+        Port::Probe => {
+            *addr == LOOPBACK_V6 || (is_v4_mapped(addr) && addr[3] == LOOPBACK_V4)
+        }
+    }
+}
+
 /// Records the caller in the socket's storage. Only called for our
 /// destination, so the helper calls are off the hot path.
 #[inline(always)]
 fn remember_owner(ctx: &SockAddrContext) {
     let owner = SocketOwner {
-        owner: ConnOwner {
-            // SAFETY: plain helpers, valid in sock_addr programs.
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            pid_tgid: unsafe { bpf_get_current_pid_tgid() },
+        record: ConnRecord {
+            owner: ConnOwner {
+                // SAFETY: plain helpers, valid in sock_addr programs.
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                pid_tgid: unsafe { bpf_get_current_pid_tgid() },
+            },
+            ..ConnRecord::default()
         },
         ..SocketOwner::default()
     };
     // SAFETY: the map definition is the static above; the pointer is
     // checked for null by `as_mut`.
     if let Some(slot) = unsafe { SOCKET_OWNERS.get_or_insert_ptr_mut(ctx, None).as_mut() } {
-        // Overwrite: a socket that retries connect() (after a failure) must
-        // carry the owner of the latest attempt.
+        // A socket that retries connect() after a failure carries the owner
+        // of the latest attempt. A record it published stays its own (and is
+        // deleted at close); the new attempt publishes afresh.
+        if slot.published != 0 {
+            let _ = CONNECTIONS.remove(slot.stamp.id);
+        }
         *slot = owner;
     }
 }
@@ -126,10 +181,10 @@ fn remember_owner(ctx: &SockAddrContext) {
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: ctx is the kernel's bpf_sock_addr; full-width field reads.
     let sa = unsafe { &*ctx.sock_addr };
-    if !served_port(u16::from_be(sa.user_port as u16)) {
+    let Some(port) = our_port(u16::from_be(sa.user_port as u16)) else {
         return ALLOW;
-    }
-    if !served_v4(sa.user_ip4) || sa.type_ != SOCK_STREAM {
+    };
+    if !ours(port, &mapped_v4(sa.user_ip4)) || sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
     remember_owner(&ctx);
@@ -140,16 +195,16 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
-    if !served_port(u16::from_be(sa.user_port as u16)) {
+    let Some(port) = our_port(u16::from_be(sa.user_port as u16)) else {
         return ALLOW;
-    }
+    };
     let dst = [
         sa.user_ip6[0],
         sa.user_ip6[1],
         sa.user_ip6[2],
         sa.user_ip6[3],
     ];
-    if !served_v6(&dst) || sa.type_ != SOCK_STREAM {
+    if !ours(port, &dst) || sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
     remember_owner(&ctx);
@@ -161,6 +216,12 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ops_field!(ctx, op);
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         on_connect(&ctx);
+    } else if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        on_option_space(&ctx);
+    } else if op == BPF_SOCK_OPS_WRITE_HDR_OPT_CB {
+        on_write_option(&ctx);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        on_established(&ctx);
     } else if op == BPF_SOCK_OPS_STATE_CB {
         on_state_change(&ctx);
     }
@@ -211,33 +272,99 @@ fn socket_owner<'a>(ctx: &SockOpsContext) -> Option<&'a mut SocketOwner> {
 }
 
 #[inline(always)]
+fn random_id() -> u64 {
+    // SAFETY: plain helper.
+    let (hi, lo) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+#[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     // remote_port: big-endian 16 bits in the upper half of the u32.
     let remote_port = u16::from_be((ops_field!(ctx, remote_port) >> 16) as u16);
-    if !served_port(remote_port) {
+    let Some(port) = our_port(remote_port) else {
         return;
-    }
+    };
     let Some((remote, local)) = endpoints(ctx) else {
         return;
     };
-    if !served_v6(&remote) {
+    if !ours(port, &remote) {
         return;
     }
     let Some(state) = socket_owner(ctx) else {
         return;
     };
-    let key = ConnKey {
+    if state.published != 0 {
+        return;
+    }
+    state.record.key = ConnKey {
         peer_addr: local,
         local_addr: remote,
         peer_port: ops_field!(ctx, local_port) as u16,
         local_port: remote_port,
     };
-    if CONNECTIONS.insert(&key, &state.owner, 0).is_ok() {
-        state.key = key;
-        state.published = 1;
-        let _ = ctx.set_cb_flags(
-            (ops_field!(ctx, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
-        );
+    // Never overwrite: an id already taken (by chance) leaves this
+    // connection unattributed rather than touching another's record.
+    let id = random_id();
+    if CONNECTIONS.insert(id, state.record, BPF_NOEXIST.into()).is_err() {
+        return;
+    }
+    state.stamp = Stamp {
+        id,
+        mac: stamp_mac(&config!(mac_key), id, &state.record.key),
+    };
+    state.published = 1;
+    let flags = ops_field!(ctx, bpf_sock_ops_cb_flags)
+        | BPF_SOCK_OPS_STATE_CB_FLAG
+        | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
+/// Only a SYN (not a SYN-ACK, not data) carries the stamp.
+#[inline(always)]
+fn is_syn(ctx: &SockOpsContext) -> bool {
+    ops_field!(ctx, skb_tcp_flags) & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
+#[inline(always)]
+fn on_option_space(ctx: &SockOpsContext) {
+    if is_syn(ctx) {
+        // SAFETY: the ctx is the kernel's sock_ops in HDR_OPT_LEN_CB.
+        unsafe { bpf_reserve_hdr_opt(ctx.ops, STAMP_OPTION_LEN as u32, 0) };
+    }
+}
+
+#[inline(always)]
+fn on_write_option(ctx: &SockOpsContext) {
+    if !is_syn(ctx) {
+        return;
+    }
+    let Some(state) = socket_owner(ctx) else {
+        return;
+    };
+    if state.published == 0 {
+        return;
+    }
+    let option = state.stamp.to_option();
+    // SAFETY: the option lives on this stack for the call; the length is
+    // its size. Without room (other options took it) the SYN goes out
+    // unstamped and the connection is not attributed: fail closed.
+    unsafe {
+        bpf_store_hdr_opt(
+            ctx.ops,
+            option.as_ptr().cast(),
+            STAMP_OPTION_LEN as u32,
+            0,
+        )
+    };
+}
+
+/// The handshake is done: no later segment needs the option callbacks.
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let flags = ops_field!(ctx, bpf_sock_ops_cb_flags);
+    if flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG != 0 {
+        let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
 }
 
@@ -250,7 +377,7 @@ fn on_state_change(ctx: &SockOpsContext) {
     if let Some(state) = socket_owner(ctx)
         && state.published != 0
     {
-        let _ = CONNECTIONS.remove(&state.key);
+        let _ = CONNECTIONS.remove(state.stamp.id);
         state.published = 0;
     }
 }

@@ -1,5 +1,6 @@
 //! Loads the kernel programs, attaches them to a cgroup2 subtree, and answers
-//! "who opened this accepted connection?" with one map lookup.
+//! "who opened this accepted connection?" from the stamp its SYN carried:
+//! a MAC check and one map lookup.
 //!
 //! The request path sees the kernel only through [`CallerLookup`], so the
 //! pipeline can be tested with a fixed lookup while integration tests use the
@@ -12,7 +13,9 @@ use std::{
     path::PathBuf,
 };
 
-use agent_ebpf::{CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner};
+pub use agent_ebpf::Stamp;
+
+use agent_ebpf::{CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, MapError},
@@ -46,16 +49,22 @@ impl From<ConnOwner> for Caller {
     }
 }
 
+/// An accepted connection as the server sees it: both ends, and the stamp
+/// its SYN carried (if any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub stamp: Option<Stamp>,
+}
+
 /// The request path's only view of the kernel.
 pub trait CallerLookup: Send + Sync {
-    /// The caller of an accepted connection, from the server's view of it.
-    /// `Ok(None)`: the kernel did not attribute it (not ours, or opened
-    /// before the programs were attached).
-    fn caller(
-        &self,
-        peer: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<Option<Caller>, AttributionError>;
+    /// The caller of an accepted connection. `Ok(None)`: the kernel did not
+    /// attribute it (not ours, opened before the programs were attached,
+    /// or its SYN had no room for the stamp). `Err`: a stamp that does not
+    /// belong to this connection — forged or replayed.
+    fn caller(&self, conn: &Accepted) -> Result<Option<Caller>, AttributionError>;
 }
 
 /// Everything that can go wrong between the agent and the kernel programs.
@@ -98,6 +107,12 @@ pub enum AttributionError {
     },
     #[error("reading the connection map failed: {0}")]
     Map(#[source] MapError),
+    #[error("the connection's stamp has a wrong MAC: not made by our kernel program for it")]
+    ForgedStamp,
+    #[error("the connection's stamp names a record of another connection")]
+    StampMismatch,
+    #[error("generating the stamp key failed: {0}")]
+    Random(#[source] io::Error),
 }
 
 /// What to attribute and where.
@@ -109,11 +124,14 @@ pub struct AttachOptions {
     /// Addresses the agent serves (IPv4 and IPv6; at most 4 each).
     pub addresses: Vec<IpAddr>,
     pub port: u16,
+    /// The probe port on loopback, attributed too (0: not).
+    pub probe_port: u16,
 }
 
 /// Loaded and attached programs. Dropping it detaches them.
 pub struct Attribution {
-    connections: HashMap<MapData, ConnKey, ConnOwner>,
+    connections: HashMap<MapData, u64, ConnRecord>,
+    mac_key: [u64; 2],
     // Owns the programs and their links; declared last so it drops last.
     _ebpf: Ebpf,
 }
@@ -122,8 +140,10 @@ impl Attribution {
     /// Loads the embedded object configured for `options` and attaches it.
     pub fn attach(options: &AttachOptions) -> Result<Attribution, AttributionError> {
         raise_memlock_limit()?;
-        let config = Config::new(&options.addresses, options.port)
+        let mut config = Config::new(&options.addresses, options.port)
             .map_err(|_| AttributionError::TooManyAddresses)?;
+        config.probe_port = u32::from(options.probe_port);
+        config.mac_key = random_key().map_err(AttributionError::Random)?;
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_SYMBOL, &config, true)
             .load(EBPF_OBJECT)
@@ -160,6 +180,7 @@ impl Attribution {
         let connections = HashMap::try_from(map).map_err(AttributionError::Map)?;
         Ok(Attribution {
             connections,
+            mac_key: config.mac_key,
             _ebpf: ebpf,
         })
     }
@@ -173,17 +194,48 @@ impl Attribution {
 }
 
 impl CallerLookup for Attribution {
-    fn caller(
-        &self,
-        peer: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<Option<Caller>, AttributionError> {
-        match self.connections.get(&ConnKey::from_sockets(peer, local), 0) {
-            Ok(owner) => Ok(Some(owner.into())),
+    fn caller(&self, conn: &Accepted) -> Result<Option<Caller>, AttributionError> {
+        let Some(stamp) = conn.stamp else {
+            return Ok(None);
+        };
+        let key = ConnKey::from_sockets(conn.peer, conn.local);
+        if agent_ebpf::stamp_mac(&self.mac_key, stamp.id, &key) != stamp.mac {
+            return Err(AttributionError::ForgedStamp);
+        }
+        match self.connections.get(&stamp.id, 0) {
+            Ok(record) if record.key == key => Ok(Some(record.owner.into())),
+            Ok(_) => Err(AttributionError::StampMismatch),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(other) => Err(AttributionError::Map(other)),
         }
     }
+}
+
+/// 128 random bits from the kernel for the stamp MAC.
+fn random_key() -> io::Result<[u64; 2]> {
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: writes at most the remaining length into the buffer.
+        let n = unsafe {
+            libc::getrandom(
+                bytes[filled..].as_mut_ptr().cast(),
+                bytes.len() - filled,
+                0,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += n as usize;
+    }
+    let (k0, k1) = bytes.split_at(8);
+    let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or_default());
+    Ok([word(k0), word(k1)])
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttributionError>

@@ -46,6 +46,12 @@ pub enum CgroupError {
     Conflict(String),
     #[error("cgroup path {0:?} has a malformed pod UID: refused")]
     InvalidPodUid(String),
+    #[error("cgroup path {0:?} is below a kubepods root but not in kubelet's layout: refused")]
+    NotKubeletLayout(String),
+    #[error(
+        "cgroup {path:?} is owned by uid {uid}, not root: a delegated subtree is not kubelet's, refused"
+    )]
+    Delegated { path: String, uid: u32 },
 }
 
 /// The pod (and container, when the cgroup is a container's) a cgroup belongs to.
@@ -176,6 +182,30 @@ impl CgroupResolver {
         Ok(Some(self.relative(&target)))
     }
 
+    /// Fails unless every directory from the mount down to `path` (relative
+    /// to the mount) is owned by root. kubelet's cgroups always are; a
+    /// chowned directory is a delegation (systemd hands `user@UID.service`
+    /// to its user), inside which its owner may create anything.
+    pub fn require_root_owned(&self, path: &str) -> Result<(), CgroupError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut prefix = PathBuf::new();
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            prefix.push(segment);
+            let absolute = self.mount.join(&prefix);
+            let meta = fs::symlink_metadata(&absolute).map_err(|source| CgroupError::Io {
+                path: absolute.clone(),
+                source,
+            })?;
+            if meta.uid() != 0 {
+                return Err(CgroupError::Delegated {
+                    path: prefix.to_string_lossy().into_owned(),
+                    uid: meta.uid(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn relative(&self, absolute: &Path) -> String {
         let rel = absolute.strip_prefix(&self.mount).unwrap_or(absolute);
         String::from_utf8_lossy(rel.as_os_str().as_bytes())
@@ -191,87 +221,143 @@ impl CgroupResolver {
     }
 }
 
-/// Whether a kubelet pod hierarchy exists within three levels of `root`
-/// (`kubepods`, `kubepods.slice`, `kubelet-kubepods.slice`, under any
-/// `--cgroup-root` prefix): i.e. pods live in this cgroup2 tree.
-pub fn has_kubepods(root: &Path) -> bool {
-    fn walk(dir: &Path, depth: u32) -> bool {
-        let Ok(entries) = fs::read_dir(dir) else {
-            return false;
-        };
-        entries.flatten().any(|e| {
-            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            is_dir
-                && (is_kubepods_root(&e.file_name().to_string_lossy())
-                    || (depth > 0 && walk(&e.path(), depth - 1)))
-        })
-    }
-    walk(root, 2)
-}
+/// kubelet's pod cgroup roots when its `--cgroup-root` is left at `/`: the
+/// systemd driver's `kubepods.slice` and the cgroupfs driver's `kubepods`.
+pub const DEFAULT_KUBEPODS_ROOTS: [&str; 2] = ["kubepods.slice", "kubepods"];
 
-/// Which pod a cgroup path (relative to the cgroup2 mount) belongs to.
+/// Where kubelet puts pods, and nowhere else.
 ///
-/// `Ok(None)`: not a pod (node services, sessions, the root, QoS slices,
-/// lookalikes outside a kubepods hierarchy). `Err`: a path that must be
-/// refused rather than trusted (a pod-like cgroup nested inside a pod, a
-/// malformed UID).
-pub fn pod_of_path(path: &str) -> Result<Option<PodCgroup>, CgroupError> {
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    // The outermost kubepods root: what kubelet made. Anything below a pod
-    // is the container's own and is never trusted to name a pod.
-    let Some(root) = segments.iter().position(|s| is_kubepods_root(s)) else {
-        return Ok(None);
-    };
-    let mut parent = segments[root];
-    let mut i = root + 1;
-    if let Some(seg) = segments.get(i)
-        && is_qos(parent, seg)
-    {
-        parent = seg;
-        i += 1;
-    }
-    let Some(pod_seg) = segments.get(i) else {
-        return Ok(None);
-    };
-    let Some(raw_uid) = pod_uid_in(parent, pod_seg) else {
-        return Ok(None);
-    };
-    let pod_uid =
-        canonical_uid(&raw_uid).ok_or_else(|| CgroupError::InvalidPodUid(path.to_owned()))?;
-    let below = &segments[i + 1..];
-    if below.iter().any(|s| looks_like_pod_or_root(s)) {
-        return Err(CgroupError::Conflict(path.to_owned()));
-    }
-    let container_id = below.first().and_then(|s| container_id_in(s));
-    Ok(Some(PodCgroup {
-        pod_uid,
-        container_id,
-        pod_path: segments[..=i].join("/"),
-    }))
+/// Anyone who may create a cgroup can give it any name: a node service can
+/// build `kubepods.slice/...-pod<uid>.slice` under its own unit, and systemd
+/// delegates `user@UID.service` to unprivileged users, who can build the
+/// same there. So a path is a pod only when it lies below one of kubelet's
+/// roots (paths relative to the cgroup2 mount), in kubelet's own layout:
+/// root → optional QoS level → pod → container → (the container's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodLayout {
+    roots: Vec<Root>,
 }
 
-fn is_kubepods_root(seg: &str) -> bool {
-    seg == "kubepods" || seg == "kubepods.slice" || seg.ends_with("-kubepods.slice")
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Root {
+    /// Normalised: no leading, trailing or doubled slashes.
+    path: String,
+    /// The systemd driver names children `<stem>-…` after the parent slice;
+    /// `None`: the cgroupfs driver's plain names.
+    stem: Option<String>,
+}
+
+impl Default for PodLayout {
+    fn default() -> Self {
+        PodLayout::new(DEFAULT_KUBEPODS_ROOTS)
+    }
+}
+
+impl PodLayout {
+    /// `roots`: kubelet's pod cgroup roots relative to the cgroup2 mount
+    /// (`kubelet.slice/kubelet-kubepods.slice` for `--cgroup-root=/kubelet`
+    /// with the systemd driver). Empty entries are ignored.
+    pub fn new<S: AsRef<str>>(roots: impl IntoIterator<Item = S>) -> PodLayout {
+        let roots = roots
+            .into_iter()
+            .filter_map(|r| {
+                let path = r
+                    .as_ref()
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let last = path.rsplit('/').next()?.to_owned();
+                (!path.is_empty()).then(|| Root {
+                    stem: slice_stem(&last).map(str::to_owned),
+                    path,
+                })
+            })
+            .collect();
+        PodLayout { roots }
+    }
+
+    /// The configured roots, as given (normalised).
+    pub fn roots(&self) -> impl Iterator<Item = &str> {
+        self.roots.iter().map(|r| r.path.as_str())
+    }
+
+    /// Which pod a cgroup path (relative to the cgroup2 mount) belongs to.
+    ///
+    /// `Ok(None)`: not a pod (node services, sessions, the root, kubelet's
+    /// roots and QoS levels, lookalikes anywhere outside kubelet's roots).
+    /// `Err`: below a root but not in kubelet's layout, or a pod-like cgroup
+    /// nested inside a pod — refused rather than trusted.
+    pub fn pod_of_path(&self, path: &str) -> Result<Option<PodCgroup>, CgroupError> {
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let joined = segments.join("/");
+        let Some(root) = self.roots.iter().find(|r| {
+            joined == r.path
+                || joined
+                    .strip_prefix(&r.path)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        }) else {
+            return Ok(None);
+        };
+        let below_root = &segments[root.path.split('/').count()..];
+        let mut stem = root.stem.clone();
+        let mut i = 0;
+        if let Some(seg) = below_root.first()
+            && let Some(qos_stem) = qos_level(stem.as_deref(), seg)
+        {
+            stem = qos_stem;
+            i = 1;
+        }
+        let Some(pod_seg) = below_root.get(i) else {
+            return Ok(None);
+        };
+        let raw_uid = pod_uid_in(stem.as_deref(), pod_seg)
+            .ok_or_else(|| CgroupError::NotKubeletLayout(path.to_owned()))?;
+        let pod_uid =
+            canonical_uid(&raw_uid).ok_or_else(|| CgroupError::InvalidPodUid(path.to_owned()))?;
+        let inside = &below_root[i + 1..];
+        if inside.iter().any(|s| looks_like_pod_or_root(s)) {
+            return Err(CgroupError::Conflict(path.to_owned()));
+        }
+        let depth = segments.len() - inside.len();
+        Ok(Some(PodCgroup {
+            pod_uid,
+            container_id: inside.first().and_then(|s| container_id_in(s)),
+            pod_path: segments[..depth].join("/"),
+        }))
+    }
+
+    /// Whether at least one root exists under `mount`: i.e. kubelet keeps
+    /// its pods in this cgroup2 hierarchy.
+    pub fn present_under(&self, mount: &Path) -> bool {
+        self.roots.iter().any(|r| mount.join(&r.path).is_dir())
+    }
 }
 
 fn slice_stem(seg: &str) -> Option<&str> {
     seg.strip_suffix(".slice")
 }
 
-fn is_qos(parent: &str, seg: &str) -> bool {
-    match slice_stem(parent) {
-        Some(stem) => seg
-            .strip_prefix(stem)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .is_some_and(|rest| rest == "burstable.slice" || rest == "besteffort.slice"),
-        None => seg == "burstable" || seg == "besteffort",
+/// If `seg` is a QoS level under a parent with `stem` (systemd) or plain
+/// names (cgroupfs), the naming stem its children use.
+fn qos_level(stem: Option<&str>, seg: &str) -> Option<Option<String>> {
+    const LEVELS: [&str; 2] = ["burstable", "besteffort"];
+    match stem {
+        Some(stem) => {
+            let level = seg.strip_prefix(stem)?.strip_prefix('-')?;
+            let level = level.strip_suffix(".slice")?;
+            LEVELS
+                .contains(&level)
+                .then(|| Some(format!("{stem}-{level}")))
+        }
+        None => LEVELS.contains(&seg).then_some(None),
     }
 }
 
-/// The raw UID text in a pod segment under `parent`: systemd names a child
-/// slice `<parent stem>-pod<uid with _>.slice`, cgroupfs `pod<uid>`.
-fn pod_uid_in(parent: &str, seg: &str) -> Option<String> {
-    match slice_stem(parent) {
+/// The raw UID text in a pod segment: systemd names a pod slice
+/// `<parent stem>-pod<uid with _>.slice`, cgroupfs `pod<uid>`.
+fn pod_uid_in(stem: Option<&str>, seg: &str) -> Option<String> {
+    match stem {
         Some(stem) => seg
             .strip_prefix(stem)?
             .strip_prefix("-pod")?
@@ -283,7 +369,7 @@ fn pod_uid_in(parent: &str, seg: &str) -> Option<String> {
 
 /// Any segment naming a pod or a kubepods root in either driver's style.
 fn looks_like_pod_or_root(seg: &str) -> bool {
-    if is_kubepods_root(seg) || seg.starts_with("pod") {
+    if seg == "kubepods" || seg.ends_with("kubepods.slice") || seg.starts_with("pod") {
         return true;
     }
     seg.ends_with(".slice") && seg.contains("-pod")
@@ -317,22 +403,37 @@ mod tests {
 
     const FIXTURE: &str = include_str!("../../tests/data/cgroup-paths.tsv");
 
+    /// The roots the fixture's second comment line says it assumes.
+    fn fixture_layout() -> PodLayout {
+        let roots = FIXTURE
+            .lines()
+            .filter(|l| l.starts_with('#'))
+            .find_map(|l| l.split_once("): ").map(|(_, roots)| roots))
+            .expect("the fixture names its kubepods roots");
+        PodLayout::new(roots.split_whitespace())
+    }
+
     #[test]
     fn every_fixture_row_resolves_as_specified() {
+        let layout = fixture_layout();
+        assert_eq!(layout.roots().count(), 5, "{layout:?}");
         let mut rows = 0;
         for line in FIXTURE.lines().filter(|l| !l.starts_with('#')) {
             let cols: Vec<&str> = line.split('\t').collect();
             assert_eq!(cols.len(), 4, "malformed fixture row {line:?}");
             let (path, expected_uid, expected_container, what) =
                 (cols[0], cols[1], cols[2], cols[3]);
-            let got = pod_of_path(path);
+            let got = layout.pod_of_path(path);
             match expected_uid {
                 "CONFLICT" => assert!(
                     matches!(got, Err(CgroupError::Conflict(_))),
                     "{what}: {path} gave {got:?}"
                 ),
                 "INVALID" => assert!(
-                    matches!(got, Err(CgroupError::InvalidPodUid(_))),
+                    matches!(
+                        got,
+                        Err(CgroupError::InvalidPodUid(_) | CgroupError::NotKubeletLayout(_))
+                    ),
                     "{what}: {path} gave {got:?}"
                 ),
                 "" => assert!(matches!(got, Ok(None)), "{what}: {path} gave {got:?}"),
@@ -353,7 +454,41 @@ mod tests {
             }
             rows += 1;
         }
-        assert!(rows >= 20, "fixture lost rows: {rows}");
+        assert!(rows >= 28, "fixture lost rows: {rows}");
+    }
+
+    #[test]
+    fn the_default_roots_are_kubelets_and_nothing_else() {
+        let layout = PodLayout::default();
+        let cases = [
+            ("kubepods/pod0cc175b9-c0f1-b6a8-31c3-99e269772661/x", true),
+            (
+                "kubepods.slice/kubepods-pod0cc175b9_c0f1_b6a8_31c3_99e269772661.slice",
+                true,
+            ),
+            (
+                "test-run-4242/kubepods.slice/kubepods-pod0cc175b9_c0f1_b6a8_31c3_99e269772661.slice",
+                false,
+            ),
+            (
+                "kubelet/kubepods/pod0cc175b9-c0f1-b6a8-31c3-99e269772661/x",
+                false,
+            ),
+        ];
+        for (path, is_pod) in cases {
+            assert_eq!(
+                matches!(layout.pod_of_path(path), Ok(Some(_))),
+                is_pod,
+                "{path}"
+            );
+        }
+        // Roots are normalised however they are written.
+        assert_eq!(
+            PodLayout::new(["/a//b/", "", "kubepods"])
+                .roots()
+                .collect::<Vec<_>>(),
+            ["a/b", "kubepods"]
+        );
     }
 
     #[test]

@@ -125,9 +125,25 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 3)]
     pub upstream_max_attempts: u32,
 
-    /// Concurrent client connections; more wait in the kernel's backlog.
-    #[arg(long, default_value_t = 1024)]
+    /// One EKS Auth call, retries and backoff included, ends within this:
+    /// a cold request is answered (with a 500 naming the cause) before the
+    /// SDKs' 2 s connect + 5 s read budget gives up.
+    #[arg(long, default_value = "1800ms", value_parser = humantime::parse_duration)]
+    pub upstream_deadline: std::time::Duration,
+
+    /// Concurrent connections to the credential endpoint, all clients
+    /// together; more are closed at accept.
+    #[arg(long, default_value_t = 2048)]
     pub max_connections: usize,
+
+    /// Concurrent connections one client may hold (a pod; a node process's
+    /// cgroup; an unattributed source address); more are closed at accept.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_client: usize,
+
+    /// A new connection must send its first byte within this.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub first_request_timeout: std::time::Duration,
 
     /// A client must send its request headers within this time.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -158,15 +174,25 @@ pub struct ServerArgs {
     #[arg(long)]
     pub cgroup_mount: Option<std::path::PathBuf>,
 
+    /// kubelet's pod cgroup root, relative to the cgroup2 mount; repeat for
+    /// several. Only cgroups below one of these, in kubelet's layout and
+    /// owned by root all the way down, are pods. Default: kubepods.slice and
+    /// kubepods (kubelet's `--cgroup-root=/` with the systemd or cgroupfs
+    /// driver); with `--cgroup-root=/kubelet`: kubelet.slice/kubelet-kubepods.slice
+    /// or kubelet/kubepods.
+    #[arg(long = "kubepods-root", value_name = "PATH")]
+    pub kubepods_roots: Vec<String>,
+
     /// Also append audit events (JSON lines) to this file.
     #[arg(long)]
     pub audit_log: Option<std::path::PathBuf>,
 
-    /// Credential requests per second allowed per pod (0: no limit).
+    /// Credential requests per second allowed per client — a pod, a node
+    /// process's cgroup, or an unattributed source address (0: no limit).
     #[arg(long, default_value_t = 20)]
     pub pod_rate_limit: u32,
 
-    /// Burst of the per-pod rate limit.
+    /// Burst of the per-client rate limit.
     #[arg(long, default_value_t = 40)]
     pub pod_rate_burst: u32,
 

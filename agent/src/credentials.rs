@@ -12,6 +12,11 @@
 //! * Never serves credentials with ≤ 15 s left (the SDKs would refetch at
 //!   once). Irrecoverable upstream verdicts evict; transient failures keep the
 //!   old credentials until they are no longer servable.
+//! * Only a token EKS Auth accepted is ever answered from an entry or used
+//!   to refresh it: the agent does not verify signatures, so a token it has
+//!   not seen accepted (a rotated one, or a forgery carrying the caller's
+//!   own claims) goes to EKS Auth, which decides. Single-flight is per
+//!   (identity, token), so a forgery never joins a genuine token's call.
 
 use std::{
     collections::HashMap,
@@ -61,8 +66,12 @@ impl Source {
 
 impl CacheKey {
     pub fn of_token(token: &str) -> CacheKey {
-        CacheKey::TokenHash(Sha256::digest(token.as_bytes()).into())
+        CacheKey::TokenHash(token_hash(token))
     }
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Whether the answer came from the cache.
@@ -86,8 +95,10 @@ struct Entry {
     refresh_at: Instant,
     /// Instant from which the entry is no longer servable.
     unservable_at: Instant,
-    /// The newest token seen for this identity: what a refresh presents.
-    token: Mutex<String>,
+    /// The token EKS Auth accepted for these credentials: the only one they
+    /// are served for, and what a refresh presents.
+    token: String,
+    token_hash: [u8; 32],
 }
 
 impl Entry {
@@ -105,7 +116,8 @@ impl Entry {
             assumed,
             refresh_at: now + refresh_in,
             unservable_at: now + lifetime.saturating_sub(MIN_REMAINING),
-            token: Mutex::new(token),
+            token_hash: token_hash(&token),
+            token,
         }
     }
 
@@ -142,9 +154,12 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilUnservable {
 
 type Fetch = Shared<BoxFuture<'static, Result<Arc<Assumed>, UpstreamError>>>;
 
+/// One upstream call: an identity and the exact token presented for it.
+type FlightKey = (CacheKey, [u8; 32]);
+
 struct Inner {
     cache: Option<Cache<CacheKey, Arc<Entry>>>,
-    in_flight: Mutex<HashMap<CacheKey, Fetch>>,
+    in_flight: Mutex<HashMap<FlightKey, Fetch>>,
     upstream: Arc<dyn Upstream>,
     metrics: Arc<Metrics>,
     options: CacheOptions,
@@ -192,16 +207,12 @@ impl Credentials {
         token: &str,
     ) -> Result<(Arc<Assumed>, Source), UpstreamError> {
         let inner = &self.inner;
+        let presented = token_hash(token);
         if let Some(cache) = &inner.cache
             && let Some(entry) = cache.get(key).await
             && entry.servable(Instant::now())
+            && entry.token_hash == presented
         {
-            if let Ok(mut newest) = entry.token.lock()
-                && *newest != token
-            {
-                // A rotated token for the same identity: refresh with it.
-                *newest = token.to_owned();
-            }
             inner.metrics.cache(CacheState::Hit);
             return Ok((entry.assumed.clone(), Source::Cache));
         }
@@ -210,18 +221,25 @@ impl Credentials {
         Ok((assumed, Source::Upstream))
     }
 
-    /// Joins the in-flight upstream call for `key`, or starts one.
+    /// Joins the in-flight upstream call for `key` with this very token, or
+    /// starts one.
     fn fetch(&self, key: CacheKey, token: String) -> Fetch {
-        let mut in_flight = match self.inner.in_flight.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(fetch) = in_flight.get(&key) {
+        let flight: FlightKey = (key, token_hash(&token));
+        // The map holds finished-or-running futures only; a panic while it
+        // is locked cannot leave it inconsistent, so poisoning is ignored
+        // here and where the task removes its key.
+        let mut in_flight = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(fetch) = in_flight.get(&flight) {
             return fetch.clone();
         }
         let inner = self.inner.clone();
-        let task_key = key.clone();
+        let task_flight = flight.clone();
         let task = tokio::spawn(async move {
+            let (task_key, presented) = (&task_flight.0, task_flight.1);
             let started = Instant::now();
             let result = inner.upstream.assume(token.clone()).await;
             inner.metrics.upstream_call(
@@ -237,16 +255,26 @@ impl Credentials {
                     }
                     Err(err) => {
                         inner.metrics.cache_error("upstream", err.code());
-                        if !err.is_recoverable() {
-                            cache.invalidate(&task_key).await;
+                        // Only EKS Auth refusing the entry's own token
+                        // evicts it: a refused forgery must not take a
+                        // genuine entry down with it.
+                        if !err.is_recoverable()
+                            && cache
+                                .get(task_key)
+                                .await
+                                .is_some_and(|e| e.token_hash == presented)
+                        {
+                            cache.invalidate(task_key).await;
                         }
                     }
                 }
                 inner.metrics.set_cache_entries(cache.entry_count());
             }
-            if let Ok(mut in_flight) = inner.in_flight.lock() {
-                in_flight.remove(&task_key);
-            }
+            inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&task_flight);
             result
         });
         let fetch = async move {
@@ -258,7 +286,7 @@ impl Credentials {
         }
         .boxed()
         .shared();
-        in_flight.insert(key, fetch.clone());
+        in_flight.insert(flight, fetch.clone());
         fetch
     }
 
@@ -279,10 +307,7 @@ impl Credentials {
             let due: Vec<(CacheKey, String)> = cache
                 .iter()
                 .filter(|(_, entry)| now >= entry.refresh_at && entry.servable(now))
-                .map(|(key, entry)| {
-                    let token = entry.token.lock().map(|t| t.clone()).unwrap_or_default();
-                    ((*key).clone(), token)
-                })
+                .map(|(key, entry)| ((*key).clone(), entry.token.clone()))
                 .collect();
             for (key, token) in due {
                 pace.tick().await;
@@ -420,6 +445,36 @@ mod tests {
             1,
             "the aborted request's call was redone"
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_token_eks_auth_accepted_is_served_from_the_entry() {
+        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), Duration::from_secs(3600));
+        let key = CacheKey::Pod {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+        };
+        creds.get(&key, "genuine").await.unwrap();
+        assert_eq!(creds.get(&key, "genuine").await.unwrap().1, Source::Cache);
+        // A forgery with the same claims: EKS Auth decides, and refuses.
+        *upstream.fail_with.lock().unwrap() = Some(UpstreamError::Service {
+            status: 400,
+            code: "InvalidTokenException".into(),
+            message: "bad signature".into(),
+            request_id: "r".into(),
+            fault: "client",
+        });
+        assert!(creds.get(&key, "forged").await.is_err());
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "forgery not sent upstream");
+        // The genuine entry survives, and the forgery never became its token.
+        *upstream.fail_with.lock().unwrap() = None;
+        let (assumed, source) = creds.get(&key, "genuine").await.unwrap();
+        assert_eq!(source, Source::Cache);
+        assert_eq!(assumed.session_token, "genuine");
+        let entry = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
+        assert_eq!(entry.token, "genuine");
     }
 
     #[tokio::test]

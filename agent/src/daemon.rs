@@ -7,16 +7,17 @@ use anyhow::{Context as _, bail};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
 };
 use tracing::{error, info, warn};
 
 use crate::{
+    admission::{self, ConnectionBudget},
     attribution::{AttachOptions, Attribution, CallerLookup},
     audit::Auditor,
     capabilities,
-    cgroup::{self, CgroupResolver},
+    cgroup::{self, CgroupResolver, PodLayout},
     config::{AttributionMode, ServerArgs},
     credentials::{CacheOptions, Credentials},
     handler::Verification,
@@ -26,7 +27,7 @@ use crate::{
     link::Netlink,
     metrics::Metrics,
     probes::{self, ProbeState},
-    ratelimit::PodRateLimiter,
+    ratelimit::ClientRateLimiter,
     server::{self, HttpLimits},
     upstream::{EksAuth, UpstreamOptions},
 };
@@ -37,7 +38,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("serving on port {}", args.port))?;
     }
     report_missing_addresses(&args).await;
-    let (listeners, failed) = server::bind_all(&args.bind_hosts, args.port);
+    let metrics = Arc::new(Metrics::new());
+    // The programs are attached before anything listens: a connection
+    // accepted earlier would carry no stamp and be refused as unattributed.
+    let (verification, attribution_detail) = verification(&args, &metrics)?;
+    let attributed = verification.is_some();
+    let (listeners, failed) = server::bind_all(&args.bind_hosts, args.port, attributed);
     let mut unbound = Vec::new();
     for (addr, err) in &failed {
         error!(%addr, error = %err, "cannot serve on this address; continuing with the others");
@@ -61,9 +67,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         connect_timeout: args.upstream_connect_timeout,
         attempt_timeout: args.upstream_attempt_timeout,
         max_attempts: args.upstream_max_attempts,
+        deadline: args.upstream_deadline,
     })
     .await;
-    let metrics = Arc::new(Metrics::new());
     let credentials = Credentials::new(
         Arc::new(upstream),
         metrics.clone(),
@@ -73,7 +79,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             max_service_qps: args.max_service_qps,
         },
     );
-    let (verification, attribution_detail) = verification(&args, &metrics)?;
     let auditor = Auditor::new(&args.cluster_name, args.audit_log.as_deref())
         .with_context(|| format!("opening the audit log {:?}", args.audit_log))?;
     let state = Arc::new(AppState {
@@ -83,30 +88,35 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         auditor,
         verification,
+        limiter: ClientRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
     });
 
     let limits = HttpLimits {
         header_read_timeout: args.header_read_timeout,
+        first_request_timeout: args.first_request_timeout,
         max_header_bytes: args.max_header_bytes,
     };
-    let permits = Arc::new(Semaphore::new(args.max_connections));
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    let budget = ConnectionBudget::new(args.max_connections, args.max_connections_per_client);
     for listener in listeners {
-        let state = state.clone();
+        let (admitting, handling, budget) = (state.clone(), state.clone(), budget.clone());
         tasks.spawn(server::serve(
             listener,
             limits.clone(),
-            permits.clone(),
             graceful.clone(),
             stop_rx.clone(),
-            move |conn, req| handler::handle(state.clone(), conn, req),
+            move |info| {
+                let identifier = admitting.verification.as_ref().map(|v| &v.identifier);
+                admission::admit(info, identifier, &budget, &admitting.metrics, "credentials")
+            },
+            move |conn, req| handler::handle(handling.clone(), conn, req),
         ));
     }
     let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
-    let probe_listener = server::bind(probe_addr).with_context(|| {
+    let probe_listener = server::bind(probe_addr, attributed).with_context(|| {
         format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
     })?;
     let probe_state = Arc::new(ProbeState {
@@ -114,27 +124,36 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         unbound,
         details: vec![attribution_detail],
     });
-    // Probes and metrics: few clients; their own small caps.
-    const SIDE_CONNECTIONS: usize = 64;
+    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
+    let metrics_listener = server::bind(metrics_addr, false)
+        .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
+    // Probes and metrics have few legitimate clients (the kubelet, a
+    // scraper): each listener its own small budget, each client a sliver of
+    // it, so a pod holding connections cannot fail the agent's liveness.
+    let side_budget = || ConnectionBudget::new(SIDE_CONNECTIONS, SIDE_CONNECTIONS_PER_CLIENT);
+    let (probe_budget, probe_admitting) = (side_budget(), state.clone());
     tasks.spawn(server::serve(
         probe_listener,
         limits.clone(),
-        Arc::new(Semaphore::new(SIDE_CONNECTIONS)),
         graceful.clone(),
         stop_rx.clone(),
+        move |info| {
+            let identifier = probe_admitting.verification.as_ref().map(|v| &v.identifier);
+            admission::admit(info, identifier, &probe_budget, &probe_admitting.metrics, "probe")
+        },
         move |_conn, req| probes::handle_probe(probe_state.clone(), req),
     ));
-    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
-    let metrics_listener = server::bind(metrics_addr)
-        .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
-    let exported = metrics.clone();
+    let (metrics_budget, exported) = (side_budget(), metrics.clone());
     tasks.spawn(server::serve(
         metrics_listener,
         limits.clone(),
-        Arc::new(Semaphore::new(SIDE_CONNECTIONS)),
         graceful.clone(),
         stop_rx.clone(),
-        move |_conn, req| probes::handle_metrics(exported.clone(), req),
+        move |info| admission::admit(info, None, &metrics_budget, &exported, "metrics"),
+        {
+            let exported = metrics.clone();
+            move |_conn, req| probes::handle_metrics(exported.clone(), req)
+        },
     ));
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
     let housekeeping = tokio::spawn(pod_housekeeping(state.clone(), args.pod_gc_interval));
@@ -155,6 +174,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connections the probe and the metrics listener each hold at most, and
+/// how many of them one client may.
+const SIDE_CONNECTIONS: usize = 64;
+const SIDE_CONNECTIONS_PER_CLIENT: usize = 8;
+
 /// Attaches the kernel programs as `--attribution` asks. `auto` degrades to
 /// off, loudly; `enforce` and `audit` refuse to start without them.
 fn verification(
@@ -166,7 +190,7 @@ fn verification(
         return Ok((None, "attribution: off (--attribution off)".into()));
     }
     let attached = attach(args);
-    let (attribution, resolver, root) = match attached {
+    let (attribution, resolver, layout, root) = match attached {
         Ok(ok) => ok,
         Err(e) if args.attribution == AttributionMode::Auto => {
             warn!(
@@ -191,26 +215,33 @@ fn verification(
     Ok((
         Some(Verification {
             enforce,
-            identifier: Identifier::new(lookup, resolver, metrics.clone()),
+            identifier: Identifier::new(lookup, resolver, layout, metrics.clone()),
             node_name: args.node_name.clone(),
-            limiter: PodRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
             registry: PodRegistry::default(),
         }),
         format!("attribution: {mode} (attached at {})", root.display()),
     ))
 }
 
-fn attach(args: &ServerArgs) -> anyhow::Result<(Attribution, CgroupResolver, std::path::PathBuf)> {
+fn attach(
+    args: &ServerArgs,
+) -> anyhow::Result<(Attribution, CgroupResolver, PodLayout, std::path::PathBuf)> {
     capabilities::require(capabilities::ATTRIBUTION)?;
     let mount = match &args.cgroup_mount {
         Some(mount) => mount.clone(),
         None => cgroup::find_cgroup2_mount()?,
     };
     let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-    if !cgroup::has_kubepods(&root) {
+    let layout = if args.kubepods_roots.is_empty() {
+        PodLayout::default()
+    } else {
+        PodLayout::new(&args.kubepods_roots)
+    };
+    if !layout.present_under(&mount) {
         bail!(
-            "no kubepods hierarchy under the cgroup2 directory {} (pods are not in cgroup v2 here)",
-            root.display()
+            "none of kubelet's pod cgroup roots ({}) exists under the cgroup2 mount {} (pods are not in cgroup v2 here, or set --kubepods-root)",
+            layout.roots().collect::<Vec<_>>().join(", "),
+            mount.display()
         );
     }
     let resolver = CgroupResolver::new(&mount)?;
@@ -222,28 +253,28 @@ fn attach(args: &ServerArgs) -> anyhow::Result<(Attribution, CgroupResolver, std
         cgroup: root.clone(),
         addresses: args.bind_hosts.clone(),
         port: args.port,
+        probe_port: args.probe_port,
     })?;
-    Ok((attribution, resolver, root))
+    Ok((attribution, resolver, layout, root))
 }
 
 /// Every `every`: evicts cached credentials of pods that are gone (never
-/// refreshed again) and forgets idle pods' rate-limit buckets.
+/// refreshed again) and forgets idle clients' rate-limit buckets.
 async fn pod_housekeeping(state: Arc<AppState>, every: Duration) {
-    let Some(verification) = &state.verification else {
-        return;
-    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (gone, evicted) = verification.registry.evict_dead(&state.credentials).await;
-        if gone > 0 {
-            info!(
-                identities = gone,
-                evicted, "evicted credentials of pods that no longer exist"
-            );
+        if let Some(verification) = &state.verification {
+            let (gone, evicted) = verification.registry.evict_dead(&state.credentials).await;
+            if gone > 0 {
+                info!(
+                    identities = gone,
+                    evicted, "evicted credentials of pods that no longer exist"
+                );
+            }
         }
-        if let Some(limiter) = &verification.limiter {
+        if let Some(limiter) = &state.limiter {
             limiter.forget_idle();
         }
     }

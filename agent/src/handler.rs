@@ -28,6 +28,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::{
+    admission::Connection,
     audit::{AuditEvent, Auditor},
     cgroup::PodCgroup,
     credentials::{CacheKey, Credentials, Source},
@@ -35,8 +36,8 @@ use crate::{
     identify::{Identified, Identifier},
     metrics::Metrics,
     policy::{self, Caller, Violation},
-    ratelimit::PodRateLimiter,
-    server::{ConnInfo, HttpResponse, text},
+    ratelimit::ClientRateLimiter,
+    server::{HttpResponse, text},
     token,
     upstream::Assumed,
 };
@@ -53,6 +54,8 @@ pub struct AppState {
     pub auditor: Auditor,
     /// Caller verification; `None` when attribution is off.
     pub verification: Option<Verification>,
+    /// Per-client request rate, in every mode (`None`: unlimited).
+    pub limiter: Option<ClientRateLimiter>,
 }
 
 /// How callers are verified when attribution is on.
@@ -61,7 +64,6 @@ pub struct Verification {
     pub enforce: bool,
     pub identifier: Identifier,
     pub node_name: Option<String>,
-    pub limiter: Option<PodRateLimiter>,
     /// Which pod each identity cached for an attributed caller belongs to.
     pub registry: PodRegistry,
 }
@@ -89,7 +91,11 @@ struct CredentialsBody<'a> {
 }
 
 /// Routes one request on the credential listener.
-pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> HttpResponse {
+pub async fn handle(
+    state: Arc<AppState>,
+    conn: Arc<Connection>,
+    req: Request<Incoming>,
+) -> HttpResponse {
     if req.uri().path() != CREDENTIALS_PATH {
         return text(404, "Not Found");
     }
@@ -98,11 +104,11 @@ pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>
     let response = if req.method() == Method::GET {
         let mut event = AuditEvent {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            peer: conn.peer.to_string(),
+            peer: conn.info.peer.to_string(),
             mode: state.mode(),
             ..AuditEvent::default()
         };
-        let response = credentials(&state, conn, &req, &mut event).await;
+        let response = credentials(&state, &conn, &req, &mut event).await;
         event.status = response.status().as_u16();
         if event.decision.is_empty() {
             event.decision = if event.status == 200 { "allow" } else { "deny" };
@@ -123,11 +129,11 @@ pub async fn handle(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>
 
 async fn credentials(
     state: &AppState,
-    conn: ConnInfo,
+    conn: &Connection,
     req: &Request<Incoming>,
     event: &mut AuditEvent,
 ) -> HttpResponse {
-    let client = conn.peer;
+    let client = conn.info.peer;
     // 1. Host.
     let host = host_of(req);
     let called = host.parse::<IpAddr>().ok();
@@ -166,35 +172,34 @@ async fn credentials(
     if let Err(e) = token::validate_times(&claims, SystemTime::now()) {
         return reject_token(client, e, event);
     }
-    // 4. Who is calling (kernel), 5. rate limit, 6. checks before EKS Auth.
-    let mut audit_only: Option<Violation> = None;
-    let mut verified_pod: Option<PodCgroup> = None;
-    if let Some(verification) = &state.verification {
-        let identified = verification.identifier.identify(conn.peer, conn.local);
-        fill_caller(event, &identified);
-        if let Caller::Pod(pod) = &identified.caller
-            && let Some(limiter) = &verification.limiter
-            && !limiter.allow(&pod.pod_uid)
-        {
+    // 4. Who is calling (the kernel's record, resolved when the connection
+    // was accepted), 5. rate limit, 6. checks before EKS Auth.
+    if let Some(identified) = &conn.identified {
+        fill_caller(event, identified);
+    }
+    if let Some(limiter) = &state.limiter {
+        let who = conn.admitted.client();
+        if !limiter.allow(who) {
             event.reason = "rate-limited".into();
             state.metrics.decision("deny", "rate-limited");
-            warn!(client_addr = %client, pod_uid = pod.pod_uid, "pod exceeded its credential request rate");
+            warn!(client_addr = %client, client = %who, "client exceeded its credential request rate");
             return text(
                 429,
-                format!(
-                    "Too Many Requests: pod {} exceeded its credential request rate",
-                    pod.pod_uid
-                ),
+                format!("Too Many Requests: {who} exceeded its credential request rate"),
             );
         }
+    }
+    let mut audit_only: Option<Violation> = None;
+    let mut verified_pod: Option<PodCgroup> = None;
+    if let (Some(verification), Some(identified)) = (&state.verification, &conn.identified) {
         match policy::before_upstream(
             &identified.caller,
             &claims,
             verification.node_name.as_deref(),
         ) {
             Ok(()) => {
-                if let Caller::Pod(pod) = identified.caller {
-                    verified_pod = Some(pod);
+                if let Caller::Pod(pod) = &identified.caller {
+                    verified_pod = Some(pod.clone());
                 }
             }
             Err(violation) if verification.enforce => {

@@ -2,11 +2,11 @@
 //! path (one `open_by_handle_at`, remembered per cgroup id), the pod it
 //! belongs to. No tree walks, no work proportional to the number of pods.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use crate::{
-    attribution::{Caller as KernelCaller, CallerLookup},
-    cgroup::{CgroupResolver, pod_of_path},
+    attribution::{Accepted, Caller as KernelCaller, CallerLookup},
+    cgroup::{CgroupError, CgroupResolver, PodLayout},
     metrics::Metrics,
     policy::Caller,
 };
@@ -23,6 +23,7 @@ pub struct Identified {
 pub struct Identifier {
     lookup: Arc<dyn CallerLookup>,
     resolver: CgroupResolver,
+    layout: PodLayout,
     metrics: Arc<Metrics>,
     /// cgroup id → what it resolved to. cgroup ids are 64-bit and never
     /// reused, and a removed cgroup has no process left to connect, so an
@@ -42,11 +43,13 @@ impl Identifier {
     pub fn new(
         lookup: Arc<dyn CallerLookup>,
         resolver: CgroupResolver,
+        layout: PodLayout,
         metrics: Arc<Metrics>,
     ) -> Identifier {
         Identifier {
             lookup,
             resolver,
+            layout,
             metrics,
             resolved: moka::sync::Cache::new(RESOLVED_CAPACITY),
             names: moka::sync::Cache::builder()
@@ -60,9 +63,9 @@ impl Identifier {
         &self.resolver
     }
 
-    pub fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Identified {
+    pub fn identify(&self, conn: &Accepted) -> Identified {
         let started = Instant::now();
-        let identified = match self.lookup.caller(peer, local) {
+        let identified = match self.lookup.caller(conn) {
             Err(e) => {
                 self.metrics.attribution_lookup("error");
                 Identified {
@@ -106,8 +109,15 @@ impl Identifier {
 
     fn resolve(&self, cgroup_id: u64) -> Caller {
         match self.resolver.path_of(cgroup_id) {
-            Ok(Some(path)) => match pod_of_path(&path) {
-                Ok(Some(pod)) => Caller::Pod(pod),
+            Ok(Some(path)) => match self.layout.pod_of_path(&path) {
+                Ok(Some(pod)) => match self.resolver.require_root_owned(&path) {
+                    Ok(()) => Caller::Pod(pod),
+                    Err(CgroupError::Delegated { path, uid }) => Caller::Delegated {
+                        cgroup_path: path,
+                        uid,
+                    },
+                    Err(e) => Caller::Unresolvable(e.to_string()),
+                },
                 Ok(None) => Caller::NotAPod { cgroup_path: path },
                 Err(e) => Caller::Unresolvable(e.to_string()),
             },

@@ -4,10 +4,12 @@
 //! One module per concern; the request flow reads top to bottom in the
 //! server's handler, each step a call into the module that owns it.
 
+pub mod admission;
 pub mod attribution;
 pub mod audit;
 pub mod capabilities;
 pub mod cgroup;
+pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
@@ -22,5 +24,6 @@ pub mod probes;
 pub mod process_metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod syn;
 pub mod token;
 pub mod upstream;

@@ -54,6 +54,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
     mode: &'static str,
 }
@@ -72,6 +78,7 @@ pub struct Metrics {
     attribution_lookups: Family<ResultLabel, Counter>,
     resolve_seconds: Histogram,
     attribution_mode: Family<ModeLabel, Gauge>,
+    connections_refused: Family<RefusedLabels, Counter>,
 }
 
 /// Cache outcome labels of `pod_identity_cache_state`.
@@ -168,7 +175,7 @@ impl Metrics {
             attribution_lookups: registered(
                 &mut r,
                 "pod_identity_attribution_lookups",
-                "Kernel attribution lookups per accepted request (result=hit|miss|error)",
+                "Kernel attribution lookups per accepted connection (result=hit|miss|error)",
                 Family::default(),
             ),
             resolve_seconds: registered(
@@ -183,8 +190,20 @@ impl Metrics {
                 "1 for the caller attribution mode in force (enforce|audit|off)",
                 Family::default(),
             ),
+            connections_refused: registered(
+                &mut r,
+                "pod_identity_connections_refused",
+                "Connections closed at accept because their client held its share of the listener's budget, or the listener its total (listener=credentials|probe|metrics, reason=client-limit|total-limit)",
+                Family::default(),
+            ),
             registry: r,
         }
+    }
+
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
     }
 
     pub fn decision(&self, result: &'static str, reason: &'static str) {

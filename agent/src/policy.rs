@@ -19,12 +19,16 @@ pub enum Caller {
     /// A record exists but its cgroup could not be resolved (gone, or a
     /// path that must be refused, e.g. a pod-like cgroup nested in a pod).
     Unresolvable(String),
+    /// In kubelet's layout, but some directory on the way is not owned by
+    /// root: a delegated subtree, whose owner can name cgroups at will.
+    Delegated { cgroup_path: String, uid: u32 },
 }
 
 /// A failed check, in the order they are applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
     CallerNotAPod(String),
+    CallerDelegated(String),
     TokenNotPodBound,
     PodMismatch {
         token_pod: String,
@@ -49,6 +53,7 @@ impl Violation {
     pub fn reason(&self) -> &'static str {
         match self {
             Violation::CallerNotAPod(_) => "caller-not-a-pod",
+            Violation::CallerDelegated(_) => "caller-cgroup-delegated",
             Violation::TokenNotPodBound => "token-not-pod-bound",
             Violation::PodMismatch { .. } => "pod-mismatch",
             Violation::SubjectMismatch { .. } => "subject-mismatch",
@@ -65,6 +70,10 @@ impl fmt::Display for Violation {
             Violation::CallerNotAPod(why) => write!(
                 f,
                 "caller check failed: the calling process is not in a pod ({why})"
+            ),
+            Violation::CallerDelegated(why) => write!(
+                f,
+                "caller check failed: the calling process is in a delegated cgroup ({why})"
             ),
             Violation::TokenNotPodBound => {
                 write!(f, "token check failed: the token is not bound to a pod")
@@ -113,6 +122,11 @@ pub fn before_upstream(
             ));
         }
         Caller::Unresolvable(why) => return Err(Violation::CallerNotAPod(why.clone())),
+        Caller::Delegated { cgroup_path, uid } => {
+            return Err(Violation::CallerDelegated(format!(
+                "cgroup /{cgroup_path} is owned by uid {uid}"
+            )));
+        }
     };
     let token_pod = claims.pod_uid().ok_or(Violation::TokenNotPodBound)?;
     if !token_pod.eq_ignore_ascii_case(&pod.pod_uid) {
@@ -250,6 +264,16 @@ mod tests {
                 claims(Some(POD), SUB, None),
                 None,
                 Some("caller-not-a-pod"),
+            ),
+            (
+                "delegated lookalike",
+                Caller::Delegated {
+                    cgroup_path: "kubepods/pod0cc175b9-c0f1-b6a8-31c3-99e269772661".into(),
+                    uid: 1000,
+                },
+                claims(Some(POD), SUB, None),
+                None,
+                Some("caller-cgroup-delegated"),
             ),
             (
                 "unbound token",

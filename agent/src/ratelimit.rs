@@ -1,27 +1,32 @@
-//! Per-pod inbound rate limit: one token bucket per pod UID (governor), so
-//! one noisy pod cannot starve the node's others.
+//! Inbound rate limit per client: one token bucket per pod, per node
+//! process cgroup, or per source address when the kernel did not attribute
+//! the connection (governor), in every attribution mode — so one noisy
+//! caller, pod or not, cannot starve the node's others or spend EKS Auth
+//! calls at will.
 
 use std::num::NonZeroU32;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-pub struct PodRateLimiter {
-    limiter: DefaultKeyedRateLimiter<String>,
+use crate::client::ClientKey;
+
+pub struct ClientRateLimiter {
+    limiter: DefaultKeyedRateLimiter<ClientKey>,
 }
 
-impl PodRateLimiter {
+impl ClientRateLimiter {
     /// `None` when `per_second` is 0 (no limit).
-    pub fn new(per_second: u32, burst: u32) -> Option<PodRateLimiter> {
+    pub fn new(per_second: u32, burst: u32) -> Option<ClientRateLimiter> {
         let rate = NonZeroU32::new(per_second)?;
         let burst = NonZeroU32::new(burst.max(1)).unwrap_or(rate);
-        Some(PodRateLimiter {
+        Some(ClientRateLimiter {
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
         })
     }
 
-    /// Takes one token from the pod's bucket; false when empty.
-    pub fn allow(&self, pod_uid: &str) -> bool {
-        self.limiter.check_key(&pod_uid.to_owned()).is_ok()
+    /// Takes one token from the client's bucket; false when empty.
+    pub fn allow(&self, client: &ClientKey) -> bool {
+        self.limiter.check_key(client).is_ok()
     }
 
     /// Forgets idle pods' buckets (bounded memory).
@@ -35,11 +40,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_noisy_pod_is_limited_alone() {
-        let limiter = PodRateLimiter::new(1, 3).unwrap();
-        let allowed = (0..10).filter(|_| limiter.allow("noisy")).count();
-        assert_eq!(allowed, 3, "burst");
-        assert!(limiter.allow("quiet"), "another pod is unaffected");
-        assert!(PodRateLimiter::new(0, 10).is_none());
+    fn a_noisy_client_is_limited_alone() {
+        let limiter = ClientRateLimiter::new(1, 3).unwrap();
+        let noisy = [
+            ClientKey::Pod("noisy".into()),
+            ClientKey::Cgroup(42),
+            ClientKey::Source("198.18.0.9".parse().unwrap()),
+        ];
+        for client in &noisy {
+            let allowed = (0..10).filter(|_| limiter.allow(client)).count();
+            assert_eq!(allowed, 3, "burst of {client}");
+        }
+        assert!(limiter.allow(&ClientKey::Pod("quiet".into())), "another pod is unaffected");
+        assert!(ClientRateLimiter::new(0, 10).is_none());
     }
 }

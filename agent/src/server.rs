@@ -22,47 +22,76 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::{Semaphore, watch},
+    sync::watch,
 };
 use tracing::{debug, warn};
 
+use crate::{
+    attribution::{Accepted, Stamp},
+    syn,
+};
+
 pub type HttpResponse = Response<Full<Bytes>>;
 
-/// What the server knows about a connection, handed to every request on it.
+/// What the server knows about a connection when it is accepted.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The attribution stamp of the SYN (listeners bound with saved SYNs).
+    pub stamp: Option<Stamp>,
+}
+
+impl ConnInfo {
+    pub fn accepted(&self) -> Accepted {
+        Accepted {
+            peer: self.peer,
+            local: self.local,
+            stamp: self.stamp,
+        }
+    }
 }
 
 /// Limits that keep one slow or hostile client from hurting the others.
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
-    /// Headers must arrive within this (slowloris); needs hyper's timer.
+    /// Headers must arrive within this (slowloris), also while a
+    /// keep-alive connection waits for its next request; needs hyper's timer.
     pub header_read_timeout: Duration,
+    /// A new connection must send its first byte within this, or it is
+    /// closed before any HTTP state exists for it.
+    pub first_request_timeout: Duration,
     pub max_header_bytes: usize,
 }
 
 /// Binds `host:port`, with SO_REUSEADDR so a restarted agent rebinds at
-/// once despite connections in TIME_WAIT.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// once despite connections in TIME_WAIT. `save_syns`: keep each accepted
+/// connection's SYN, where the kernel's attribution stamp travels.
+pub fn bind(addr: SocketAddr, save_syns: bool) -> io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    if save_syns {
+        syn::save_syns(&socket)?;
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }
 
 /// Binds every host; failures are returned, not fatal (one address family
 /// missing must not take the other down).
-pub fn bind_all(hosts: &[IpAddr], port: u16) -> (Vec<TcpListener>, Vec<(SocketAddr, io::Error)>) {
+pub fn bind_all(
+    hosts: &[IpAddr],
+    port: u16,
+    save_syns: bool,
+) -> (Vec<TcpListener>, Vec<(SocketAddr, io::Error)>) {
     let mut bound = Vec::new();
     let mut failed = Vec::new();
     for host in hosts {
         let addr = SocketAddr::new(*host, port);
-        match bind(addr) {
+        match bind(addr, save_syns) {
             Ok(l) => bound.push(l),
             Err(e) => failed.push((addr, e)),
         }
@@ -70,19 +99,23 @@ pub fn bind_all(hosts: &[IpAddr], port: u16) -> (Vec<TcpListener>, Vec<(SocketAd
     (bound, failed)
 }
 
-/// Accepts on `listener` until `stop` flips, serving each connection with
-/// `handle`; each connection holds one of `permits` (the connection cap,
-/// shared by the listeners given the same semaphore). Connections are
-/// registered with `graceful` so shutdown can let in-flight requests finish.
-pub async fn serve<H, F>(
+/// Accepts on `listener` until `stop` flips. Accepting never waits: each
+/// connection gets its own task, which reads the SYN's stamp and asks
+/// `admit` for the connection's context (who is calling, its place in the
+/// budget); `None` closes the connection at once. Admitted connections are
+/// served with `handle` and registered with `graceful` so shutdown lets
+/// in-flight requests finish.
+pub async fn serve<A, C, H, F>(
     listener: TcpListener,
     limits: HttpLimits,
-    permits: Arc<Semaphore>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
+    admit: A,
     handle: H,
 ) where
-    H: Fn(ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    A: Fn(ConnInfo) -> Option<C> + Send + Sync + 'static,
+    C: Send + Sync + 'static,
+    H: Fn(Arc<C>, Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -92,14 +125,9 @@ pub async fn serve<H, F>(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let builder = Arc::new(builder);
+    let admit = Arc::new(admit);
+    let handle = Arc::new(handle);
     loop {
-        let permit = tokio::select! {
-            _ = stop.changed() => return,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => match accepted {
@@ -112,26 +140,36 @@ pub async fn serve<H, F>(
                 }
             },
         };
-        let local = match stream.local_addr() {
-            Ok(l) => l,
-            Err(e) => {
-                debug!(error = %e, "connection gone before it could be served");
-                continue;
-            }
-        };
-        let info = ConnInfo { peer, local };
-        let handle = handle.clone();
-        let service = service_fn(move |req| {
-            let response = handle(info, req);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let (builder, admit, handle) = (builder.clone(), admit.clone(), handle.clone());
+        let (watcher, first_request) = (graceful.watcher(), limits.first_request_timeout);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let Ok(local) = stream.local_addr() else {
+                return;
+            };
+            let stamp = syn::saved_stamp(&stream).unwrap_or_else(|e| {
+                debug!(client = %peer, error = %e, "reading the saved SYN failed");
+                None
+            });
+            let Some(context) = admit(ConnInfo { peer, local, stamp }) else {
+                return;
+            };
+            // Idle openers go before any HTTP state is made for them.
+            match tokio::time::timeout(first_request, stream.readable()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    debug!(client = %peer, "no request within the first-request deadline");
+                    return;
+                }
+            }
+            let context = Arc::new(context);
+            let service = service_fn(move |req| {
+                let response = handle(context.clone(), req);
+                async move { Ok::<_, Infallible>(response.await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
                 debug!(client = %peer, error = %e, "connection ended with an error");
             }
-            drop(permit);
         });
     }
 }

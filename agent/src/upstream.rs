@@ -96,12 +96,15 @@ pub struct UpstreamOptions {
     pub connect_timeout: Duration,
     pub attempt_timeout: Duration,
     pub max_attempts: u32,
+    /// The whole call, retries and backoff included.
+    pub deadline: Duration,
 }
 
 pub struct EksAuth {
     client: Client,
     cluster_name: String,
     node_name: Option<String>,
+    deadline: Duration,
 }
 
 impl EksAuth {
@@ -117,6 +120,7 @@ impl EksAuth {
                 TimeoutConfig::builder()
                     .connect_timeout(options.connect_timeout)
                     .operation_attempt_timeout(options.attempt_timeout)
+                    .operation_timeout(options.deadline)
                     .build(),
             )
             .retry_config(
@@ -135,6 +139,7 @@ impl EksAuth {
             client: Client::from_conf(config.build()),
             cluster_name: options.cluster_name.clone(),
             node_name: options.node_name.clone(),
+            deadline: options.deadline,
         }
     }
 }
@@ -166,8 +171,12 @@ impl Upstream for EksAuth {
             .cluster_name(&self.cluster_name)
             .token(token)
             .set_eks_node_name(self.node_name.clone());
+        let deadline = self.deadline;
         Box::pin(async move {
-            let output = request.send().await.map_err(map_error)?;
+            let output = request
+                .send()
+                .await
+                .map_err(|e| map_error(e, deadline))?;
             let missing = |what: &str| {
                 UpstreamError::Unavailable(format!("EKS Auth response without {what}"))
             };
@@ -197,7 +206,7 @@ impl Upstream for EksAuth {
     }
 }
 
-fn map_error(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
+fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, deadline: Duration) -> UpstreamError {
     match &err {
         // An "error" with a success status: the body did not parse.
         SdkError::ServiceError(service) if service.raw().status().as_u16() < 400 => {
@@ -220,11 +229,36 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
                 fault: if status >= 500 { "server" } else { "client" },
             }
         }
+        SdkError::TimeoutError(_) => UpstreamError::Unavailable(format!(
+            "EKS Auth did not answer within {}",
+            humantime::format_duration(deadline)
+        )),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => UpstreamError::Unavailable(
+            "EKS Auth did not answer in time (connecting or an attempt timed out)".into(),
+        ),
+        SdkError::DispatchFailure(_) => UpstreamError::Unavailable(format!(
+            "could not reach EKS Auth: {}",
+            root_cause(&err)
+        )),
+        SdkError::ResponseError(_) => UpstreamError::Unavailable(format!(
+            "malformed EKS Auth response: {}",
+            root_cause(&err)
+        )),
         _ => UpstreamError::Unavailable(format!(
-            "{}",
-            aws_smithy_types::error::display::DisplayErrorContext(&err)
+            "the EKS Auth request failed: {}",
+            root_cause(&err)
         )),
     }
+}
+
+/// The innermost error's own words (e.g. `Connection refused (os error
+/// 111)`), not the SDK's nested debug dump.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
 }
 
 /// `arn:aws:sts::111122223333:assumed-role/…` → `111122223333`.

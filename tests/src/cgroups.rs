@@ -60,6 +60,10 @@ impl PodSpec {
     }
 }
 
+/// The roots [`PodSpec::container_path`] lays pods under (kubelet's
+/// defaults for its two drivers).
+const KUBEPODS_ROOTS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
 pub struct CgroupTree {
     mount: PathBuf,
     root: PathBuf,
@@ -76,6 +80,26 @@ impl CgroupTree {
 
     pub fn mount(&self) -> &Path {
         &self.mount
+    }
+
+    /// kubelet's pod roots in this subtree, relative to the mount: what
+    /// the agent gets as `--kubepods-root` under test.
+    pub fn kubepods_roots(&self) -> Vec<String> {
+        let rel = self
+            .root
+            .strip_prefix(&self.mount)
+            .unwrap_or(&self.root)
+            .to_string_lossy()
+            .into_owned();
+        KUBEPODS_ROOTS
+            .iter()
+            .map(|r| format!("{rel}/{r}"))
+            .collect()
+    }
+
+    /// The pod layout the agent resolves this subtree with.
+    pub fn layout(&self) -> agent::cgroup::PodLayout {
+        agent::cgroup::PodLayout::new(self.kubepods_roots())
     }
 
     /// The subtree's root: where tests attach the kernel programs (and what

@@ -89,6 +89,9 @@ impl Cluster {
             "--audit-log",
             &self.audit_log().to_string_lossy(),
         ]);
+        for root in self.tree.kubepods_roots() {
+            args.extend(["--kubepods-root".to_owned(), root]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }

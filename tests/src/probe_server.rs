@@ -1,6 +1,6 @@
 //! A bare TCP server that asks the kernel attribution who opened each
-//! accepted connection: the server half of the attribution tests, without
-//! HTTP in the way.
+//! accepted connection — from the stamp in the SYN it saved, as the agent
+//! does: the server half of the attribution tests, without HTTP in the way.
 
 use std::{
     io::Write as _,
@@ -14,7 +14,10 @@ use std::{
     thread::JoinHandle,
 };
 
-use agent::attribution::{Caller, CallerLookup};
+use agent::{
+    attribution::{Accepted, Caller, CallerLookup},
+    syn,
+};
 use anyhow::{Context as _, Result};
 
 use crate::netns::{self, Netns};
@@ -53,6 +56,8 @@ impl ProbeServer {
                     .iter()
                     .map(|a| {
                         let l = TcpListener::bind(a).with_context(|| format!("bind {a}"))?;
+                        // Set after listen: SYNs arriving from now on are saved.
+                        syn::save_syns(&l).context("TCP_SAVE_SYN")?;
                         l.set_nonblocking(true)?;
                         Ok(l)
                     })
@@ -102,7 +107,13 @@ fn serve(
         for listener in listeners {
             while let Ok((mut stream, peer)) = listener.accept() {
                 let local = stream.local_addr().unwrap_or(peer);
-                let caller = lookup.caller(peer, local).map_err(|e| e.to_string());
+                let caller = syn::saved_stamp(&stream)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|stamp| {
+                        let accepted = Accepted { peer, local, stamp };
+                        Ok(lookup.caller(&accepted)?)
+                    })
+                    .map_err(|e| format!("{e:#}"));
                 let _ = tx.send(Observation {
                     peer,
                     local,

@@ -13,7 +13,7 @@ use std::{
 
 use agent::{
     attribution::{AttachOptions, Attribution},
-    cgroup::{CgroupResolver, pod_of_path},
+    cgroup::{CgroupResolver, PodLayout},
 };
 use anyhow::{Context as _, Result, ensure};
 use harness::{
@@ -45,6 +45,7 @@ fn fixture(extra_listeners: &[SocketAddr]) -> Result<Fixture> {
         cgroup: tree.root().to_owned(),
         addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
         port: 80,
+        probe_port: 0,
     })?);
     let mut listen: Vec<SocketAddr> = vec![(AGENT_V4, 80).into(), (AGENT_V6, 80).into()];
     listen.extend_from_slice(extra_listeners);
@@ -167,8 +168,11 @@ fn each_address_family_names_the_calling_pod() -> Result<()> {
             .resolver
             .path_of(caller.cgroup_id)?
             .context("cgroup vanished")?;
-        let resolved =
-            pod_of_path(&path)?.with_context(|| format!("{what}: {path} is not a pod"))?;
+        let resolved = fx
+            .tree
+            .layout()
+            .pod_of_path(&path)?
+            .with_context(|| format!("{what}: {path} is not a pod"))?;
         assert_eq!(resolved.pod_uid, pod.uid, "{what}: pod UID");
         assert_eq!(
             resolved.container_id.as_deref(),

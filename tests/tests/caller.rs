@@ -312,19 +312,72 @@ fn node_processes_unbound_tokens_other_subjects_and_other_nodes_are_refused() ->
     Ok(())
 }
 
+/// A token with `token`'s header and claims and a signature of its own
+/// choosing: `alg: none` with no signature, or a tampered signature.
+fn forge(token: &str, how: &str) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    let mut parts = token.splitn(3, '.');
+    let (_, claims, sig) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    match how {
+        "alg-none" => format!(
+            "{}.{claims}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#)
+        ),
+        _ => {
+            let header = token.split('.').next().unwrap_or_default();
+            let flipped: String = sig
+                .chars()
+                .rev()
+                .collect();
+            format!("{header}.{claims}.{flipped}")
+        }
+    }
+}
+
 #[test]
-fn a_rotated_token_of_the_same_pod_is_served_from_cache() -> Result<()> {
-    if !privileged_or_skip("a_rotated_token_is_served_from_cache") {
+fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
+    if !privileged_or_skip("only_tokens_eks_auth_accepted_are_served_from_cache") {
         return Ok(());
     }
     let env = env("enforce", &[])?;
-    let first = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    let genuine = env.own_token(Who::A)?;
+    let first = env.sdk_ok(Who::A, V4_URI, &genuine)?;
     let calls = env.fake.calls();
-    // The kubelet's next token: a new JWT (new jti, new times), same pod.
+    env.sdk_ok(Who::A, V6_URI, &genuine)?;
+    assert_eq!(env.fake.calls(), calls, "the accepted token went upstream again");
+    assert_eq!(env.last_audit()?["cache"], "hit");
+    // The caller's own claims under no signature, a broken one, or another
+    // issuer's key: EKS Auth is asked every time, and refuses.
+    let other_issuer = harness::tokens::Issuer::generate()?;
+    let forgeries = [
+        ("alg none", forge(&genuine, "alg-none")),
+        ("bad signature", forge(&genuine, "tampered")),
+        ("re-signed by another key", other_issuer.mint(&env.own_spec(Who::A))?),
+    ];
+    for (what, forged) in forgeries {
+        let before = env.fake.calls();
+        let out = env.sdk(Who::A, V4_URI, &forged)?;
+        assert!(!out.status.success(), "{what}: served");
+        assert_eq!(env.fake.calls(), before + 1, "{what}: EKS Auth was not asked");
+        let event = env.last_audit()?;
+        assert_ne!(event["cache"], "hit", "{what}: {event}");
+        assert_eq!(event["status"], 400, "{what}: {event}");
+    }
+    // The genuine entry is untouched by the refused forgeries.
+    let again = env.sdk_ok(Who::A, V4_URI, &genuine)?;
+    assert_eq!(again["access_key_id"], first["access_key_id"]);
+    assert_eq!(env.last_audit()?["cache"], "hit");
+    // The kubelet's next token (new jti, new times, same pod) is new to the
+    // agent: one EKS Auth call, then it is the entry's token.
     let rotated = env.own_token(Who::A)?;
-    let second = env.sdk_ok(Who::A, V6_URI, &rotated)?;
-    assert_eq!(second["access_key_id"], first["access_key_id"]);
-    assert_eq!(env.fake.calls(), calls, "the rotated token went upstream");
+    let before = env.fake.calls();
+    env.sdk_ok(Who::A, V6_URI, &rotated)?;
+    env.sdk_ok(Who::A, V4_URI, &rotated)?;
+    assert_eq!(env.fake.calls(), before + 1, "the rotated token's entry was not reused");
     assert_eq!(env.last_audit()?["cache"], "hit");
     // Another pod's identity never reads A's entry.
     let b = env.sdk_ok(Who::B, V4_URI, &env.own_token(Who::B)?)?;

@@ -122,6 +122,7 @@ fn run() -> Result<()> {
         cgroup: cluster.tree.root().to_owned(),
         addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
         port: 80,
+        probe_port: 0,
     })?;
     let with_other = best(|| connect_ns(cgroup, &net.netns, other))?;
     let with_ours = best(|| connect_ns(cgroup, &net.netns, ours))?;
