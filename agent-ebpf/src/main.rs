@@ -143,9 +143,7 @@ fn served_v6(addr: &RawAddr) -> bool {
 fn ours(port: Port, addr: &RawAddr) -> bool {
     match port {
         Port::Served => served_v6(addr),
-        Port::Probe => {
-            *addr == LOOPBACK_V6 || (is_v4_mapped(addr) && addr[3] == LOOPBACK_V4)
-        }
+        Port::Probe => *addr == LOOPBACK_V6 || (is_v4_mapped(addr) && addr[3] == LOOPBACK_V4),
     }
 }
 
@@ -306,7 +304,10 @@ fn on_connect(ctx: &SockOpsContext) {
     // Never overwrite: an id already taken (by chance) leaves this
     // connection unattributed rather than touching another's record.
     let id = random_id();
-    if CONNECTIONS.insert(id, state.record, BPF_NOEXIST.into()).is_err() {
+    if CONNECTIONS
+        .insert(id, state.record, BPF_NOEXIST.into())
+        .is_err()
+    {
         return;
     }
     state.stamp = Stamp {
@@ -349,14 +350,7 @@ fn on_write_option(ctx: &SockOpsContext) {
     // SAFETY: the option lives on this stack for the call; the length is
     // its size. Without room (other options took it) the SYN goes out
     // unstamped and the connection is not attributed: fail closed.
-    unsafe {
-        bpf_store_hdr_opt(
-            ctx.ops,
-            option.as_ptr().cast(),
-            STAMP_OPTION_LEN as u32,
-            0,
-        )
-    };
+    unsafe { bpf_store_hdr_opt(ctx.ops, option.as_ptr().cast(), STAMP_OPTION_LEN as u32, 0) };
 }
 
 /// The handshake is done: no later segment needs the option callbacks.

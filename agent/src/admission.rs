@@ -194,7 +194,9 @@ mod tests {
         let _a = budget.admit(pod("a")).unwrap();
         let _b = budget.admit(ClientKey::Cgroup(7)).unwrap();
         assert_eq!(
-            budget.admit(ClientKey::Source("10.0.0.1".parse().unwrap())).err(),
+            budget
+                .admit(ClientKey::Source("10.0.0.1".parse().unwrap()))
+                .err(),
             Some(Refusal::Full)
         );
     }

@@ -218,11 +218,7 @@ fn random_key() -> io::Result<[u64; 2]> {
     while filled < bytes.len() {
         // SAFETY: writes at most the remaining length into the buffer.
         let n = unsafe {
-            libc::getrandom(
-                bytes[filled..].as_mut_ptr().cast(),
-                bytes.len() - filled,
-                0,
-            )
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
         };
         if n < 0 {
             let err = io::Error::last_os_error();

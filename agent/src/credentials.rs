@@ -467,7 +467,11 @@ mod tests {
             fault: "client",
         });
         assert!(creds.get(&key, "forged").await.is_err());
-        assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "forgery not sent upstream");
+        assert_eq!(
+            upstream.calls.load(Ordering::SeqCst),
+            2,
+            "forgery not sent upstream"
+        );
         // The genuine entry survives, and the forgery never became its token.
         *upstream.fail_with.lock().unwrap() = None;
         let (assumed, source) = creds.get(&key, "genuine").await.unwrap();

@@ -139,7 +139,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         stop_rx.clone(),
         move |info| {
             let identifier = probe_admitting.verification.as_ref().map(|v| &v.identifier);
-            admission::admit(info, identifier, &probe_budget, &probe_admitting.metrics, "probe")
+            admission::admit(
+                info,
+                identifier,
+                &probe_budget,
+                &probe_admitting.metrics,
+                "probe",
+            )
         },
         move |_conn, req| probes::handle_probe(probe_state.clone(), req),
     ));

@@ -51,7 +51,10 @@ mod tests {
             let allowed = (0..10).filter(|_| limiter.allow(client)).count();
             assert_eq!(allowed, 3, "burst of {client}");
         }
-        assert!(limiter.allow(&ClientKey::Pod("quiet".into())), "another pod is unaffected");
+        assert!(
+            limiter.allow(&ClientKey::Pod("quiet".into())),
+            "another pod is unaffected"
+        );
         assert!(ClientRateLimiter::new(0, 10).is_none());
     }
 }

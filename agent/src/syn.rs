@@ -117,7 +117,7 @@ mod tests {
     /// A TCP header (20 bytes + `options`, padded to a multiple of 4).
     fn tcp(options: &[u8]) -> Vec<u8> {
         let mut opts = options.to_vec();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let mut header = vec![0u8; 20];
@@ -145,7 +145,9 @@ mod tests {
 
     /// Linux's usual SYN options, then ours: 40 bytes, the TCP maximum.
     fn linux_syn_options() -> Vec<u8> {
-        let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7];
+        let mut o = vec![
+            2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+        ];
         o.extend_from_slice(&STAMP.to_option());
         o
     }
@@ -155,16 +157,52 @@ mod tests {
         let mut other_exid = STAMP.to_option();
         other_exid[2] = 0;
         let cases: Vec<(&str, Vec<u8>, Option<Stamp>)> = vec![
-            ("IPv4, full option space", ipv4(&tcp(&linux_syn_options())), Some(STAMP)),
-            ("IPv6, full option space", ipv6(&tcp(&linux_syn_options())), Some(STAMP)),
-            ("IPv4, stamp alone", ipv4(&tcp(&STAMP.to_option())), Some(STAMP)),
+            (
+                "IPv4, full option space",
+                ipv4(&tcp(&linux_syn_options())),
+                Some(STAMP),
+            ),
+            (
+                "IPv6, full option space",
+                ipv6(&tcp(&linux_syn_options())),
+                Some(STAMP),
+            ),
+            (
+                "IPv4, stamp alone",
+                ipv4(&tcp(&STAMP.to_option())),
+                Some(STAMP),
+            ),
             ("no options", ipv4(&tcp(&[])), None),
-            ("usual options only", ipv4(&tcp(&[2, 4, 5, 0xb4, 1, 1, 4, 2])), None),
+            (
+                "usual options only",
+                ipv4(&tcp(&[2, 4, 5, 0xb4, 1, 1, 4, 2])),
+                None,
+            ),
             ("another experiment", ipv4(&tcp(&other_exid)), None),
-            ("after end of options", ipv4(&tcp(&[0, 0, 0, 0].iter().copied().chain(STAMP.to_option()).collect::<Vec<_>>())), None),
+            (
+                "after end of options",
+                ipv4(&tcp(&[0, 0, 0, 0]
+                    .iter()
+                    .copied()
+                    .chain(STAMP.to_option())
+                    .collect::<Vec<_>>())),
+                None,
+            ),
             ("zero-length option", ipv4(&tcp(&[5, 0, 1, 1])), None),
-            ("truncated stamp", ipv4(&tcp(&STAMP.to_option()[..12])), None),
-            ("UDP", { let mut p = ipv4(&tcp(&STAMP.to_option())); p[9] = 17; p }, None),
+            (
+                "truncated stamp",
+                ipv4(&tcp(&STAMP.to_option()[..12])),
+                None,
+            ),
+            (
+                "UDP",
+                {
+                    let mut p = ipv4(&tcp(&STAMP.to_option()));
+                    p[9] = 17;
+                    p
+                },
+                None,
+            ),
             ("not IP", vec![0x00; 80], None),
             ("empty", vec![], None),
         ];

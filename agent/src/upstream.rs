@@ -173,10 +173,7 @@ impl Upstream for EksAuth {
             .set_eks_node_name(self.node_name.clone());
         let deadline = self.deadline;
         Box::pin(async move {
-            let output = request
-                .send()
-                .await
-                .map_err(|e| map_error(e, deadline))?;
+            let output = request.send().await.map_err(|e| map_error(e, deadline))?;
             let missing = |what: &str| {
                 UpstreamError::Unavailable(format!("EKS Auth response without {what}"))
             };
@@ -236,18 +233,15 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, deadline: Duration) -
         SdkError::DispatchFailure(failure) if failure.is_timeout() => UpstreamError::Unavailable(
             "EKS Auth did not answer in time (connecting or an attempt timed out)".into(),
         ),
-        SdkError::DispatchFailure(_) => UpstreamError::Unavailable(format!(
-            "could not reach EKS Auth: {}",
-            root_cause(&err)
-        )),
-        SdkError::ResponseError(_) => UpstreamError::Unavailable(format!(
-            "malformed EKS Auth response: {}",
-            root_cause(&err)
-        )),
-        _ => UpstreamError::Unavailable(format!(
-            "the EKS Auth request failed: {}",
-            root_cause(&err)
-        )),
+        SdkError::DispatchFailure(_) => {
+            UpstreamError::Unavailable(format!("could not reach EKS Auth: {}", root_cause(&err)))
+        }
+        SdkError::ResponseError(_) => {
+            UpstreamError::Unavailable(format!("malformed EKS Auth response: {}", root_cause(&err)))
+        }
+        _ => {
+            UpstreamError::Unavailable(format!("the EKS Auth request failed: {}", root_cause(&err)))
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod pod;
 pub mod privilege;
 pub mod probe_server;
+pub mod served;
 pub mod tempdir;
 pub mod tokens;
 pub mod topology;

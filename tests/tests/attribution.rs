@@ -13,7 +13,7 @@ use std::{
 
 use agent::{
     attribution::{AttachOptions, Attribution},
-    cgroup::{CgroupResolver, PodLayout},
+    cgroup::CgroupResolver,
 };
 use anyhow::{Context as _, Result, ensure};
 use harness::{

@@ -4,122 +4,27 @@
 //! driver, hostNetwork), the real SDK container provider in each pod, the
 //! fake EKS Auth upstream.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Output,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::{AgentProcess, scrape_metrics},
     cgroups::remove_tree,
-    cluster::{Cluster, Who},
+    cluster::Who,
     netns::Netns,
-    pod::{pod_command, sdk_credentials},
     privilege::privileged_or_skip,
+    served::Served,
     tokens::TokenSpec,
     topology::{AGENT_V4, AGENT_V6},
     wait::wait_for,
 };
 use serde_json::Value;
 
-const POD_CLIENT: &str = env!("CARGO_BIN_EXE_pod-client");
 const NODE: &str = "node-1";
 const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 const V6_URI: &str = "http://[fd00:ec2::23]/v1/credentials";
 
-/// The agent first (dropped first), then the cluster it serves.
-struct Env {
-    agent: AgentProcess,
-    cluster: Cluster,
-}
-
-impl std::ops::Deref for Env {
-    type Target = Cluster;
-
-    fn deref(&self) -> &Cluster {
-        &self.cluster
-    }
-}
-
-fn env(mode: &str, extra: &[&str]) -> Result<Env> {
-    let cluster = Cluster::new(NODE)?;
-    let agent = AgentProcess::start(&cluster.node.netns, &cluster.agent_args(mode, extra))?;
-    Ok(Env { agent, cluster })
-}
-
-impl Env {
-    fn token_file(&self, token: &str) -> Result<PathBuf> {
-        self.dir.file("token-", token)
-    }
-
-    /// The real SDK provider in a process placed in `cgroup` and `netns`.
-    fn sdk_in(&self, cgroup: &Path, netns: &Netns, uri: &str, token: &str) -> Result<Output> {
-        let file = self.token_file(token)?;
-        sdk_credentials(
-            &mut pod_command(POD_CLIENT.as_ref(), cgroup, netns)?,
-            uri,
-            &file,
-        )
-        .output()
-        .context("run pod-client")
-    }
-
-    fn sdk(&self, who: Who, uri: &str, token: &str) -> Result<Output> {
-        let (cgroup, netns) = self.placement(who);
-        self.sdk_in(cgroup, netns, uri, token)
-    }
-
-    fn sdk_ok(&self, who: Who, uri: &str, token: &str) -> Result<Value> {
-        let out = self.sdk(who, uri, token)?;
-        ensure!(
-            out.status.success(),
-            "SDK failed: {}\nagent:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.agent.logs()
-        );
-        serde_json::from_slice(&out.stdout).context("pod-client output")
-    }
-
-    /// Audit events so far.
-    fn audit(&self) -> Result<Vec<Value>> {
-        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str(l).context("audit line"))
-            .collect()
-    }
-
-    fn last_audit(&self) -> Result<Value> {
-        self.audit()?.pop().context("no audit event")
-    }
-
-    fn metrics(&self) -> Result<String> {
-        scrape_metrics(&self.node.netns)
-    }
-
-    /// `count` raw requests from a pod process; status → how many.
-    fn burst(
-        &self,
-        who: Who,
-        addr: SocketAddr,
-        token: &str,
-        count: u32,
-    ) -> Result<std::process::Child> {
-        let (cgroup, netns) = self.placement(who);
-        let file = self.token_file(token)?;
-        pod_command(POD_CLIENT.as_ref(), cgroup, netns)?
-            .args([
-                "http-get",
-                &addr.to_string(),
-                &file.to_string_lossy(),
-                &count.to_string(),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("spawn pod-client http-get")
-    }
+fn env(mode: &str, extra: &[&str]) -> Result<Served> {
+    Served::start(NODE, mode, extra)
 }
 
 fn statuses(child: std::process::Child) -> Result<Value> {
@@ -329,10 +234,7 @@ fn forge(token: &str, how: &str) -> String {
         ),
         _ => {
             let header = token.split('.').next().unwrap_or_default();
-            let flipped: String = sig
-                .chars()
-                .rev()
-                .collect();
+            let flipped: String = sig.chars().rev().collect();
             format!("{header}.{claims}.{flipped}")
         }
     }
@@ -348,7 +250,11 @@ fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
     let first = env.sdk_ok(Who::A, V4_URI, &genuine)?;
     let calls = env.fake.calls();
     env.sdk_ok(Who::A, V6_URI, &genuine)?;
-    assert_eq!(env.fake.calls(), calls, "the accepted token went upstream again");
+    assert_eq!(
+        env.fake.calls(),
+        calls,
+        "the accepted token went upstream again"
+    );
     assert_eq!(env.last_audit()?["cache"], "hit");
     // The caller's own claims under no signature, a broken one, or another
     // issuer's key: EKS Auth is asked every time, and refuses.
@@ -356,13 +262,20 @@ fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
     let forgeries = [
         ("alg none", forge(&genuine, "alg-none")),
         ("bad signature", forge(&genuine, "tampered")),
-        ("re-signed by another key", other_issuer.mint(&env.own_spec(Who::A))?),
+        (
+            "re-signed by another key",
+            other_issuer.mint(&env.own_spec(Who::A))?,
+        ),
     ];
     for (what, forged) in forgeries {
         let before = env.fake.calls();
         let out = env.sdk(Who::A, V4_URI, &forged)?;
         assert!(!out.status.success(), "{what}: served");
-        assert_eq!(env.fake.calls(), before + 1, "{what}: EKS Auth was not asked");
+        assert_eq!(
+            env.fake.calls(),
+            before + 1,
+            "{what}: EKS Auth was not asked"
+        );
         let event = env.last_audit()?;
         assert_ne!(event["cache"], "hit", "{what}: {event}");
         assert_eq!(event["status"], 400, "{what}: {event}");
@@ -377,7 +290,11 @@ fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
     let before = env.fake.calls();
     env.sdk_ok(Who::A, V6_URI, &rotated)?;
     env.sdk_ok(Who::A, V4_URI, &rotated)?;
-    assert_eq!(env.fake.calls(), before + 1, "the rotated token's entry was not reused");
+    assert_eq!(
+        env.fake.calls(),
+        before + 1,
+        "the rotated token's entry was not reused"
+    );
     assert_eq!(env.last_audit()?["cache"], "hit");
     // Another pod's identity never reads A's entry.
     let b = env.sdk_ok(Who::B, V4_URI, &env.own_token(Who::B)?)?;

@@ -10,6 +10,13 @@
 //! * `pod-client http-get ADDR TOKEN_FILE COUNT`: COUNT raw credential
 //!   requests; prints how many got each status.
 //! * `pod-client connect-bench ADDR COUNT`: COUNT connect/close; prints ns.
+//! * `pod-client http-load ADDR PATH TOKEN_FILE SECONDS`,
+//!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`: see `load`.
+//! * `pod-client as-user UID CGROUP SUBCOMMAND…`, `userns-spray …`,
+//!   `hold …`: what a hostile process does; see `hostile`.
+
+mod hostile;
+mod load;
 
 use std::{
     io::Read as _,
@@ -37,9 +44,23 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd] if cmd == "sdk-credentials" => sdk_credentials(),
         [cmd, addr, token_file, count] if cmd == "http-get" => http_get(addr, token_file, count),
         [cmd, addr, count] if cmd == "connect-bench" => connect_bench(addr, count),
-        _ => Err(
-            "usage: pod-client connect ADDR COUNT | sdk-credentials | http-get ADDR TOKEN_FILE COUNT".into(),
-        ),
+        [cmd, addr, path, token_file, seconds] if cmd == "http-load" => {
+            load::http_load(addr, path, token_file, seconds)
+        }
+        [cmd, addr, token_file, count, pause] if cmd == "keepalive" => {
+            load::keepalive(addr, token_file, count, pause)
+        }
+        [cmd, uid, cgroup, rest @ ..] if cmd == "as-user" => {
+            hostile::become_user(uid, cgroup)?;
+            run(rest)
+        }
+        [cmd, target, sources, lo, hi, rounds] if cmd == "userns-spray" => {
+            hostile::userns_spray(target, sources, lo, hi, rounds)
+        }
+        [cmd, addr, count, seconds] if cmd == "hold" => hostile::hold(addr, count, seconds),
+        _ => Err(format!(
+            "unknown or incomplete command {args:?} (see the module doc)"
+        )),
     }
 }
 

@@ -1,0 +1,297 @@
+//! What a hostile process on the node does to the agent: shed root and
+//! place itself in a cgroup subtree it owns, spray connections from its own
+//! user+network namespace under a victim's source address, or hold
+//! thousands of idle connections.
+
+use std::{
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+fn parse<T: std::str::FromStr>(raw: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    raw.parse().map_err(|e| format!("{raw}: {e}"))
+}
+
+fn os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// `as-user UID CGROUP …`: drops to UID (uid and gid, no supplementary
+/// groups), then — as that user, with no privilege left — creates CGROUP
+/// (a path in a subtree delegated to it) and moves itself in.
+pub fn become_user(uid: &str, cgroup: &str) -> Result<(), String> {
+    let uid: u32 = parse(uid)?;
+    // SAFETY: plain credential syscalls on this process, single-threaded here.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(os_error("setgroups"));
+        }
+        if libc::setgid(uid) != 0 {
+            return Err(os_error("setgid"));
+        }
+        if libc::setuid(uid) != 0 {
+            return Err(os_error("setuid"));
+        }
+        // Changing uid made the process non-dumpable, which leaves its
+        // /proc files root's; a user's own process has them.
+        if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
+            return Err(os_error("prctl(PR_SET_DUMPABLE)"));
+        }
+    }
+    let dir = Path::new(cgroup);
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir -p {cgroup}: {e}"))?;
+    std::fs::write(dir.join("cgroup.procs"), "0")
+        .map_err(|e| format!("join {cgroup} as uid {uid}: {e}"))
+}
+
+/// `userns-spray TARGET SOURCES PORT_LO PORT_HI ROUNDS`: an unprivileged
+/// user's own user+network namespace where it holds the victims' source
+/// addresses (comma-separated) and TARGET itself; each round opens a
+/// connection to TARGET from every source address and port in the range,
+/// holds them all, then closes them all. Every one of those connect()s
+/// runs the agent's kernel programs with a 4-tuple a victim may be using
+/// right now in the node's namespace.
+pub fn userns_spray(
+    target: &str,
+    sources: &str,
+    port_lo: &str,
+    port_hi: &str,
+    rounds: &str,
+) -> Result<(), String> {
+    let target: SocketAddr = parse(target)?;
+    let sources: Vec<IpAddr> = sources.split(',').map(parse).collect::<Result<_, _>>()?;
+    let (lo, hi): (u16, u16) = (parse(port_lo)?, parse(port_hi)?);
+    let rounds: u32 = parse(rounds)?;
+    enter_own_namespaces()?;
+    let mut addrs: Vec<IpAddr> = sources.clone();
+    if !addrs.contains(&target.ip()) {
+        addrs.push(target.ip());
+    }
+    ip(&["link", "set", "lo", "up"])?;
+    for addr in &addrs {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "lo"])?;
+    }
+    let listener = TcpListener::bind(target).map_err(|e| format!("bind {target}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut connected = 0u64;
+    for _ in 0..rounds {
+        let mut held = Vec::new();
+        for source in &sources {
+            for port in lo..=hi {
+                match connect_from(SocketAddr::new(*source, port), target) {
+                    Ok(stream) => {
+                        held.push(stream);
+                        connected += 1;
+                    }
+                    Err(e) => return Err(format!("connect from {source}:{port}: {e}")),
+                }
+            }
+        }
+        // Drain the accept queue so the next round's SYNs are not dropped.
+        while listener.accept().is_ok() {}
+        drop(held);
+    }
+    println!("{}", json!({ "connected": connected, "rounds": rounds }));
+    Ok(())
+}
+
+/// unshare(CLONE_NEWUSER | CLONE_NEWNET) and map this user to root inside:
+/// what any unprivileged user may do, and what grants CAP_NET_ADMIN over
+/// the new network namespace.
+fn enter_own_namespaces() -> Result<(), String> {
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // SAFETY: unshare of this (single-threaded) process.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
+        return Err(os_error("unshare(user+net)"));
+    }
+    let write = |file: &str, text: String| {
+        std::fs::write(format!("/proc/self/{file}"), text).map_err(|e| format!("{file}: {e}"))
+    };
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("0 {uid} 1"))?;
+    write("gid_map", format!("0 {gid} 1"))
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .map_err(|e| format!("ip {args:?}: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!("ip {args:?}: {status}"))
+}
+
+/// A connection from exactly `source` (address and port) to `target`.
+fn connect_from(source: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let domain = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2); the fd is owned by the TcpStream below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt/bind/connect on our socket with valid sockaddrs.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let (src, src_len) = sockaddr(source);
+        if libc::bind(fd, (&raw const src).cast(), src_len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (dst, dst_len) = sockaddr(target);
+        if libc::connect(fd, (&raw const dst).cast(), dst_len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(stream)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// `hold ADDR COUNT SECONDS`: keeps COUNT idle connections to ADDR open
+/// for SECONDS, opening a new one whenever the server closes one.
+pub fn hold(addr: &str, count: &str, seconds: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse(addr)?;
+    let count: usize = parse(count)?;
+    let seconds: f64 = parse(seconds)?;
+    raise_fd_limit(count + 64)?;
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let (mut opened, mut closed_by_server, mut failed) = (0u64, 0u64, 0u64);
+    let mut open = |failed: &mut u64| -> Option<TcpStream> {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => {
+                opened += 1;
+                Some(s)
+            }
+            Err(_) => {
+                *failed += 1;
+                None
+            }
+        }
+    };
+    let mut streams: Vec<TcpStream> = (0..count).filter_map(|_| open(&mut failed)).collect();
+    let mut most_open = streams.len();
+    while Instant::now() < until {
+        let mut fds: Vec<libc::pollfd> = streams
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: fds is a valid pollfd array of its length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
+        let mut kept = Vec::with_capacity(streams.len());
+        for (mut stream, fd) in streams.into_iter().zip(&fds) {
+            if fd.revents == 0 {
+                kept.push(stream);
+                continue;
+            }
+            let mut byte = [0u8; 1];
+            match stream.read(&mut byte) {
+                Ok(n) if n > 0 => kept.push(stream),
+                _ => closed_by_server += 1,
+            }
+        }
+        streams = kept;
+        while streams.len() < count && Instant::now() < until {
+            match open(&mut failed) {
+                Some(s) => streams.push(s),
+                None => break,
+            }
+        }
+        most_open = most_open.max(streams.len());
+    }
+    println!(
+        "{}",
+        json!({
+            "opened": opened,
+            "closed_by_server": closed_by_server,
+            "connect_failures": failed,
+            "most_open": most_open,
+        })
+    );
+    Ok(())
+}
+
+fn raise_fd_limit(want: usize) -> Result<(), String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(os_error("getrlimit"));
+        }
+        limit.rlim_cur = limit.rlim_max.min(want as libc::rlim_t).max(limit.rlim_cur);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(os_error("setrlimit"));
+        }
+    }
+    if (limit.rlim_cur as usize) < want {
+        return Err(format!(
+            "RLIMIT_NOFILE hard limit {} is below the {want} descriptors needed",
+            limit.rlim_max
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! The agent against an attacker on the node, in enforce mode: every test
+//! here is an attack that once worked (or could have), now run against the
+//! real agent binary, the real kernel programs and the real SDK.
+//!
+//! * lookalike cgroups — kubelet's layout rebuilt where kubelet does not put
+//!   pods, by root or by an unprivileged user in a subtree delegated to it;
+//! * connection-record collisions from an unprivileged user+network
+//!   namespace that holds the victims' source addresses;
+//! * a pod holding ten thousand idle connections to the credential
+//!   endpoint, or to the probe port;
+//! * restarts under load (no connection accepted before attribution).
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::chown,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use harness::{
+    cgroups::{Driver, PodSpec},
+    cluster::Who,
+    netns::Netns,
+    pod::sdk_credentials,
+    privilege::privileged_or_skip,
+    served::Served,
+    topology::AGENT_V4,
+};
+use serde_json::Value;
+
+const NODE: &str = "node-1";
+const V4_URI: &str = "http://169.254.170.23/v1/credentials";
+/// `nobody`: an unprivileged user with no capability anywhere.
+const NOBODY: u32 = 65534;
+
+/// The agent in enforce mode; `unlimited`: without the per-client request
+/// rate limit, for tests whose victims fetch back to back.
+fn env(unlimited: bool) -> Result<Served> {
+    let extra: &[&str] = if unlimited {
+        &["--pod-rate-limit=0"]
+    } else {
+        &[]
+    };
+    Served::start(NODE, "enforce", extra)
+}
+
+/// Hands a cgroup to `uid` the way systemd delegates one: the directory and
+/// the files its owner needs to create children and move processes.
+fn delegate(dir: &Path, uid: u32) -> Result<()> {
+    for path in [
+        dir.to_owned(),
+        dir.join("cgroup.procs"),
+        dir.join("cgroup.threads"),
+        dir.join("cgroup.subtree_control"),
+    ] {
+        chown(&path, Some(uid), Some(uid)).with_context(|| format!("chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the SDK with `token` as `nobody`: it starts in `start` (a cgroup
+/// delegated to it), creates `target` itself and moves itself there.
+fn sdk_as_nobody(env: &Served, start: &Path, target: &Path, token: &str) -> Result<Value> {
+    let file = env.token_file(token)?;
+    let mut cmd = env.pod_client(start, &env.node.netns)?;
+    cmd.args(["as-user", &NOBODY.to_string(), &target.to_string_lossy()]);
+    let out = sdk_credentials(&mut cmd, V4_URI, &file).output()?;
+    ensure!(
+        !out.status.success(),
+        "served a stolen token as nobody in {}",
+        target.display()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !stderr.contains("join") && !stderr.contains("mkdir"),
+        "the attack itself failed to set up: {stderr}"
+    );
+    env.last_audit()
+}
+
+#[test]
+fn lookalike_cgroups_outside_kubelets_roots_or_delegated_are_not_pods() -> Result<()> {
+    if !privileged_or_skip("lookalike_cgroups_outside_kubelets_roots_or_delegated_are_not_pods") {
+        return Ok(());
+    }
+    let env = env(false)?;
+    let stolen = env.own_token(Who::A)?;
+    let victim = env.pod(Who::A).clone();
+    let uid_ = victim.uid.replace('-', "_");
+    let cid = PodSpec::new(Driver::Systemd).container_id;
+    let systemd_pod = format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/cri-containerd-{cid}.scope"
+    );
+
+    // Root rebuilds kubelet's layout elsewhere: under a node service, under
+    // a top-level name that only starts like kubelet's root.
+    for (what, rel) in [
+        (
+            "kubelet's systemd layout under a node service",
+            format!("system.slice/backup.service/{systemd_pod}"),
+        ),
+        (
+            "a root named like kubelet's, plus a suffix",
+            systemd_pod.replacen("kubepods.slice", "kubepods.slice.old", 1),
+        ),
+        (
+            "kubelet's cgroupfs layout under an unconfigured prefix",
+            format!("test-run-4243/kubepods/besteffort/pod{}/{cid}", victim.uid),
+        ),
+    ] {
+        let cgroup = env.tree.create(&rel)?;
+        let out = env.sdk_in(&cgroup, &env.node.netns, V4_URI, &stolen)?;
+        ensure!(!out.status.success(), "{what}: served a stolen token");
+        let event = env.last_audit()?;
+        assert_eq!(event["reason"], "caller-not-a-pod", "{what}: {event}");
+        assert_eq!(event["status"], 403, "{what}");
+    }
+
+    // No root needed: systemd delegates user@UID.service to its user, who
+    // builds kubelet's cgroupfs layout inside and moves itself in.
+    let delegated = env.tree.create(&format!(
+        "user.slice/user-{NOBODY}.slice/user@{NOBODY}.service"
+    ))?;
+    delegate(&delegated, NOBODY)?;
+    let start = env.tree.create(&format!(
+        "user.slice/user-{NOBODY}.slice/user@{NOBODY}.service/init.scope"
+    ))?;
+    delegate(&start, NOBODY)?;
+    let lookalike = delegated.join(format!(
+        "app.slice/kubepods/besteffort/pod{}/{cid}",
+        victim.uid
+    ));
+    let event = sdk_as_nobody(&env, &start, &lookalike, &stolen)?;
+    assert_eq!(
+        event["reason"], "caller-not-a-pod",
+        "delegated lookalike: {event}"
+    );
+
+    // Below kubelet's root, in kubelet's layout, but a directory on the way
+    // is not root's: whoever owns it may have made the rest.
+    let pod_dir = env
+        .tree
+        .create(&format!("kubepods/besteffort/pod{}", victim.uid))?;
+    delegate(&pod_dir, NOBODY)?;
+    let start = env
+        .tree
+        .create(&format!("kubepods/besteffort/pod{}/start", victim.uid))?;
+    delegate(&start, NOBODY)?;
+    let event = sdk_as_nobody(&env, &start, &pod_dir.join(&cid), &stolen)?;
+    assert_eq!(
+        event["reason"], "caller-cgroup-delegated",
+        "delegated cgroup below a root: {event}"
+    );
+
+    // And the victim itself is still served.
+    env.sdk_ok(Who::A, V4_URI, &stolen)?;
+    Ok(())
+}
+
+/// Spawns `pod-client` with `args` in `cgroup`/`netns`, stdout piped.
+fn spawn(env: &Served, cgroup: &Path, netns: &Netns, args: &[&str]) -> Result<Child> {
+    env.pod_client(cgroup, netns)?
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn pod-client")
+}
+
+/// Waits for a `pod-client` and parses its last stdout line as JSON.
+fn finish(child: Child, what: &str) -> Result<Value> {
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{what}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("{what}: output {stdout:?}"))
+}
+
+fn count(tally: &Value, status: &str) -> u64 {
+    tally["statuses"][status].as_u64().unwrap_or(0)
+}
+
+fn total(tally: &Value) -> u64 {
+    tally["statuses"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0)
+}
+
+/// Source ports every client in the node and pod A's namespaces draws from
+/// during the collision test: few enough that the attacker covers them all.
+const PORT_LO: u16 = 45000;
+const PORT_HI: u16 = 45063;
+
+#[test]
+fn a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records() -> Result<()> {
+    if !privileged_or_skip("a_namespace_owning_the_victims_source_addresses") {
+        return Ok(());
+    }
+    let env = env(true)?;
+    let range = format!("{PORT_LO} {PORT_HI}");
+    for netns in [&env.net_a.netns, &env.node.netns] {
+        netns.sysctl("net.ipv4.ip_local_port_range", &range)?;
+    }
+    let target: SocketAddr = (AGENT_V4, 80).into();
+    let file_a = env.token_file(&env.own_token(Who::A)?)?;
+    let file_b = env.token_file(&env.own_token(Who::B)?)?;
+    let (cg_a, cg_b) = (env.cg_a.clone(), env.cg_b.clone());
+
+    // The victims' live keep-alive connections, one request every 50 ms.
+    let keep = |cgroup: &Path, netns: &Netns, file: &PathBuf| {
+        spawn(
+            &env,
+            cgroup,
+            netns,
+            &[
+                "keepalive",
+                &target.to_string(),
+                &file.to_string_lossy(),
+                "60",
+                "50",
+            ],
+        )
+    };
+    let keep_a = keep(&cg_a, &env.net_a.netns, &file_a)?;
+    let keep_b = keep(&cg_b, &env.node.netns, &file_b)?;
+
+    // The attacker: nobody, in a cgroup of its own (delegated, as systemd
+    // would), spraying every (victim address, port in range) from its own
+    // user+network namespace, round after round.
+    let attacker = env.tree.create("user.slice/attacker")?;
+    delegate(&attacker, NOBODY)?;
+    let sources = format!("{},{AGENT_V4}", env.net_a.ipv4);
+    let spray = spawn(
+        &env,
+        &attacker,
+        &env.node.netns,
+        &[
+            "as-user",
+            &NOBODY.to_string(),
+            &attacker.to_string_lossy(),
+            "userns-spray",
+            &target.to_string(),
+            &sources,
+            &PORT_LO.to_string(),
+            &PORT_HI.to_string(),
+            "40",
+        ],
+    )?;
+    // Meanwhile both victims open new connections from the same ports.
+    let load = |cgroup: &Path, netns: &Netns, file: &PathBuf| {
+        spawn(
+            &env,
+            cgroup,
+            netns,
+            &[
+                "http-load",
+                &target.to_string(),
+                "/v1/credentials",
+                &file.to_string_lossy(),
+                "3",
+            ],
+        )
+    };
+    let load_a = load(&cg_a, &env.net_a.netns, &file_a)?;
+    let load_b = load(&cg_b, &env.node.netns, &file_b)?;
+
+    let sprayed = finish(spray, "attacker")?;
+    ensure!(
+        sprayed["connected"].as_u64() >= Some(2 * 64 * 40),
+        "the attack did not run: {sprayed}"
+    );
+    for (what, child) in [
+        ("pod A keep-alive", keep_a),
+        ("pod B keep-alive", keep_b),
+        ("pod A new connections", load_a),
+        ("pod B new connections", load_b),
+    ] {
+        let tally = finish(child, what)?;
+        ensure!(
+            count(&tally, "200") == total(&tally) && total(&tally) > 0,
+            "{what}: {tally}\nagent:\n{}",
+            env.agent.logs()
+        );
+    }
+    // Every credential hand-out names the right pod.
+    for event in env.audit()? {
+        let pod = event["pod_uid"].as_str().unwrap_or_default();
+        assert_eq!(event["decision"], "allow", "{event}");
+        let expected = if event["service_account"] == "app-a" {
+            &env.pod(Who::A).uid
+        } else {
+            &env.pod(Who::B).uid
+        };
+        assert_eq!(pod, expected, "{event}");
+    }
+    // The attacker's own connection to the agent is the attacker's.
+    let out = env.sdk_in(&attacker, &env.node.netns, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(!out.status.success(), "the attacker was served");
+    let event = env.last_audit()?;
+    assert_eq!(event["reason"], "caller-not-a-pod", "{event}");
+    assert_eq!(
+        event["cgroup_id"].as_u64(),
+        Some(agent::cgroup::CgroupResolver::id_of(&attacker)?),
+        "{event}"
+    );
+    Ok(())
+}
+
+/// One pod holds `HOG` idle connections (and reopens every one the agent
+/// closes) while two others fetch credentials.
+const HOG: &str = "10000";
+
+#[test]
+fn a_pod_holding_ten_thousand_idle_connections_starves_no_one() -> Result<()> {
+    if !privileged_or_skip("a_pod_holding_ten_thousand_idle_connections_starves_no_one") {
+        return Ok(());
+    }
+    let env = env(true)?;
+    let hog_pod = PodSpec::new(Driver::Cgroupfs);
+    let hog_cgroup = env.tree.pod(&hog_pod)?;
+    let target: SocketAddr = (AGENT_V4, 80).into();
+    let probe = "127.0.0.1:2703";
+    for (what, addr, path) in [
+        ("credential endpoint", target.to_string(), "/v1/credentials"),
+        ("probe port", probe.to_owned(), "/healthz"),
+    ] {
+        let hog = spawn(
+            &env,
+            &hog_cgroup,
+            &env.node.netns,
+            &["hold", &addr, HOG, "6"],
+        )?;
+        // Let the hog fill its share first.
+        std::thread::sleep(Duration::from_millis(1500));
+        let file_a = env.token_file(&env.own_token(Who::A)?)?;
+        let file_b = env.token_file(&env.own_token(Who::B)?)?;
+        let victims = [
+            (
+                Who::A,
+                &env.cg_a,
+                &env.net_a.netns,
+                file_a,
+                target.to_string(),
+            ),
+            (Who::B, &env.cg_b, &env.node.netns, file_b, addr.clone()),
+        ];
+        let loads: Vec<(Who, Child)> = victims
+            .iter()
+            .map(|(who, cgroup, netns, file, to)| {
+                let path = if to == &target.to_string() {
+                    "/v1/credentials"
+                } else {
+                    path
+                };
+                spawn(
+                    &env,
+                    cgroup,
+                    netns,
+                    &["http-load", to, path, &file.to_string_lossy(), "3"],
+                )
+                .map(|c| (*who, c))
+            })
+            .collect::<Result<_>>()?;
+        for (who, child) in loads {
+            let tally = finish(child, what)?;
+            let p99 = tally["p99_ms"].as_f64().unwrap_or(f64::MAX);
+            ensure!(
+                count(&tally, "200") == total(&tally) && total(&tally) > 20,
+                "{what}: pod {who:?} not served: {tally}"
+            );
+            ensure!(p99 < 100.0, "{what}: pod {who:?} p99 {p99:.1} ms: {tally}");
+        }
+        let held = finish(hog, "hog")?;
+        ensure!(
+            held["closed_by_server"].as_u64() > Some(1000),
+            "{what}: the hog was not held to its share: {held}"
+        );
+    }
+    let metrics = env.metrics()?;
+    ensure!(
+        metrics.contains("pod_identity_connections_refused_total{listener=\"credentials\",reason=\"client-limit\"}"),
+        "no refusal counted:\n{metrics}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
+    if !privileged_or_skip("a_restart_under_load_refuses_no_legitimate_request") {
+        return Ok(());
+    }
+    let mut env = env(true)?;
+    let target: SocketAddr = (AGENT_V4, 80).into();
+    let files = [
+        env.token_file(&env.own_token(Who::A)?)?,
+        env.token_file(&env.own_token(Who::B)?)?,
+    ];
+    let loads: Vec<Child> = [Who::A, Who::B]
+        .iter()
+        .zip(&files)
+        .map(|(who, file)| {
+            let (cgroup, netns) = env.placement(*who);
+            spawn(
+                &env,
+                cgroup,
+                netns,
+                &[
+                    "http-load",
+                    &target.to_string(),
+                    "/v1/credentials",
+                    &file.to_string_lossy(),
+                    "4",
+                ],
+            )
+        })
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(700));
+    for _ in 0..3 {
+        env.agent.terminate(Duration::from_secs(15))?;
+        let args = env.agent_args("enforce", &["--pod-rate-limit=0"]);
+        env.agent = harness::agent_proc::AgentProcess::start(&env.node.netns, &args)?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for (who, child) in [Who::A, Who::B].into_iter().zip(loads) {
+        let tally = finish(child, "load")?;
+        ensure!(count(&tally, "200") > 0, "pod {who:?}: {tally}");
+        ensure!(
+            count(&tally, "200") == total(&tally),
+            "pod {who:?} got refusals across restarts: {tally}"
+        );
+    }
+    let denied: Vec<Value> = env
+        .audit()?
+        .into_iter()
+        .filter(|e| e["decision"] != "allow")
+        .collect();
+    ensure!(denied.is_empty(), "refused across restarts: {denied:?}");
+    Ok(())
+}
