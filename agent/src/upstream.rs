@@ -104,7 +104,8 @@ pub struct EksAuth {
     client: Client,
     cluster_name: String,
     node_name: Option<String>,
-    deadline: Duration,
+    /// The timeouts in force, as a timed-out answer states them.
+    timeouts: String,
 }
 
 impl EksAuth {
@@ -139,7 +140,12 @@ impl EksAuth {
             client: Client::from_conf(config.build()),
             cluster_name: options.cluster_name.clone(),
             node_name: options.node_name.clone(),
-            deadline: options.deadline,
+            timeouts: format!(
+                "at most {} per attempt, {} attempts, {} in all",
+                humantime::format_duration(options.attempt_timeout),
+                options.max_attempts,
+                humantime::format_duration(options.deadline)
+            ),
         }
     }
 }
@@ -171,9 +177,9 @@ impl Upstream for EksAuth {
             .cluster_name(&self.cluster_name)
             .token(token)
             .set_eks_node_name(self.node_name.clone());
-        let deadline = self.deadline;
+        let timeouts = self.timeouts.clone();
         Box::pin(async move {
-            let output = request.send().await.map_err(|e| map_error(e, deadline))?;
+            let output = request.send().await.map_err(|e| map_error(e, &timeouts))?;
             let missing = |what: &str| {
                 UpstreamError::Unavailable(format!("EKS Auth response without {what}"))
             };
@@ -203,7 +209,7 @@ impl Upstream for EksAuth {
     }
 }
 
-fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, deadline: Duration) -> UpstreamError {
+fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, timeouts: &str) -> UpstreamError {
     match &err {
         // An "error" with a success status: the body did not parse.
         SdkError::ServiceError(service) if service.raw().status().as_u16() < 400 => {
@@ -226,12 +232,11 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, deadline: Duration) -
                 fault: if status >= 500 { "server" } else { "client" },
             }
         }
-        SdkError::TimeoutError(_) => UpstreamError::Unavailable(format!(
-            "EKS Auth did not answer within {}",
-            humantime::format_duration(deadline)
-        )),
+        SdkError::TimeoutError(_) => {
+            UpstreamError::Unavailable(format!("EKS Auth did not answer in time ({timeouts})"))
+        }
         SdkError::DispatchFailure(failure) if failure.is_timeout() => UpstreamError::Unavailable(
-            "EKS Auth did not answer in time (connecting or an attempt timed out)".into(),
+            format!("EKS Auth did not accept the connection in time ({timeouts})"),
         ),
         SdkError::DispatchFailure(_) => {
             UpstreamError::Unavailable(format!("could not reach EKS Auth: {}", root_cause(&err)))

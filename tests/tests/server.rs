@@ -269,7 +269,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             host: Some(&host),
             token: fresh(),
             status: 500,
-            body_starts: "",
+            body_starts: "EKS Auth did not answer in time (at most 300ms per attempt, 3 attempts, 1s 800ms in all)",
             calls: 3,
         },
         Row {
@@ -279,7 +279,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             host: Some(&host),
             token: fresh(),
             status: 500,
-            body_starts: "",
+            body_starts: "could not reach EKS Auth: ",
             calls: 3,
         },
         Row {
@@ -289,7 +289,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             host: Some(&host),
             token: fresh(),
             status: 500,
-            body_starts: "",
+            body_starts: "malformed EKS Auth response: ",
             calls: 1,
         },
         Row {
@@ -426,7 +426,9 @@ fn two_hundred_concurrent_first_requests_make_one_upstream_call() -> Result<()> 
     if !privileged_or_skip("two_hundred_concurrent_first_requests_make_one_upstream_call") {
         return Ok(());
     }
-    let env = env(&[])?;
+    // One source address sends all 200: without the per-client rate limit,
+    // which would answer most with 429 before the cache is reached.
+    let env = env(&["--pod-rate-limit", "0"])?;
     env.fake.set(|k| k.latency = Duration::from_millis(500));
     let token = env.app_token()?;
     let host = http::host_header(v4());
@@ -669,5 +671,75 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
     assert!(closed, "the slow client was not cut off");
     let reply = env.get_with_token(v4(), &env.app_token()?)?;
     assert_eq!(reply.status, 200, "the agent stopped serving");
+    Ok(())
+}
+
+#[test]
+fn a_hanging_eks_auth_is_answered_before_the_sdk_gives_up() -> Result<()> {
+    if !privileged_or_skip("a_hanging_eks_auth_is_answered_before_the_sdk_gives_up") {
+        return Ok(());
+    }
+    // The defaults: 1 s attempts, 3 of them, 1.8 s in all.
+    let env = env(&[])?;
+    env.fake.set(|k| k.latency = Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let reply = env.get_with_token(v4(), &env.app_token()?)?;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 500, "{}", reply.body);
+    // The Rust SDK waits 5 s for an answer (connect 2 s): answer well before.
+    ensure!(took < Duration::from_secs(2), "answered after {took:?}");
+    let body = reply.body.trim_end();
+    assert_eq!(
+        body,
+        "EKS Auth did not answer in time (at most 1s per attempt, 3 attempts, 1s 800ms in all)"
+    );
+    Ok(())
+}
+
+#[test]
+fn callers_that_are_not_pods_are_rate_limited_per_source_without_attribution() -> Result<()> {
+    if !privileged_or_skip("callers_that_are_not_pods_are_rate_limited_per_source") {
+        return Ok(());
+    }
+    // Attribution off: every caller is a source address. One of them
+    // presenting many distinct tokens must not turn into as many EKS Auth
+    // calls.
+    let env = env(&["--pod-rate-limit", "5", "--pod-rate-burst", "10"])?;
+    let tokens: Vec<String> = (0..60)
+        .map(|i| {
+            env.token(
+                &TokenSpec::new("default", "app")
+                    .pod(&format!("p{i}"), "0cc175b9-c0f1-b6a8-31c3-99e269772661"),
+            )
+        })
+        .collect::<Result<_>>()?;
+    let started = std::time::Instant::now();
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for token in &tokens {
+        *statuses
+            .entry(env.get_with_token(v4(), token)?.status)
+            .or_default() += 1;
+    }
+    let allowed = 10 + (started.elapsed().as_secs_f64() * 5.0).ceil() as u32;
+    let served = statuses.get(&200).copied().unwrap_or(0);
+    ensure!(
+        served <= allowed && statuses.get(&429).copied().unwrap_or(0) > 0,
+        "statuses {statuses:?} (at most {allowed} allowed)"
+    );
+    ensure!(
+        env.fake.calls() as u32 <= allowed,
+        "{} EKS Auth calls",
+        env.fake.calls()
+    );
+    // Another source is not affected.
+    let other = env.node.netns.run_in(|| {
+        http::request(
+            v4(),
+            "GET",
+            "/v1/credentials",
+            &[("Host", "169.254.170.23"), ("Authorization", &tokens[0])],
+        )
+    })?;
+    assert_eq!(other.status, 200, "{}", other.body);
     Ok(())
 }
