@@ -8,6 +8,7 @@ pub mod caps;
 pub mod cgroups;
 pub mod cluster;
 pub mod fake_eks_auth;
+pub mod foreign_bpf;
 pub mod http;
 pub mod names;
 pub mod netns;

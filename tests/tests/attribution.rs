@@ -292,3 +292,89 @@ fn ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse() -> Result
     );
     wait_until_no_tracked_connections(&fx)
 }
+
+/// The port the foreign `connect4` program refuses (so its running shows).
+const FOREIGN_REFUSED_PORT: u16 = 9;
+
+/// A pod-client connect that must fail because the foreign program refused
+/// it (EPERM), not because nothing listens (ECONNREFUSED).
+fn refused_by_foreign_program(cgroup: &std::path::Path, net: &PodNet) -> Result<bool> {
+    let target: SocketAddr = (net.node_ipv4, FOREIGN_REFUSED_PORT).into();
+    let out = pod_command(POD_CLIENT.as_ref(), cgroup, &net.netns)?
+        .args(["connect", &target.to_string(), "1"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Ok(!out.status.success() && stderr.contains("Operation not permitted"))
+}
+
+#[test]
+fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> Result<()> {
+    if !privileged_or_skip("the_programs_coexist_with_a_cnis") {
+        return Ok(());
+    }
+    use harness::foreign_bpf::{AttachApi, ForeignPrograms, attached_counts};
+    for api in [AttachApi::LegacyMulti, AttachApi::Link] {
+        for ours_first in [true, false] {
+            let what = format!("{api:?}, ours first: {ours_first}");
+            let tree = CgroupTree::new()?;
+            let node = Node::with_agent_addresses()?;
+            let pod = PodSpec::new(Driver::Systemd);
+            let cgroup = tree.pod(&pod)?;
+            let net = PodNet::attach(&node)?;
+            let attach_ours = || {
+                Attribution::attach(&AttachOptions {
+                    cgroup: tree.root().to_owned(),
+                    addresses: vec![AGENT_V4.into()],
+                    port: 80,
+                    probe_port: 0,
+                })
+                .with_context(|| format!("{what}: attaching ours"))
+            };
+            let attach_theirs = || {
+                ForeignPrograms::attach(tree.root(), api, FOREIGN_REFUSED_PORT)
+                    .with_context(|| format!("{what}: attaching theirs"))
+            };
+            let (ours, theirs) = if ours_first {
+                let ours = attach_ours()?;
+                (ours, attach_theirs()?)
+            } else {
+                let theirs = attach_theirs()?;
+                (attach_ours()?, theirs)
+            };
+            assert_eq!(attached_counts(tree.root())?, (2, 2), "{what}");
+            // Both run: ours attributes, theirs refuses its port.
+            let ours = Arc::new(ours);
+            let server = ProbeServer::start(&node.netns, &[(AGENT_V4, 80).into()], ours.clone())?;
+            let client = spawn_client(&cgroup, &net.netns, (AGENT_V4, 80).into(), 1)?;
+            let seen = server
+                .observations
+                .recv_timeout(Duration::from_secs(60))
+                .context("no connection reached the server")?;
+            client.finish()?;
+            let caller = seen
+                .caller
+                .map_err(anyhow::Error::msg)?
+                .with_context(|| format!("{what}: not attributed"))?;
+            assert_eq!(caller.cgroup_id, CgroupResolver::id_of(&cgroup)?, "{what}");
+            ensure!(
+                refused_by_foreign_program(&cgroup, &net)?,
+                "{what}: theirs did not run"
+            );
+            // Detaching ours leaves theirs attached and working.
+            drop(server);
+            drop(ours);
+            assert_eq!(
+                attached_counts(tree.root())?,
+                (1, 1),
+                "{what}: after ours left"
+            );
+            ensure!(
+                refused_by_foreign_program(&cgroup, &net)?,
+                "{what}: theirs stopped with ours"
+            );
+            drop(theirs);
+            assert_eq!(attached_counts(tree.root())?, (0, 0), "{what}: cleanup");
+        }
+    }
+    Ok(())
+}
