@@ -1,8 +1,9 @@
-//! Project automation: `cargo xtask bench | demo | setup | test`.
+//! Project automation: `cargo xtask bench | demo | fuzz | setup | test`.
 
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -25,6 +26,14 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Coverage-guided fuzzing of the parsers and the request path.
+    Fuzz {
+        /// One target (default: all of them).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
     /// Install what building the kernel programs needs (idempotent).
     Setup,
     /// setup, then fmt, clippy and every test (privileged ones need root).
@@ -39,6 +48,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Bench => bench::bench(),
         Task::Demo { keep } => demo::demo(keep),
+        Task::Fuzz { target, time } => {
+            setup::setup()?;
+            fuzz::fuzz(target.as_deref(), time)
+        }
         Task::Setup => setup::setup(),
         Task::Test { extra } => test::test(&extra),
     }

@@ -9,6 +9,7 @@
 //! * `iproute2` builds the test topologies.
 //! * `kubernetes-validate` (PyPI) validates deploy/ against the Kubernetes
 //!   schemas.
+//! * `cargo-fuzz` runs the fuzz targets.
 
 use std::{
     env,
@@ -30,6 +31,7 @@ const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn setup() -> Result<()> {
     let missing = missing_apt_packages();
@@ -47,6 +49,7 @@ pub fn setup() -> Result<()> {
     }
     ensure_bpf_linker()?;
     ensure_manifest_validator()?;
+    ensure_cargo_fuzz()?;
     eprintln!(
         "setup: eBPF toolchain ready (Debian rustc-web + bpf-linker {BPF_LINKER_VERSION}, LLVM {LLVM_MAJOR})"
     );
@@ -135,6 +138,25 @@ fn ensure_bpf_linker() -> Result<()> {
                 &format!("llvm-{LLVM_MAJOR}"),
             ])
             .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    let current = Command::new(cargo_bin()?.join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if current.is_some_and(|v| v.ends_with(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    run(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+            "install",
+            "--locked",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        ]),
     )
 }
 

@@ -2,7 +2,7 @@
 //!
 //! setup → fmt check → clippy (-D warnings) → every test, the privileged
 //! ones included (they need root; under CI=true they fail rather than skip)
-//! → the demo.
+//! → a short run of every fuzz target → the demo.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -13,6 +13,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::{cargo, in_ci, is_root, run};
+
+/// Seconds each fuzz target runs in the test command: enough to catch a
+/// regression on the committed seeds and a little beyond.
+const FUZZ_SECONDS: u64 = 10;
 
 pub fn test(extra: &[String]) -> Result<()> {
     let started = Instant::now();
@@ -27,6 +31,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     }
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"]))?;
     step("cargo clippy -D warnings");
     run(cargo().args([
         "clippy",
@@ -51,6 +56,8 @@ pub fn test(extra: &[String]) -> Result<()> {
     crate::demo::build_binaries(false)?;
     step("workspace tests (default members)");
     tally.run(cargo().args(["test", "--locked"]).args(extra))?;
+    step("fuzz targets, a short run each (`cargo xtask fuzz` for longer)");
+    crate::fuzz::fuzz(None, FUZZ_SECONDS)?;
     if is_root() {
         step("demo (so the README's first command cannot rot)");
         run(&mut std::process::Command::new(
