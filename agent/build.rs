@@ -39,10 +39,11 @@ fn main() -> anyhow::Result<()> {
         None => Toolchain::Nightly,
     };
     if !matches!(toolchain, Toolchain::Nightly) {
-        // aya-ebpf needs one unstable feature; allow it for that crate only.
-        // (RUSTC_BOOTSTRAP=1 would make aya-build ask for build-std.)
+        // aya-ebpf needs one unstable feature, the programs one more (an
+        // atomic add); allow them for those crates only. (RUSTC_BOOTSTRAP=1
+        // would make aya-build ask for build-std.)
         // SAFETY: build scripts are single-threaded; set before any child.
-        unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+        unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,agent_ebpf") };
     }
 
     aya_build::build_ebpf(

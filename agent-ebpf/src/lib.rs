@@ -26,6 +26,20 @@ pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
 /// caller's connections push out another's record. Allocated on demand.
 pub const CONNECTIONS_CAPACITY: u32 = 65_536;
 
+/// Map: owner (see [`SocketOwner::quota_key`]) → live attributed sockets.
+pub const OWNER_QUOTA_MAP: &str = "OWNER_QUOTA";
+/// Distinct owners tracked at once (pods' containers, node services, users).
+pub const OWNER_QUOTA_CAPACITY: u32 = 16_384;
+/// Live attributed connections one owner may have. Records of connections
+/// the agent never accepts (a process's own namespaces) live as long as
+/// their sockets; without a per-owner bound one process could fill
+/// [`CONNECTIONS_MAP`] and leave every other caller unattributed.
+pub const MAX_RECORDS_PER_OWNER: u32 = 4096;
+/// Quota keys of processes that are not root carry this bit with their uid
+/// (so an unprivileged user's many cgroups share one quota); root's are the
+/// cgroup id (cgroup ids never have the top bit set).
+pub const QUOTA_KEY_UID: u64 = 1 << 63;
+
 /// TCP option kind for experiments with an ExID (RFC 6994).
 pub const TCP_OPT_EXPERIMENT: u8 = 253;
 /// The 16-bit experiment id that marks the agent's stamp among experiments.
@@ -175,7 +189,10 @@ pub struct ConnRecord {
 pub struct SocketOwner {
     pub record: ConnRecord,
     pub stamp: Stamp,
-    /// Non-zero once the record has been published to [`CONNECTIONS_MAP`].
+    /// Whose quota this socket counts against ([`OWNER_QUOTA_MAP`]).
+    pub quota_key: u64,
+    /// Non-zero once the record has been published to [`CONNECTIONS_MAP`]
+    /// (and counted in the owner's quota).
     pub published: u32,
     pub _pad: u32,
 }
@@ -353,7 +370,7 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 36);
 const _: () = assert!(core::mem::size_of::<ConnOwner>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 16 + 36 + 4);
 const _: () = assert!(core::mem::size_of::<Stamp>() == 16);
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56 + 16 + 8);
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56 + 16 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16 + 16);
 
 #[cfg(test)]

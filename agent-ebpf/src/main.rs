@@ -14,17 +14,28 @@
 //!   record up by id. A process elsewhere (say, in its own user+network
 //!   namespace holding a pod's source address) can make records of its own,
 //!   but never touch another's: ids are random, the key is per socket.
-//! * When the socket reaches `TCP_CLOSE`, exactly its own record is deleted.
+//! * When the socket reaches `TCP_CLOSE`, exactly its own record is deleted
+//!   (the agent also deletes a record once it has read it: a stamp is good
+//!   for the one connection it was made for, once).
+//! * Each owner (a root process's cgroup, or a non-root user) may have at
+//!   most `MAX_RECORDS_PER_OWNER` live attributed sockets, so nobody can
+//!   fill the table for everyone else.
 //!
 //! Both programs run for every connect()/TCP event on the node, so each
 //! rejects foreign traffic with a couple of context loads and compares before
 //! touching any helper or map.
 #![no_std]
 #![no_main]
+// The bpf target offers no atomic read-modify-write through `core::sync`,
+// though every BPF ISA has an atomic add (`lock xadd`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_ebpf::{
-    Config, ConnKey, ConnOwner, ConnRecord, MAX_SERVED_ADDRS, RawAddr, STAMP_OPTION_LEN,
-    SocketOwner, Stamp, is_v4_mapped, mapped_v4, stamp_mac,
+    Config, ConnKey, ConnOwner, ConnRecord, MAX_RECORDS_PER_OWNER, MAX_SERVED_ADDRS, QUOTA_KEY_UID,
+    RawAddr, STAMP_OPTION_LEN, SocketOwner, Stamp, is_v4_mapped, mapped_v4, stamp_mac,
 };
 use aya_ebpf::{
     bindings::{
@@ -35,8 +46,8 @@ use aya_ebpf::{
     },
     btf_maps::{HashMap, SkStorage},
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
-        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_prandom_u32, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -45,6 +56,7 @@ use aya_ebpf::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
 /// cgroup/connect* verdict: let the syscall proceed. We only observe.
 const ALLOW: i32 = 1;
 const TCP_FLAG_SYN: u32 = 0x02;
@@ -66,6 +78,14 @@ static CONNECTIONS: HashMap<
     u64,
     ConnRecord,
     { agent_ebpf::CONNECTIONS_CAPACITY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+static OWNER_QUOTA: HashMap<
+    u64,
+    u64,
+    { agent_ebpf::OWNER_QUOTA_CAPACITY as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
@@ -151,14 +171,26 @@ fn ours(port: Port, addr: &RawAddr) -> bool {
 /// destination, so the helper calls are off the hot path.
 #[inline(always)]
 fn remember_owner(ctx: &SockAddrContext) {
+    // SAFETY: plain helpers, valid in sock_addr programs.
+    let (cgroup_id, pid_tgid, uid) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_uid_gid() as u32,
+        )
+    };
     let owner = SocketOwner {
         record: ConnRecord {
             owner: ConnOwner {
-                // SAFETY: plain helpers, valid in sock_addr programs.
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-                pid_tgid: unsafe { bpf_get_current_pid_tgid() },
+                cgroup_id,
+                pid_tgid,
             },
             ..ConnRecord::default()
+        },
+        quota_key: if uid == 0 {
+            cgroup_id
+        } else {
+            QUOTA_KEY_UID | u64::from(uid)
         },
         ..SocketOwner::default()
     };
@@ -170,6 +202,7 @@ fn remember_owner(ctx: &SockAddrContext) {
         // deleted at close); the new attempt publishes afresh.
         if slot.published != 0 {
             let _ = CONNECTIONS.remove(slot.stamp.id);
+            release_quota(slot.quota_key);
         }
         *slot = owner;
     }
@@ -182,7 +215,8 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     let Some(port) = our_port(u16::from_be(sa.user_port as u16)) else {
         return ALLOW;
     };
-    if !ours(port, &mapped_v4(sa.user_ip4)) || sa.type_ != SOCK_STREAM {
+    if !ours(port, &mapped_v4(sa.user_ip4)) || sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP
+    {
         return ALLOW;
     }
     remember_owner(&ctx);
@@ -202,7 +236,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[2],
         sa.user_ip6[3],
     ];
-    if !ours(port, &dst) || sa.type_ != SOCK_STREAM {
+    if !ours(port, &dst) || sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
     remember_owner(&ctx);
@@ -233,6 +267,9 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 fn endpoints(ctx: &SockOpsContext) -> Option<(RawAddr, RawAddr)> {
     let family = ops_field!(ctx, family);
     if family == AF_INET6 {
+        // Whole-array volatile reads compile to four 4-byte loads at fixed
+        // ctx offsets (what the verifier requires); reading word by word
+        // lets the compiler share one offset ctx pointer, which it rejects.
         let remote = ops_field!(ctx, remote_ip6);
         if !is_v4_mapped(&remote) {
             return Some((remote, ops_field!(ctx, local_ip6)));
@@ -321,15 +358,61 @@ fn on_connect(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
+/// Counts one more live socket for `key`; false when it has its quota (or
+/// no quota entry can be made: the owner table is full). Concurrent takers
+/// may overshoot the bound by a few; it stays a bound.
+#[inline(always)]
+fn take_quota(key: u64) -> bool {
+    let _ = OWNER_QUOTA.insert(key, 0u64, BPF_NOEXIST.into());
+    let Some(count) = OWNER_QUOTA.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a live map value, u64-aligned; updated only atomically.
+    unsafe {
+        // An aligned 8-byte load is atomic on BPF (and `generic` has no
+        // atomic-load instruction to select).
+        if core::ptr::read_volatile(count) >= u64::from(MAX_RECORDS_PER_OWNER) {
+            return false;
+        }
+        // Result unused: a plain atomic add, which every BPF ISA has.
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1);
+    }
+    true
+}
+
+/// Gives back one of `key`'s quota; the entry goes with its last socket.
+#[inline(always)]
+fn release_quota(key: u64) {
+    if let Some(count) = OWNER_QUOTA.get_ptr_mut(key) {
+        // SAFETY: as in take_quota.
+        unsafe {
+            // Adding 2^64 - 1 subtracts one, with the one atomic op we have.
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, u64::MAX);
+            // A taker racing in between loses its count with the entry: the
+            // bound only loosens by it.
+            if core::ptr::read_volatile(count) == 0 {
+                let _ = OWNER_QUOTA.remove(key);
+            }
+        }
+    }
+}
+
 /// Only a SYN (not a SYN-ACK, not data) carries the stamp.
 #[inline(always)]
 fn is_syn(ctx: &SockOpsContext) -> bool {
     ops_field!(ctx, skb_tcp_flags) & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
 
+/// Our published socket, for the option callbacks: other programs may have
+/// asked for header-option callbacks on sockets that are not ours.
+#[inline(always)]
+fn published<'a>(ctx: &SockOpsContext) -> Option<&'a mut SocketOwner> {
+    socket_owner(ctx).filter(|state| state.published != 0)
+}
+
 #[inline(always)]
 fn on_option_space(ctx: &SockOpsContext) {
-    if is_syn(ctx) {
+    if is_syn(ctx) && published(ctx).is_some() {
         // SAFETY: the ctx is the kernel's sock_ops in HDR_OPT_LEN_CB.
         unsafe { bpf_reserve_hdr_opt(ctx.ops, STAMP_OPTION_LEN as u32, 0) };
     }
@@ -340,12 +423,9 @@ fn on_write_option(ctx: &SockOpsContext) {
     if !is_syn(ctx) {
         return;
     }
-    let Some(state) = socket_owner(ctx) else {
+    let Some(state) = published(ctx) else {
         return;
     };
-    if state.published == 0 {
-        return;
-    }
     let option = state.stamp.to_option();
     // SAFETY: the option lives on this stack for the call; the length is
     // its size. Without room (other options took it) the SYN goes out
@@ -353,25 +433,26 @@ fn on_write_option(ctx: &SockOpsContext) {
     unsafe { bpf_store_hdr_opt(ctx.ops, option.as_ptr().cast(), STAMP_OPTION_LEN as u32, 0) };
 }
 
-/// The handshake is done: no later segment needs the option callbacks.
+/// The handshake is done: no later segment of ours needs the option
+/// callbacks (another program's socket keeps what it asked for).
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let flags = ops_field!(ctx, bpf_sock_ops_cb_flags);
-    if flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG != 0 {
+    if flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG != 0 && published(ctx).is_some() {
         let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
 }
 
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
-    // Only sockets we asked the callback for get here.
+    // Sockets of ours, and of any other program that asked for the state
+    // callback: the storage tells them apart.
     if ops_field!(ctx, __bindgen_anon_1.args[1]) != BPF_TCP_CLOSE {
         return;
     }
-    if let Some(state) = socket_owner(ctx)
-        && state.published != 0
-    {
+    if let Some(state) = published(ctx) {
         let _ = CONNECTIONS.remove(state.stamp.id);
+        release_quota(state.quota_key);
         state.published = 0;
     }
 }

@@ -55,6 +55,8 @@ impl From<ConnOwner> for Caller {
 pub struct Accepted {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Whether the kernel kept the SYN at all (not with SYN cookies).
+    pub syn_saved: bool,
     pub stamp: Option<Stamp>,
 }
 
@@ -130,7 +132,8 @@ pub struct AttachOptions {
 
 /// Loaded and attached programs. Dropping it detaches them.
 pub struct Attribution {
-    connections: HashMap<MapData, u64, ConnRecord>,
+    /// Locked for the get-and-delete of one lookup.
+    connections: std::sync::Mutex<HashMap<MapData, u64, ConnRecord>>,
     mac_key: [u64; 2],
     // Owns the programs and their links; declared last so it drops last.
     _ebpf: Ebpf,
@@ -179,17 +182,22 @@ impl Attribution {
             .ok_or(AttributionError::MissingMap(CONNECTIONS_MAP))?;
         let connections = HashMap::try_from(map).map_err(AttributionError::Map)?;
         Ok(Attribution {
-            connections,
+            connections: std::sync::Mutex::new(connections),
             mac_key: config.mac_key,
             _ebpf: ebpf,
         })
     }
 
-    /// How many connections the kernel currently tracks. Each is deleted when
-    /// its client socket closes, so at rest this is the number of open
-    /// connections to the served addresses.
+    /// How many connection records the kernel holds: connections opened
+    /// and not yet accepted (the agent deletes a record when it reads it,
+    /// the client's socket when it closes). Zero at rest.
     pub fn tracked_connections(&self) -> usize {
-        self.connections.keys().filter(Result::is_ok).count()
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .filter(Result::is_ok)
+            .count()
     }
 }
 
@@ -202,8 +210,20 @@ impl CallerLookup for Attribution {
         if agent_ebpf::stamp_mac(&self.mac_key, stamp.id, &key) != stamp.mac {
             return Err(AttributionError::ForgedStamp);
         }
-        match self.connections.get(&stamp.id, 0) {
-            Ok(record) if record.key == key => Ok(Some(record.owner.into())),
+        // A map handle guarded by a lock cannot be left inconsistent by a
+        // panic elsewhere: poisoning is ignored.
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match connections.get(&stamp.id, 0) {
+            Ok(record) if record.key == key => {
+                // Read once: the stamp has served its one connection, and
+                // the table keeps only connections not accepted yet.
+                // (ENOENT: the client already closed and deleted it.)
+                let _ = connections.remove(&stamp.id);
+                Ok(Some(record.owner.into()))
+            }
             Ok(_) => Err(AttributionError::StampMismatch),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(other) => Err(AttributionError::Map(other)),

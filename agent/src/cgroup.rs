@@ -367,12 +367,20 @@ fn pod_uid_in(stem: Option<&str>, seg: &str) -> Option<String> {
     }
 }
 
-/// Any segment naming a pod or a kubepods root in either driver's style.
+/// Any segment naming a pod (a UID where kubelet puts one) or a kubepods
+/// root, in either driver's style. Other names a container gives its own
+/// sub-cgroups (`podman-…`, `pod-cache`) are its business.
 fn looks_like_pod_or_root(seg: &str) -> bool {
-    if seg == "kubepods" || seg.ends_with("kubepods.slice") || seg.starts_with("pod") {
+    if seg == "kubepods" || seg.ends_with("kubepods.slice") {
         return true;
     }
-    seg.ends_with(".slice") && seg.contains("-pod")
+    let uid_after = |rest: &str| canonical_uid(&rest.replace('_', "-")).is_some();
+    if seg.strip_prefix("pod").is_some_and(uid_after) {
+        return true;
+    }
+    seg.strip_suffix(".slice")
+        .and_then(|stem| stem.rsplit_once("-pod"))
+        .is_some_and(|(_, uid)| uid_after(uid))
 }
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase hex.
@@ -480,6 +488,18 @@ mod tests {
                 matches!(layout.pod_of_path(path), Ok(Some(_))),
                 is_pod,
                 "{path}"
+            );
+        }
+        // A container's own sub-cgroups may start with "pod" without
+        // naming one.
+        let container = "kubepods/pod0cc175b9-c0f1-b6a8-31c3-99e269772661/ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb";
+        for inner in ["podman-1.scope", "pod-cache", "pods.slice"] {
+            assert!(
+                matches!(
+                    layout.pod_of_path(&format!("{container}/{inner}")),
+                    Ok(Some(_))
+                ),
+                "{inner}"
             );
         }
         // Roots are normalised however they are written.

@@ -1,10 +1,13 @@
 //! Who a connection's budget and rate belong to.
 //!
 //! Limits must be per caller, not per node: a pod that holds or floods
-//! connections may exhaust only its own share. The kernel's attribution
-//! names the caller when it can (the pod, or the cgroup of a node process);
-//! only connections the kernel did not attribute (remote scrapers, or every
-//! connection when attribution is off) fall back to their source address.
+//! connections may exhaust only its own share. So a key must be something a
+//! caller cannot mint at will. The kernel's attribution names the pod, or
+//! the cgroup of a node process; but anyone may create cgroups in a subtree
+//! delegated to them, pick any source address in 127.0.0.0/8, or make a SYN
+//! the kernel cannot stamp (Fast Open, MPTCP). So only pods and system
+//! services (root-owned cgroups, such as the kubelet's) get shares of their
+//! own; everything else the kernel could not vouch for shares one.
 
 use std::{fmt, net::IpAddr};
 
@@ -14,25 +17,30 @@ use crate::{identify::Identified, policy::Caller};
 pub enum ClientKey {
     /// A pod, by UID: all of its containers and connections together.
     Pod(String),
-    /// A process outside any pod, by its cgroup.
-    Cgroup(u64),
-    /// Not attributed: by source address.
+    /// A node process in a root-owned cgroup (a system service), by cgroup.
+    Node(u64),
+    /// Attribution on, but neither: unattributed connections, processes in
+    /// delegated (user-owned) cgroups. All of them together.
+    Unverified,
+    /// Attribution off: the source address is all there is.
     Source(IpAddr),
 }
 
 impl ClientKey {
     /// The key for a connection from `peer`, with what the kernel said of it.
     pub fn of(identified: Option<&Identified>, peer: IpAddr) -> ClientKey {
-        match identified {
-            Some(Identified {
-                caller: Caller::Pod(pod),
-                ..
-            }) => ClientKey::Pod(pod.pod_uid.clone()),
-            Some(Identified {
-                kernel: Some(kernel),
-                ..
-            }) => ClientKey::Cgroup(kernel.cgroup_id),
-            _ => ClientKey::Source(peer),
+        let Some(identified) = identified else {
+            return ClientKey::Source(peer);
+        };
+        match (&identified.caller, identified.kernel) {
+            (Caller::Pod(pod), _) => ClientKey::Pod(pod.pod_uid.clone()),
+            (
+                Caller::NotAPod {
+                    root_owned: true, ..
+                },
+                Some(kernel),
+            ) => ClientKey::Node(kernel.cgroup_id),
+            _ => ClientKey::Unverified,
         }
     }
 }
@@ -41,7 +49,8 @@ impl fmt::Display for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientKey::Pod(uid) => write!(f, "pod {uid}"),
-            ClientKey::Cgroup(id) => write!(f, "cgroup {id}"),
+            ClientKey::Node(id) => write!(f, "node cgroup {id}"),
+            ClientKey::Unverified => write!(f, "unverified callers"),
             ClientKey::Source(ip) => write!(f, "source {ip}"),
         }
     }

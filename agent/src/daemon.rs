@@ -38,6 +38,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("serving on port {}", args.port))?;
     }
     report_missing_addresses(&args).await;
+    // Every budgeted connection is a descriptor: refuse to start with budgets
+    // the descriptor limit cannot honour (EMFILE would stop every listener,
+    // the probe's too).
+    let wanted = args.max_connections + 2 * SIDE_CONNECTIONS + DESCRIPTOR_MARGIN;
+    let limit = raise_descriptor_limit().context("raising RLIMIT_NOFILE")?;
+    if (limit as usize) < wanted {
+        bail!(
+            "RLIMIT_NOFILE is {limit}, below the {wanted} descriptors --max-connections={} needs; raise the limit or lower --max-connections",
+            args.max_connections
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     // The programs are attached before anything listens: a connection
     // accepted earlier would carry no stamp and be refused as unattributed.
@@ -178,6 +189,32 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
     Ok(())
+}
+
+/// Descriptors beyond the connection budgets: listeners, BPF maps and
+/// programs, the audit log, the EKS Auth client's connections.
+const DESCRIPTOR_MARGIN: usize = 256;
+
+/// Raises the soft descriptor limit to the hard one; returns the new soft
+/// limit.
+fn raise_descriptor_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Connections the probe and the metrics listener each hold at most, and

@@ -1,15 +1,16 @@
 //! The credential endpoint's request flow, top to bottom, each step a call
 //! into the module that owns it (DESIGN §2.2 order):
 //!
+//! 0. Per-client rate limit (pod, system service, unverified, or source).
 //! 1. Host check — the SDK must have called one of the served addresses.
 //! 2. Token present (`Authorization`, raw, no `Bearer`).
 //! 3. Token claims readable; `exp`/`nbf` valid.
-//! 4. Who is calling: the kernel's record of the connection → pod.
-//! 5. Per-pod rate limit.
-//! 6. Caller checks before EKS Auth (pod, token binding, subject, node).
-//! 7. Credentials from the cache or EKS Auth (single-flight).
-//! 8. EKS Auth's subject must be the token's.
-//! 9. Answer the SDK's JSON; one audit event per request.
+//! 4. Who is calling: the kernel's record of the connection → pod
+//!    (resolved once, when the connection was accepted).
+//! 5. Caller checks before EKS Auth (pod, token binding, subject, node).
+//! 6. Credentials from the cache or EKS Auth (single-flight).
+//! 7. EKS Auth's subject must be the token's.
+//! 8. Answer the SDK's JSON; one audit event per request.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -25,7 +26,7 @@ use hyper::{
     header::{self, HeaderValue},
 };
 use serde::Serialize;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     admission::Connection,
@@ -134,6 +135,23 @@ async fn credentials(
     event: &mut AuditEvent,
 ) -> HttpResponse {
     let client = conn.info.peer;
+    if let Some(identified) = &conn.identified {
+        fill_caller(event, identified);
+    }
+    // 0. Rate, before anything else: a flood of bad requests costs no
+    // more than a flood of good ones (and floods no log).
+    if let Some(limiter) = &state.limiter {
+        let who = conn.admitted.client();
+        if !limiter.allow(who) {
+            event.reason = "rate-limited".into();
+            state.metrics.decision("deny", "rate-limited");
+            debug!(client_addr = %client, client = %who, "client exceeded its credential request rate");
+            return text(
+                429,
+                format!("Too Many Requests: {who} exceeded its credential request rate"),
+            );
+        }
+    }
     // 1. Host.
     let host = host_of(req);
     let called = host.parse::<IpAddr>().ok();
@@ -173,22 +191,7 @@ async fn credentials(
         return reject_token(client, e, event);
     }
     // 4. Who is calling (the kernel's record, resolved when the connection
-    // was accepted), 5. rate limit, 6. checks before EKS Auth.
-    if let Some(identified) = &conn.identified {
-        fill_caller(event, identified);
-    }
-    if let Some(limiter) = &state.limiter {
-        let who = conn.admitted.client();
-        if !limiter.allow(who) {
-            event.reason = "rate-limited".into();
-            state.metrics.decision("deny", "rate-limited");
-            warn!(client_addr = %client, client = %who, "client exceeded its credential request rate");
-            return text(
-                429,
-                format!("Too Many Requests: {who} exceeded its credential request rate"),
-            );
-        }
-    }
+    // was accepted), 5. checks before EKS Auth.
     let mut audit_only: Option<Violation> = None;
     let mut verified_pod: Option<PodCgroup> = None;
     if let (Some(verification), Some(identified)) = (&state.verification, &conn.identified) {
@@ -284,7 +287,16 @@ fn refuse(
     event.reason = violation.reason().into();
     state.metrics.decision("deny", violation.reason());
     warn!(client_addr = %client, check = %violation, "caller check failed; refused");
-    text(403, format!("Access Denied: {violation}"))
+    match violation.status() {
+        403 => text(403, format!("Access Denied: {violation}")),
+        status => {
+            let mut response = text(status, format!("Service Unavailable: {violation}"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
 }
 
 fn fill_caller(event: &mut AuditEvent, identified: &Identified) {

@@ -65,6 +65,14 @@ impl Identifier {
 
     pub fn identify(&self, conn: &Accepted) -> Identified {
         let started = Instant::now();
+        if !conn.syn_saved {
+            self.metrics.attribution_lookup("no-syn");
+            return Identified {
+                caller: Caller::NoSynKept,
+                kernel: None,
+                process: None,
+            };
+        }
         let identified = match self.lookup.caller(conn) {
             Err(e) => {
                 self.metrics.attribution_lookup("error");
@@ -100,8 +108,12 @@ impl Identifier {
             return known;
         }
         let caller = self.resolve(cgroup_id);
-        // Failures are not remembered: they may be transient.
-        if matches!(caller, Caller::Pod(_) | Caller::NotAPod { .. }) {
+        // Failures are not remembered: they may be transient. A delegated
+        // cgroup stays delegated (only root could hand it back).
+        if matches!(
+            caller,
+            Caller::Pod(_) | Caller::NotAPod { .. } | Caller::Delegated { .. }
+        ) {
             self.resolved.insert(cgroup_id, caller.clone());
         }
         caller
@@ -118,7 +130,10 @@ impl Identifier {
                     },
                     Err(e) => Caller::Unresolvable(e.to_string()),
                 },
-                Ok(None) => Caller::NotAPod { cgroup_path: path },
+                Ok(None) => Caller::NotAPod {
+                    root_owned: self.resolver.require_root_owned(&path).is_ok(),
+                    cgroup_path: path,
+                },
                 Err(e) => Caller::Unresolvable(e.to_string()),
             },
             Ok(None) => Caller::Unresolvable(format!("cgroup {cgroup_id} no longer exists")),

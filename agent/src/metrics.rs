@@ -175,7 +175,7 @@ impl Metrics {
             attribution_lookups: registered(
                 &mut r,
                 "pod_identity_attribution_lookups",
-                "Kernel attribution lookups per accepted connection (result=hit|miss|error)",
+                "Kernel attribution lookups per accepted connection (result=hit|miss|error|no-syn)",
                 Family::default(),
             ),
             resolve_seconds: registered(
@@ -193,7 +193,7 @@ impl Metrics {
             connections_refused: registered(
                 &mut r,
                 "pod_identity_connections_refused",
-                "Connections closed at accept because their client held its share of the listener's budget, or the listener its total (listener=credentials|probe|metrics, reason=client-limit|total-limit)",
+                "Connections closed at accept because their client held its share of the listener's budget, or the listener its total (listener=credentials|probe|metrics, reason=client-limit), or evicted to make room for a newcomer when the listener held its total (reason=evicted)",
                 Family::default(),
             ),
             registry: r,

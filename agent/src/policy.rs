@@ -12,10 +12,19 @@ pub enum Caller {
     /// In a pod's cgroup.
     Pod(PodCgroup),
     /// A node process outside any pod (or a cgroup that is no pod's).
-    NotAPod { cgroup_path: String },
+    /// `root_owned`: its cgroup is root's all the way down (a system
+    /// service such as the kubelet), not a user's delegated subtree.
+    NotAPod {
+        cgroup_path: String,
+        root_owned: bool,
+    },
     /// The kernel has no record of the connection (opened before the
     /// programs were attached, or by a path they do not see).
     Unattributed,
+    /// The kernel kept no SYN for the connection (SYN cookies: the
+    /// listener's queue overflowed, as under a SYN flood), so its stamp is
+    /// lost. Not the caller's doing: worth a retry.
+    NoSynKept,
     /// A record exists but its cgroup could not be resolved (gone, or a
     /// path that must be refused, e.g. a pod-like cgroup nested in a pod).
     Unresolvable(String),
@@ -28,6 +37,7 @@ pub enum Caller {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
     CallerNotAPod(String),
+    SynNotKept,
     CallerDelegated(String),
     TokenNotPodBound,
     PodMismatch {
@@ -49,10 +59,20 @@ pub enum Violation {
 }
 
 impl Violation {
+    /// The HTTP status of a refusal: 403, except where the caller could not
+    /// be told apart through no act of its own and a retry may succeed.
+    pub fn status(&self) -> u16 {
+        match self {
+            Violation::SynNotKept => 503,
+            _ => 403,
+        }
+    }
+
     /// Stable label for metrics and audit events.
     pub fn reason(&self) -> &'static str {
         match self {
             Violation::CallerNotAPod(_) => "caller-not-a-pod",
+            Violation::SynNotKept => "syn-not-kept",
             Violation::CallerDelegated(_) => "caller-cgroup-delegated",
             Violation::TokenNotPodBound => "token-not-pod-bound",
             Violation::PodMismatch { .. } => "pod-mismatch",
@@ -70,6 +90,10 @@ impl fmt::Display for Violation {
             Violation::CallerNotAPod(why) => write!(
                 f,
                 "caller check failed: the calling process is not in a pod ({why})"
+            ),
+            Violation::SynNotKept => write!(
+                f,
+                "caller check failed: the connection could not be attributed (the kernel kept no SYN: the listener's queue overflowed); retry"
             ),
             Violation::CallerDelegated(why) => write!(
                 f,
@@ -113,9 +137,10 @@ pub fn before_upstream(
 ) -> Result<(), Violation> {
     let pod = match caller {
         Caller::Pod(pod) => pod,
-        Caller::NotAPod { cgroup_path } => {
+        Caller::NotAPod { cgroup_path, .. } => {
             return Err(Violation::CallerNotAPod(format!("cgroup /{cgroup_path}")));
         }
+        Caller::NoSynKept => return Err(Violation::SynNotKept),
         Caller::Unattributed => {
             return Err(Violation::CallerNotAPod(
                 "connection not attributed by the kernel".into(),
@@ -213,6 +238,7 @@ mod tests {
     fn checks_in_order() {
         let not_pod = Caller::NotAPod {
             cgroup_path: "system.slice/kubelet.service".into(),
+            root_owned: true,
         };
         // (what, caller, claims, this node, expected reason or None)
         type Case = (
@@ -274,6 +300,13 @@ mod tests {
                 claims(Some(POD), SUB, None),
                 None,
                 Some("caller-cgroup-delegated"),
+            ),
+            (
+                "SYN cookie",
+                Caller::NoSynKept,
+                claims(Some(POD), SUB, None),
+                None,
+                Some("syn-not-kept"),
             ),
             (
                 "unbound token",

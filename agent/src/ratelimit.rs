@@ -1,8 +1,8 @@
-//! Inbound rate limit per client: one token bucket per pod, per node
-//! process cgroup, or per source address when the kernel did not attribute
-//! the connection (governor), in every attribution mode — so one noisy
+//! Inbound rate limit per client (governor): one token bucket per pod, per
+//! system service, one for every caller the kernel could not vouch for, or
+//! per source address with attribution off — in every mode, so one noisy
 //! caller, pod or not, cannot starve the node's others or spend EKS Auth
-//! calls at will.
+//! calls at will (see `client` for why those are the keys).
 
 use std::num::NonZeroU32;
 
@@ -44,7 +44,8 @@ mod tests {
         let limiter = ClientRateLimiter::new(1, 3).unwrap();
         let noisy = [
             ClientKey::Pod("noisy".into()),
-            ClientKey::Cgroup(42),
+            ClientKey::Node(42),
+            ClientKey::Unverified,
             ClientKey::Source("198.18.0.9".parse().unwrap()),
         ];
         for client in &noisy {

@@ -22,13 +22,13 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::watch,
+    sync::{Notify, watch},
 };
 use tracing::{debug, warn};
 
 use crate::{
-    attribution::{Accepted, Stamp},
-    syn,
+    attribution::Accepted,
+    syn::{self, SavedSyn},
 };
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -38,8 +38,9 @@ pub type HttpResponse = Response<Full<Bytes>>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// The attribution stamp of the SYN (listeners bound with saved SYNs).
-    pub stamp: Option<Stamp>,
+    /// What the kernel kept of its SYN, where the attribution stamp travels
+    /// (listeners bound with saved SYNs).
+    pub syn: SavedSyn,
 }
 
 impl ConnInfo {
@@ -47,10 +48,29 @@ impl ConnInfo {
         Accepted {
             peer: self.peer,
             local: self.local,
-            stamp: self.stamp,
+            syn_saved: self.syn != SavedSyn::Missing,
+            stamp: match self.syn {
+                SavedSyn::Kept(stamp) => stamp,
+                SavedSyn::Missing => None,
+            },
         }
     }
 }
+
+/// A connection's context that the budget may evict: the server closes the
+/// connection when this fires.
+pub trait Evictable {
+    fn eviction(&self) -> Arc<Notify>;
+}
+
+/// The kernel's listen backlog (capped by `net.core.somaxconn`). Deep, so a
+/// burst is queued rather than answered with SYN cookies, which carry no
+/// saved SYN and so no attribution.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Data the client does not acknowledge for this long (a zero window held
+/// open, a vanished peer) ends the connection and frees its place.
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits that keep one slow or hostile client from hurting the others.
 #[derive(Clone, Debug)]
@@ -77,7 +97,7 @@ pub fn bind(addr: SocketAddr, save_syns: bool) -> io::Result<TcpListener> {
         syn::save_syns(&socket)?;
     }
     socket.bind(addr)?;
-    socket.listen(1024)
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Binds every host; failures are returned, not fatal (one address family
@@ -114,7 +134,7 @@ pub async fn serve<A, C, H, F>(
     handle: H,
 ) where
     A: Fn(ConnInfo) -> Option<C> + Send + Sync + 'static,
-    C: Send + Sync + 'static,
+    C: Evictable + Send + Sync + 'static,
     H: Fn(Arc<C>, Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
@@ -146,20 +166,27 @@ pub async fn serve<A, C, H, F>(
             let Ok(local) = stream.local_addr() else {
                 return;
             };
-            let stamp = syn::saved_stamp(&stream).unwrap_or_else(|e| {
+            let syn = syn::saved_syn(&stream).unwrap_or_else(|e| {
+                // EINVAL: a SYN longer than the buffer; unattributed.
                 debug!(client = %peer, error = %e, "reading the saved SYN failed");
-                None
+                SavedSyn::Kept(None)
             });
-            let Some(context) = admit(ConnInfo { peer, local, stamp }) else {
+            let Some(context) = admit(ConnInfo { peer, local, syn }) else {
                 return;
             };
+            if let Err(e) = set_user_timeout(&stream, UNACKED_TIMEOUT) {
+                debug!(client = %peer, error = %e, "TCP_USER_TIMEOUT");
+            }
+            let eviction = context.eviction();
             // Idle openers go before any HTTP state is made for them.
-            match tokio::time::timeout(first_request, stream.readable()).await {
-                Ok(Ok(())) => {}
-                _ => {
-                    debug!(client = %peer, "no request within the first-request deadline");
-                    return;
+            tokio::select! {
+                ready = tokio::time::timeout(first_request, stream.readable()) => {
+                    if !matches!(ready, Ok(Ok(()))) {
+                        debug!(client = %peer, "no request within the first-request deadline");
+                        return;
+                    }
                 }
+                () = eviction.notified() => return,
             }
             let context = Arc::new(context);
             let service = service_fn(move |req| {
@@ -167,10 +194,37 @@ pub async fn serve<A, C, H, F>(
                 async move { Ok::<_, Infallible>(response.await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
-                debug!(client = %peer, error = %e, "connection ended with an error");
+            tokio::select! {
+                result = watcher.watch(conn) => {
+                    if let Err(e) = result {
+                        debug!(client = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = eviction.notified() => {
+                    debug!(client = %peer, "connection evicted to make room");
+                }
             }
         });
+    }
+}
+
+fn set_user_timeout(stream: &tokio::net::TcpStream, timeout: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let millis = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: setsockopt with a valid unsigned int option on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&raw const millis).cast(),
+            size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -9,9 +9,20 @@ use std::{io, os::fd::AsRawFd};
 
 use agent_ebpf::{STAMP_OPTION_LEN, Stamp};
 
-/// IP and TCP headers of a SYN, with options, fit in this many bytes
-/// (IPv6 40 + TCP 60; IPv4 at most 60 + 60).
-const SAVED_SYN_MAX: usize = 160;
+/// IP and TCP headers of a SYN, with options and IPv6 extension headers,
+/// fit in this many bytes (a longer one is refused by the kernel with
+/// EINVAL and goes unattributed).
+const SAVED_SYN_MAX: usize = 512;
+
+/// What the kernel kept of an accepted connection's SYN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SavedSyn {
+    /// Nothing: a SYN cookie answered it (the listener's queue was full),
+    /// or the listener does not save SYNs.
+    Missing,
+    /// The SYN, and the stamp in it if it had one.
+    Kept(Option<Stamp>),
+}
 const IPPROTO_TCP: u8 = 6;
 
 /// Asks the kernel to keep the SYN of every connection accepted on
@@ -35,9 +46,9 @@ pub fn save_syns(listener: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
-/// The stamp in the SYN saved for an accepted `stream`, if any. The kernel
-/// hands the saved SYN out once; a second call finds nothing.
-pub fn saved_stamp(stream: &impl AsRawFd) -> io::Result<Option<Stamp>> {
+/// The SYN saved for an accepted `stream`. The kernel hands it out once; a
+/// second call finds nothing.
+pub fn saved_syn(stream: &impl AsRawFd) -> io::Result<SavedSyn> {
     let mut buf = [0u8; SAVED_SYN_MAX];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: getsockopt into a buffer of the given length.
@@ -55,11 +66,13 @@ pub fn saved_stamp(stream: &impl AsRawFd) -> io::Result<Option<Stamp>> {
         // ENOENT: nothing saved (listener without TCP_SAVE_SYN, a SYN
         // cookie, or already read).
         return match err.raw_os_error() {
-            Some(libc::ENOENT) => Ok(None),
+            Some(libc::ENOENT) => Ok(SavedSyn::Missing),
             _ => Err(err),
         };
     }
-    Ok(stamp_in_syn(&buf[..(len as usize).min(buf.len())]))
+    Ok(SavedSyn::Kept(stamp_in_syn(
+        &buf[..(len as usize).min(buf.len())],
+    )))
 }
 
 /// Finds the stamp in a saved SYN (IPv4 or IPv6 header, then TCP). Total

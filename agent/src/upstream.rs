@@ -191,8 +191,14 @@ impl Upstream for EksAuth {
                 .pod_identity_association()
                 .ok_or_else(|| missing("podIdentityAssociation"))?;
             let subject = output.subject().ok_or_else(|| missing("subject"))?;
+            // Also within what RFC 3339 (and the SDKs) can write: 1970–9999.
             let expiration = SystemTime::try_from(*credentials.expiration())
-                .map_err(|_| missing("a valid credentials expiration"))?;
+                .ok()
+                .filter(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .is_ok_and(|d| d.as_secs() < 253_402_300_800)
+                })
+                .ok_or_else(|| missing("a valid credentials expiration"))?;
             Ok(Assumed {
                 access_key_id: credentials.access_key_id().to_owned(),
                 secret_access_key: credentials.secret_access_key().to_owned(),

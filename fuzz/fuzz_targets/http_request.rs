@@ -18,6 +18,7 @@ use agent::{
     handler::{self, AppState},
     metrics::Metrics,
     server::ConnInfo,
+    syn::SavedSyn,
     upstream::{Assumed, Upstream, UpstreamFuture},
 };
 use hyper::{server::conn::http1, service::service_fn};
@@ -95,9 +96,9 @@ fuzz_target!(|data: &[u8]| {
     let info = ConnInfo {
         peer,
         local: "169.254.170.23:80".parse().expect("addr"),
-        stamp: None,
+        syn: SavedSyn::Kept(None),
     };
-    let Ok(admitted) = world.budget.admit(ClientKey::Source(peer.ip())) else {
+    let Ok((admitted, _)) = world.budget.admit(ClientKey::Source(peer.ip())) else {
         return;
     };
     let conn = Arc::new(Connection {

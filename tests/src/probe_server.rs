@@ -107,10 +107,19 @@ fn serve(
         for listener in listeners {
             while let Ok((mut stream, peer)) = listener.accept() {
                 let local = stream.local_addr().unwrap_or(peer);
-                let caller = syn::saved_stamp(&stream)
+                let caller = syn::saved_syn(&stream)
                     .map_err(anyhow::Error::from)
-                    .and_then(|stamp| {
-                        let accepted = Accepted { peer, local, stamp };
+                    .and_then(|saved| {
+                        let stamp = match saved {
+                            syn::SavedSyn::Kept(stamp) => stamp,
+                            syn::SavedSyn::Missing => None,
+                        };
+                        let accepted = Accepted {
+                            peer,
+                            local,
+                            syn_saved: saved != syn::SavedSyn::Missing,
+                            stamp,
+                        };
                         Ok(lookup.caller(&accepted)?)
                     })
                     .map_err(|e| format!("{e:#}"));
