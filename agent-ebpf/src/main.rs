@@ -338,6 +338,9 @@ fn on_connect(ctx: &SockOpsContext) {
         peer_port: ops_field!(ctx, local_port) as u16,
         local_port: remote_port,
     };
+    if !take_quota(state.quota_key) {
+        return;
+    }
     // Never overwrite: an id already taken (by chance) leaves this
     // connection unattributed rather than touching another's record.
     let id = random_id();
@@ -345,6 +348,7 @@ fn on_connect(ctx: &SockOpsContext) {
         .insert(id, state.record, BPF_NOEXIST.into())
         .is_err()
     {
+        release_quota(state.quota_key);
         return;
     }
     state.stamp = Stamp {

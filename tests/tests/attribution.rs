@@ -378,3 +378,64 @@ fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> R
     }
     Ok(())
 }
+
+#[test]
+fn one_user_cannot_hold_more_than_its_quota_of_records() -> Result<()> {
+    if !privileged_or_skip("one_user_cannot_hold_more_than_its_quota_of_records") {
+        return Ok(());
+    }
+    use std::os::unix::fs::chown;
+    const NOBODY: u32 = 65534;
+    let quota = agent_ebpf::MAX_RECORDS_PER_OWNER;
+    let fx = fixture(&[])?;
+    // An unprivileged user in a cgroup delegated to it, opening more
+    // connections than its quota in namespaces of its own: records the
+    // agent never reads.
+    let attacker = fx.tree.create("user.slice/attacker")?;
+    for path in [attacker.clone(), attacker.join("cgroup.procs")] {
+        chown(&path, Some(NOBODY), Some(NOBODY))?;
+    }
+    let wanted = quota + 200;
+    let mut hold = pod_command(POD_CLIENT.as_ref(), &attacker, &fx.node.netns)?
+        .args([
+            "as-user",
+            &NOBODY.to_string(),
+            &attacker.to_string_lossy(),
+            "userns-hold",
+            &SocketAddr::from((AGENT_V4, 80)).to_string(),
+            &wanted.to_string(),
+            "600",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(hold.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let result = (|| -> Result<()> {
+        ensure!(
+            line.trim() == format!("held {wanted}"),
+            "attacker: {line:?}"
+        );
+        let tracked = fx.attribution.tracked_connections();
+        ensure!(
+            tracked == quota as usize,
+            "{tracked} records for one user holding {wanted} connections (quota {quota})"
+        );
+        // Everyone else is still attributed.
+        let pod = PodSpec::new(Driver::Cgroupfs);
+        let cgroup = fx.tree.pod(&pod)?;
+        let net = PodNet::attach(&fx.node)?;
+        let client = spawn_client(&cgroup, &net.netns, (AGENT_V4, 80).into(), 1)?;
+        let seen = next_observation(&fx)?;
+        client.finish()?;
+        ensure!(
+            seen.caller.map_err(anyhow::Error::msg)?.is_some(),
+            "a pod went unattributed while a user held its quota"
+        );
+        Ok(())
+    })();
+    let _ = hold.kill();
+    let _ = hold.wait();
+    result?;
+    // The user's records go with its sockets.
+    wait_until_no_tracked_connections(&fx)
+}

@@ -313,57 +313,116 @@ fn a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records() 
     Ok(())
 }
 
-/// One pod holds `HOG` idle connections (and reopens every one the agent
-/// closes) while two others fetch credentials.
+/// Each hog holds this many idle connections (and reopens every one the
+/// agent closes).
 const HOG: &str = "10000";
 
 #[test]
-fn a_pod_holding_ten_thousand_idle_connections_starves_no_one() -> Result<()> {
-    if !privileged_or_skip("a_pod_holding_ten_thousand_idle_connections_starves_no_one") {
+fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result<()> {
+    if !privileged_or_skip("ten_thousand_idle_connections_starve_no_one") {
         return Ok(());
     }
     let env = env(true)?;
-    let hog_pod = PodSpec::new(Driver::Cgroupfs);
-    let hog_cgroup = env.tree.pod(&hog_pod)?;
-    let target: SocketAddr = (AGENT_V4, 80).into();
-    let probe = "127.0.0.1:2703";
-    for (what, addr, path) in [
-        ("credential endpoint", target.to_string(), "/v1/credentials"),
-        ("probe port", probe.to_owned(), "/healthz"),
-    ] {
-        let hog = spawn(
-            &env,
-            &hog_cgroup,
-            &env.node.netns,
-            &["hold", &addr, HOG, "6"],
-        )?;
-        // Let the hog fill its share first.
-        std::thread::sleep(Duration::from_millis(1500));
-        let file_a = env.token_file(&env.own_token(Who::A)?)?;
-        let file_b = env.token_file(&env.own_token(Who::B)?)?;
-        let victims = [
-            (
-                Who::A,
-                &env.cg_a,
-                &env.net_a.netns,
-                file_a,
-                target.to_string(),
-            ),
-            (Who::B, &env.cg_b, &env.node.netns, file_b, addr.clone()),
+    // The hogs: a pod, and an unprivileged user in a cgroup delegated to it
+    // (a caller the kernel cannot vouch for, so it shares the unverified
+    // callers' share).
+    let hog_pod = env.tree.pod(&PodSpec::new(Driver::Cgroupfs))?;
+    let hog_user = env.tree.create("user.slice/user-65534.slice/hog")?;
+    delegate(&hog_user, NOBODY)?;
+    // The kubelet: a system service, in a root-owned cgroup of its own.
+    let kubelet = env.tree.create("system.slice/kubelet.service")?;
+    let credentials: SocketAddr = (AGENT_V4, 80).into();
+    let probe: SocketAddr = "127.0.0.1:2703".parse()?;
+    let file_a = env.token_file(&env.own_token(Who::A)?)?;
+    let file_b = env.token_file(&env.own_token(Who::B)?)?;
+    // (what, hogged address, victims: who, cgroup, netns, address, path, token file)
+    type Victim<'a> = (&'a str, &'a Path, &'a Netns, SocketAddr, &'a str, &'a Path);
+    let cases: [(&str, SocketAddr, Vec<Victim>); 2] = [
+        (
+            "credential endpoint",
+            credentials,
+            vec![
+                (
+                    "pod A",
+                    &env.cg_a,
+                    &env.net_a.netns,
+                    credentials,
+                    "/v1/credentials",
+                    &file_a,
+                ),
+                (
+                    "pod B",
+                    &env.cg_b,
+                    &env.node.netns,
+                    credentials,
+                    "/v1/credentials",
+                    &file_b,
+                ),
+            ],
+        ),
+        (
+            "probe port",
+            probe,
+            vec![
+                (
+                    "kubelet",
+                    &kubelet,
+                    &env.node.netns,
+                    probe,
+                    "/healthz",
+                    &file_b,
+                ),
+                (
+                    "pod B",
+                    &env.cg_b,
+                    &env.node.netns,
+                    credentials,
+                    "/v1/credentials",
+                    &file_b,
+                ),
+            ],
+        ),
+    ];
+    for (what, hogged, victims) in cases {
+        let hogged = hogged.to_string();
+        let hogs = [
+            spawn(
+                &env,
+                &hog_pod,
+                &env.node.netns,
+                &["hold", &hogged, HOG, "6"],
+            )?,
+            spawn(
+                &env,
+                &hog_user,
+                &env.node.netns,
+                &[
+                    "as-user",
+                    &NOBODY.to_string(),
+                    &hog_user.to_string_lossy(),
+                    "hold",
+                    &hogged,
+                    HOG,
+                    "6",
+                ],
+            )?,
         ];
-        let loads: Vec<(Who, Child)> = victims
+        // Let the hogs fill their shares first.
+        std::thread::sleep(Duration::from_millis(1500));
+        let loads: Vec<(&str, Child)> = victims
             .iter()
-            .map(|(who, cgroup, netns, file, to)| {
-                let path = if to == &target.to_string() {
-                    "/v1/credentials"
-                } else {
-                    path
-                };
+            .map(|(who, cgroup, netns, to, path, file)| {
                 spawn(
                     &env,
                     cgroup,
                     netns,
-                    &["http-load", to, path, &file.to_string_lossy(), "3"],
+                    &[
+                        "http-load",
+                        &to.to_string(),
+                        path,
+                        &file.to_string_lossy(),
+                        "3",
+                    ],
                 )
                 .map(|c| (*who, c))
             })
@@ -373,21 +432,27 @@ fn a_pod_holding_ten_thousand_idle_connections_starves_no_one() -> Result<()> {
             let p99 = tally["p99_ms"].as_f64().unwrap_or(f64::MAX);
             ensure!(
                 count(&tally, "200") == total(&tally) && total(&tally) > 20,
-                "{what}: pod {who:?} not served: {tally}"
+                "{what}: {who} not served: {tally}"
             );
-            ensure!(p99 < 100.0, "{what}: pod {who:?} p99 {p99:.1} ms: {tally}");
+            ensure!(p99 < 100.0, "{what}: {who} p99 {p99:.1} ms: {tally}");
         }
-        let held = finish(hog, "hog")?;
-        ensure!(
-            held["closed_by_server"].as_u64() > Some(1000),
-            "{what}: the hog was not held to its share: {held}"
-        );
+        for (hog, child) in ["pod", "user"].into_iter().zip(hogs) {
+            let held = finish(child, hog)?;
+            ensure!(
+                held["closed_by_server"].as_u64() > Some(1000),
+                "{what}: the {hog} hog was not held to its share: {held}"
+            );
+        }
     }
     let metrics = env.metrics()?;
-    ensure!(
-        metrics.contains("pod_identity_connections_refused_total{listener=\"credentials\",reason=\"client-limit\"}"),
-        "no refusal counted:\n{metrics}"
-    );
+    for listener in ["credentials", "probe"] {
+        ensure!(
+            metrics.contains(&format!(
+                "pod_identity_connections_refused_total{{listener=\"{listener}\",reason=\"client-limit\"}}"
+            )),
+            "no refusal counted on {listener}:\n{metrics}"
+        );
+    }
     Ok(())
 }
 

@@ -105,6 +105,44 @@ pub fn userns_spray(
     Ok(())
 }
 
+/// `userns-hold TARGET COUNT SECONDS`: in an unprivileged user's own
+/// user+network namespace, COUNT connections to TARGET (its own listener
+/// there, never the agent's), all held for SECONDS. Each is a record in the
+/// agent's kernel table that the agent never reads. Prints `held N` once
+/// they are all open, then sleeps.
+pub fn userns_hold(target: &str, count: &str, seconds: &str) -> Result<(), String> {
+    let target: SocketAddr = parse(target)?;
+    let count: usize = parse(count)?;
+    let seconds: f64 = parse(seconds)?;
+    raise_fd_limit(2 * count + 64)?;
+    enter_own_namespaces()?;
+    ip(&["link", "set", "lo", "up"])?;
+    let prefix = if target.is_ipv4() { 32 } else { 128 };
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/{prefix}", target.ip()),
+        "dev",
+        "lo",
+    ])?;
+    let listener = TcpListener::bind(target).map_err(|e| format!("bind {target}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut held = Vec::with_capacity(2 * count);
+    for i in 0..count {
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .map_err(|e| format!("connect #{i}: {e}"))?;
+        held.push(stream);
+        // Keep the accept queue short: take what has arrived.
+        while let Ok((accepted, _)) = listener.accept() {
+            held.push(accepted);
+        }
+    }
+    println!("held {count}");
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    drop(held);
+    Ok(())
+}
+
 /// unshare(CLONE_NEWUSER | CLONE_NEWNET) and map this user to root inside:
 /// what any unprivileged user may do, and what grants CAP_NET_ADMIN over
 /// the new network namespace.

@@ -13,7 +13,7 @@
 //! * `pod-client http-load ADDR PATH TOKEN_FILE SECONDS`,
 //!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`: see `load`.
 //! * `pod-client as-user UID CGROUP SUBCOMMAND…`, `userns-spray …`,
-//!   `hold …`: what a hostile process does; see `hostile`.
+//!   `userns-hold …`, `hold …`: what a hostile process does; see `hostile`.
 
 mod hostile;
 mod load;
@@ -58,6 +58,9 @@ fn run(args: &[String]) -> Result<(), String> {
             hostile::userns_spray(target, sources, lo, hi, rounds)
         }
         [cmd, addr, count, seconds] if cmd == "hold" => hostile::hold(addr, count, seconds),
+        [cmd, target, count, seconds] if cmd == "userns-hold" => {
+            hostile::userns_hold(target, count, seconds)
+        }
         _ => Err(format!(
             "unknown or incomplete command {args:?} (see the module doc)"
         )),
