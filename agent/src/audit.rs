@@ -2,8 +2,9 @@
 //! for what (from the token), what was decided and why. Never the token,
 //! never a secret.
 //!
-//! Emitted on the `audit` tracing target (JSON like every log line) and, if
-//! configured, appended to a file of its own, one JSON object per line.
+//! Emitted on the `audit` tracing target — a log line with the reference's
+//! `client-addr` and `cluster-name`, the event as an `audit` object — and,
+//! if configured, appended to a file of its own, one JSON object per line.
 
 use std::{
     fs::{File, OpenOptions},
@@ -68,10 +69,7 @@ impl Auditor {
             target: "audit",
             client_addr = event.peer,
             cluster_name = self.cluster_name,
-            association_id = event.association_id,
-            decision = event.decision,
-            reason = event.reason,
-            event = %json,
+            audit = json.as_str(),
             "credential request"
         );
         if let Some(file) = &self.file

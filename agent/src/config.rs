@@ -1,5 +1,6 @@
 //! The command line: subcommands and flags, compatible with the reference
-//! agent's where it has them (DESIGN §3).
+//! agent's where it has them — the AWS chart's exact argument lists parse
+//! (see docs/architecture.md, "Compatibility").
 
 use std::net::IpAddr;
 
@@ -14,15 +15,23 @@ use crate::link::LinkKind;
     about = "EKS Pod Identity Agent with kernel caller attribution"
 )]
 pub struct Cli {
-    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    /// Log level of the agent's own logs, as the reference's logrus levels:
+    /// panic, fatal, error, warn, info, debug, trace. Before or after the
+    /// subcommand. Libraries stay at warn (see --log-filter).
     #[arg(
         short = 'v',
         long,
         global = true,
         default_value = "info",
-        env = "EKS_POD_IDENTITY_AGENT_VERBOSITY"
+        value_parser = crate::logging::parse_level
     )]
-    pub verbosity: String,
+    pub verbosity: crate::logging::Level,
+
+    /// Extra tracing filter directives for libraries, e.g.
+    /// `aws_smithy_runtime=debug,hyper=info`: kept apart from -v so the
+    /// chart's `-v trace` never turns on their request tracing.
+    #[arg(long, global = true, env = "EKS_POD_IDENTITY_AGENT_LOG_FILTER")]
+    pub log_filter: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -32,6 +41,7 @@ pub struct Cli {
 pub enum Command {
     /// Own the link-local addresses: create the link, addresses and routes
     /// (run as the DaemonSet's init container; needs CAP_NET_ADMIN).
+    #[command(name = "initialize", alias = "init")]
     Init(InitArgs),
     /// Serve pod credentials on the link-local addresses.
     Server(Box<ServerArgs>),
@@ -104,9 +114,17 @@ pub struct ServerArgs {
     #[arg(long)]
     pub endpoint: Option<String>,
 
-    /// Accepted for compatibility (hybrid nodes): the node's own AWS
-    /// credentials already rotate through the SDK's provider chain.
-    #[arg(long)]
+    /// Hybrid nodes: sign EKS Auth calls with the shared credentials file
+    /// (AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials, default
+    /// profile), re-read every minute and whenever it changes, as the node's
+    /// tooling rotates it. `--rotate-credentials`, `=true` or ` true`.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
     pub rotate_credentials: bool,
 
     /// This node's name, sent to EKS Auth as eksNodeName.
@@ -187,6 +205,15 @@ pub struct ServerArgs {
     #[arg(long)]
     pub audit_log: Option<std::path::PathBuf>,
 
+    /// Credential requests per second for all clients together, as the
+    /// reference (burst: --max-request-burst); over it: 429 (0: no limit).
+    #[arg(long, default_value_t = 1000)]
+    pub max_request_rate: u32,
+
+    /// Burst of the all-clients limit.
+    #[arg(long, default_value_t = 500)]
+    pub max_request_burst: u32,
+
     /// Credential requests per second allowed per client — a pod, a node
     /// process's cgroup, or an unattributed source address (0: no limit).
     #[arg(long, default_value_t = 20)]
@@ -253,7 +280,7 @@ mod tests {
 
     #[test]
     fn init_defaults_match_the_reference() {
-        let cli = Cli::try_parse_from(["agent", "init"]).unwrap();
+        let cli = Cli::try_parse_from(["agent", "initialize"]).unwrap();
         let Command::Init(args) = cli.command else {
             panic!("not init")
         };

@@ -183,7 +183,8 @@ impl Credentials {
                 .max_capacity(options.max_entries)
                 .expire_after(UntilUnservable)
                 .eviction_listener(move |_key, _value, cause| {
-                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    // Not a replacement by a renewal: the entry is gone.
+                    if cause != RemovalCause::Replaced {
                         metrics.cache(CacheState::Evicted);
                     }
                 })
@@ -213,10 +214,13 @@ impl Credentials {
             && entry.servable(Instant::now())
             && entry.token_hash == presented
         {
-            inner.metrics.cache(CacheState::Hit);
+            inner.metrics.cache_lookup(true);
             return Ok((entry.assumed.clone(), Source::Cache));
         }
-        inner.metrics.cache(CacheState::Miss);
+        inner.metrics.cache_lookup(false);
+        if inner.cache.is_some() {
+            inner.metrics.cache(CacheState::Miss);
+        }
         let assumed = self.fetch(key.clone(), token.to_owned()).await?;
         Ok((assumed, Source::Upstream))
     }
@@ -254,7 +258,6 @@ impl Credentials {
                         cache.insert(task_key.clone(), Arc::new(entry)).await;
                     }
                     Err(err) => {
-                        inner.metrics.cache_error("upstream", err.code());
                         // Only EKS Auth refusing the entry's own token
                         // evicts it: a refused forgery must not take a
                         // genuine entry down with it.
@@ -313,11 +316,18 @@ impl Credentials {
                 pace.tick().await;
                 debug!(?key, "refreshing credentials ahead of expiry");
                 match self.fetch(key, token).await {
-                    Ok(_) => {}
-                    Err(err) if err.is_recoverable() => {
-                        warn!(error = %err, "refresh failed; keeping the cached credentials until they expire");
+                    Ok(_) => self.inner.metrics.cache(CacheState::Renewed),
+                    Err(err) => {
+                        let recoverable = err.is_recoverable();
+                        self.inner
+                            .metrics
+                            .renewal_error(recoverable, err.reference_code());
+                        if recoverable {
+                            warn!(error = %err, "refresh failed; keeping the cached credentials until they expire");
+                        } else {
+                            info!(error = %err, "refresh refused; credentials evicted");
+                        }
                     }
-                    Err(err) => info!(error = %err, "refresh refused; credentials evicted"),
                 }
             }
         }
@@ -331,8 +341,8 @@ impl Credentials {
         };
         let mut evicted = 0;
         for key in keys {
+            // The eviction listener counts it.
             if cache.remove(key).await.is_some() {
-                self.inner.metrics.cache(CacheState::Evicted);
                 evicted += 1;
             }
         }

@@ -100,6 +100,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         auditor,
         verification,
         limiter: ClientRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
+        global_limiter: global_limiter(args.max_request_rate, args.max_request_burst),
     });
 
     let limits = HttpLimits {
@@ -158,7 +159,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 "probe",
             )
         },
-        move |_conn, req| probes::handle_probe(probe_state.clone(), req),
+        {
+            let probe_state = probe_state.clone();
+            move |_conn, req| probes::handle_probe(probe_state.clone(), req)
+        },
     ));
     let (metrics_budget, exported) = (side_budget(), metrics.clone());
     tasks.spawn(server::serve(
@@ -169,7 +173,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         move |info| admission::admit(info, None, &metrics_budget, &exported, "metrics"),
         {
             let exported = metrics.clone();
-            move |_conn, req| probes::handle_metrics(exported.clone(), req)
+            move |_conn, req| probes::handle_metrics(exported.clone(), probe_state.clone(), req)
         },
     ));
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
@@ -189,6 +193,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
     Ok(())
+}
+
+/// The reference's limiter for all callers together: `rate` per second,
+/// `burst` at once (`None` when `rate` is 0).
+fn global_limiter(rate: u32, burst: u32) -> Option<governor::DefaultDirectRateLimiter> {
+    let rate = std::num::NonZeroU32::new(rate)?;
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+    Some(governor::RateLimiter::direct(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ))
 }
 
 /// Descriptors beyond the connection budgets: listeners, BPF maps and

@@ -21,7 +21,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
-    Method, Request, Response, StatusCode,
+    Request, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderValue},
 };
@@ -38,7 +38,7 @@ use crate::{
     metrics::Metrics,
     policy::{self, Caller, Violation},
     ratelimit::ClientRateLimiter,
-    server::{HttpResponse, text},
+    server::{HttpResponse, go_error, not_found},
     token,
     upstream::Assumed,
 };
@@ -57,6 +57,8 @@ pub struct AppState {
     pub verification: Option<Verification>,
     /// Per-client request rate, in every mode (`None`: unlimited).
     pub limiter: Option<ClientRateLimiter>,
+    /// The reference's rate for all clients together (`None`: unlimited).
+    pub global_limiter: Option<governor::DefaultDirectRateLimiter>,
 }
 
 /// How callers are verified when attribution is on.
@@ -98,32 +100,33 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> HttpResponse {
     if req.uri().path() != CREDENTIALS_PATH {
-        return text(404, "Not Found");
+        return not_found();
     }
     let started = Instant::now();
+    // The reference's limit for everyone together, before anything else.
+    if let Some(global) = &state.global_limiter
+        && global.check().is_err()
+    {
+        let response = go_error(429, "Too Many Requests");
+        state.metrics.response(429, started);
+        return response;
+    }
     let _in_flight = state.metrics.in_flight();
-    let response = if req.method() == Method::GET {
-        let mut event = AuditEvent {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            peer: conn.info.peer.to_string(),
-            mode: state.mode(),
-            ..AuditEvent::default()
-        };
-        let response = credentials(&state, &conn, &req, &mut event).await;
-        event.status = response.status().as_u16();
-        if event.decision.is_empty() {
-            event.decision = if event.status == 200 { "allow" } else { "deny" };
-        }
-        event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        state.auditor.emit(&event);
-        response
-    } else {
-        // Only GET is meaningful; say which.
-        let mut r = text(405, "Method Not Allowed: use GET");
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
-        r
+    // Any method is a credential request, as the reference treats it: the
+    // method carries nothing, the token is the request.
+    let mut event = AuditEvent {
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        peer: conn.info.peer.to_string(),
+        mode: state.mode(),
+        ..AuditEvent::default()
     };
+    let response = credentials(&state, &conn, &req, &mut event).await;
+    event.status = response.status().as_u16();
+    if event.decision.is_empty() {
+        event.decision = if event.status == 200 { "allow" } else { "deny" };
+    }
+    event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    state.auditor.emit(&event);
     state.metrics.response(response.status().as_u16(), started);
     response
 }
@@ -146,7 +149,7 @@ async fn credentials(
             event.reason = "rate-limited".into();
             state.metrics.decision("deny", "rate-limited");
             debug!(client_addr = %client, client = %who, "client exceeded its credential request rate");
-            return text(
+            return go_error(
                 429,
                 format!("Too Many Requests: {who} exceeded its credential request rate"),
             );
@@ -159,7 +162,7 @@ async fn credentials(
         let served: Vec<String> = state.served_hosts.iter().map(IpAddr::to_string).collect();
         warn!(client_addr = %client, host, "called through an address that is not served");
         event.reason = "invalid-host".into();
-        return text(
+        return go_error(
             403,
             format!(
                 "Access Denied. Called agent through invalid address, please use either [{}] address not {host}",
@@ -177,7 +180,7 @@ async fn credentials(
     if token.is_empty() {
         warn!(client_addr = %client, "request without a service account token");
         event.reason = "no-token".into();
-        return text(400, "Service account token cannot be empty");
+        return go_error(400, "Service account token cannot be empty");
     }
     // 3. Claims.
     let claims = match token::parse(token) {
@@ -226,7 +229,7 @@ async fn credentials(
         Err(e) => {
             warn!(client_addr = %client, cluster_name = state.cluster_name, error = %e, "EKS Auth call failed");
             event.reason = format!("upstream:{}", e.code());
-            return text(e.status(), e.to_string());
+            return go_error(e.status(), e);
         }
     };
     if let (Some(verification), Some(pod), Source::Upstream) =
@@ -274,7 +277,7 @@ async fn credentials(
 fn reject_token(client: SocketAddr, e: token::TokenError, event: &mut AuditEvent) -> HttpResponse {
     warn!(client_addr = %client, error = %e, "token rejected before EKS Auth");
     event.reason = "invalid-token".into();
-    text(400, e.to_string())
+    go_error(400, e)
 }
 
 fn refuse(
@@ -288,9 +291,9 @@ fn refuse(
     state.metrics.decision("deny", violation.reason());
     warn!(client_addr = %client, check = %violation, "caller check failed; refused");
     match violation.status() {
-        403 => text(403, format!("Access Denied: {violation}")),
+        403 => go_error(403, format!("Access Denied: {violation}")),
         status => {
-            let mut response = text(status, format!("Service Unavailable: {violation}"));
+            let mut response = go_error(status, format!("Service Unavailable: {violation}"));
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -351,7 +354,7 @@ fn json_credentials(assumed: &Assumed) -> HttpResponse {
             *r.status_mut() = StatusCode::OK;
             r
         }
-        Err(e) => text(500, format!("encoding credentials failed: {e}")),
+        Err(_) => go_error(500, "Unable to serialize credentials"),
     }
 }
 

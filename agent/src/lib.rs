@@ -21,7 +21,6 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
-pub mod process_metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod syn;

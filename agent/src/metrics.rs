@@ -1,102 +1,59 @@
-//! Prometheus metrics: the reference agent's names (operators' dashboards
-//! keep working) plus what it lacks: request and upstream latency, upstream
-//! errors by code, cache size and in-flight requests.
+//! Prometheus metrics in the reference agent's exposition (text format
+//! 0.0.4, as client_golang writes it): its three counters under their exact
+//! names, labels and label meanings, so the operators' dashboards and
+//! alerts keep working; plus ours (all named with their `_total`,
+//! `_seconds` suffixes as exposed).
 //!
-//! prometheus-client follows OpenMetrics, so counter samples carry a
-//! `_total` suffix (`pod_identity_http_response_total{code="200"}`).
+//! | reference | meaning |
+//! |---|---|
+//! | `pod_identity_http_response{code}` | credential endpoint answers by status |
+//! | `pod_identity_cache_state{state}` | `miss` per request that missed the cache, `hit` per successful background renewal, `evicted` per entry dropped |
+//! | `pod_identity_cache_errors{type,code}` | failed renewals: `type` `Recoverable`/`NonRecoverable`, `code` EKS Auth's error code (`Unknown` without one) |
 
 use std::time::{Duration, Instant};
 
-use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-    registry::Metric,
-    registry::Registry,
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder, exponential_buckets,
 };
 
-// Typed label sets: the request path updates several families per request,
-// and static labels cost no allocation (only error codes are owned).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CodeLabel {
-    code: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CacheErrorLabels {
-    r#type: &'static str,
-    code: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorCodeLabel {
-    code: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DecisionLabels {
-    result: &'static str,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RefusedLabels {
-    listener: &'static str,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModeLabel {
-    mode: &'static str,
-}
-
-pub struct Metrics {
-    registry: Registry,
-    http_response: Family<CodeLabel, Counter>,
-    cache_state: Family<StateLabel, Counter>,
-    cache_errors: Family<CacheErrorLabels, Counter>,
-    request_seconds: Histogram,
-    upstream_seconds: Histogram,
-    upstream_errors: Family<ErrorCodeLabel, Counter>,
-    cache_entries: Gauge,
-    in_flight: Gauge,
-    decisions: Family<DecisionLabels, Counter>,
-    attribution_lookups: Family<ResultLabel, Counter>,
-    resolve_seconds: Histogram,
-    attribution_mode: Family<ModeLabel, Gauge>,
-    connections_refused: Family<RefusedLabels, Counter>,
-}
-
-/// Cache outcome labels of `pod_identity_cache_state`.
+/// `pod_identity_cache_state` label values, as the reference uses them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheState {
-    Hit,
+    /// A request found no servable entry.
     Miss,
+    /// A background renewal succeeded.
+    Renewed,
+    /// An entry was dropped (expired, size, refused renewal, pod gone).
     Evicted,
 }
 
 impl CacheState {
     fn label(self) -> &'static str {
         match self {
-            CacheState::Hit => "hit",
             CacheState::Miss => "miss",
+            CacheState::Renewed => "hit",
             CacheState::Evicted => "evicted",
         }
     }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    http_response: IntCounterVec,
+    cache_state: IntCounterVec,
+    cache_errors: IntCounterVec,
+    cache_lookups: IntCounterVec,
+    request_seconds: Histogram,
+    upstream_seconds: Histogram,
+    upstream_errors: IntCounterVec,
+    cache_entries: IntGauge,
+    in_flight: IntGauge,
+    decisions: IntCounterVec,
+    attribution_lookups: IntCounterVec,
+    resolve_seconds: Histogram,
+    attribution_mode: IntGaugeVec,
+    connections_refused: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -105,96 +62,130 @@ impl Default for Metrics {
     }
 }
 
-/// Registers `metric` and hands back the handle that updates it.
-fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
-    registry.register(name, help, metric.clone());
+/// Registers what `make` builds. The names, help texts and buckets are
+/// constants of this file: a failure is a programming error caught by the
+/// unit test below, never a runtime condition.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    make: impl FnOnce() -> prometheus::Result<M>,
+) -> M {
+    let metric = make().unwrap_or_else(|e| panic!("metric definition: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric registration: {e}"));
     metric
+}
+
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(registry, || {
+        IntCounterVec::new(Opts::new(name, help), labels)
+    })
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    registered(registry, || {
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+    })
+}
+
+fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    exponential_buckets(start, factor, count).unwrap_or_default()
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut r = Registry::default();
-        r.register_collector(Box::new(crate::process_metrics::ProcessCollector));
-        // Fields are evaluated in order: each borrows `r` briefly, the last
-        // one moves it.
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            if let Err(e) = r.register(Box::new(process)) {
+                tracing::warn!(error = %e, "process metrics unavailable");
+            }
+        }
         Metrics {
-            http_response: registered(
-                &mut r,
+            http_response: counters(
+                &r,
                 "pod_identity_http_response",
-                "Credential endpoint responses by HTTP status code",
-                Family::default(),
+                "Pod Identity http response code",
+                &["code"],
             ),
-            cache_state: registered(
-                &mut r,
+            cache_state: counters(
+                &r,
                 "pod_identity_cache_state",
-                "Credential cache lookups and evictions (state=hit|miss|evicted)",
-                Family::default(),
+                "The state of credential in cache",
+                &["state"],
             ),
-            cache_errors: registered(
-                &mut r,
+            cache_errors: counters(
+                &r,
                 "pod_identity_cache_errors",
-                "Failures while filling or refreshing the credential cache (type, code)",
-                Family::default(),
+                "Removing credentials from cache, got non recoverable error",
+                &["type", "code"],
             ),
-            request_seconds: registered(
-                &mut r,
+            cache_lookups: counters(
+                &r,
+                "pod_identity_cache_lookups_total",
+                "Credential requests answered from the cache (hit) or not (miss)",
+                &["result"],
+            ),
+            request_seconds: histogram(
+                &r,
                 "pod_identity_request_duration_seconds",
                 "Time to answer a credential request",
-                Histogram::new(exponential_buckets(0.000_1, 2.5, 14)),
+                buckets(0.000_1, 2.5, 14),
             ),
-            upstream_seconds: registered(
-                &mut r,
+            upstream_seconds: histogram(
+                &r,
                 "pod_identity_upstream_duration_seconds",
                 "Time of one AssumeRoleForPodIdentity call, retries included",
-                Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+                buckets(0.001, 2.0, 14),
             ),
-            upstream_errors: registered(
-                &mut r,
-                "pod_identity_upstream_errors",
+            upstream_errors: counters(
+                &r,
+                "pod_identity_upstream_errors_total",
                 "AssumeRoleForPodIdentity failures by error code",
-                Family::default(),
+                &["code"],
             ),
-            cache_entries: registered(
-                &mut r,
-                "pod_identity_cache_entries",
-                "Identities currently cached",
-                Gauge::default(),
-            ),
-            in_flight: registered(
-                &mut r,
-                "pod_identity_requests_in_flight",
-                "Credential requests being answered",
-                Gauge::default(),
-            ),
-            decisions: registered(
-                &mut r,
-                "pod_identity_caller_decisions",
+            cache_entries: registered(&r, || {
+                IntGauge::new("pod_identity_cache_entries", "Identities currently cached")
+            }),
+            in_flight: registered(&r, || {
+                IntGauge::new(
+                    "pod_identity_requests_in_flight",
+                    "Credential requests being answered",
+                )
+            }),
+            decisions: counters(
+                &r,
+                "pod_identity_caller_decisions_total",
                 "Caller verification outcomes (result=allow|deny|audit-only, reason)",
-                Family::default(),
+                &["result", "reason"],
             ),
-            attribution_lookups: registered(
-                &mut r,
-                "pod_identity_attribution_lookups",
+            attribution_lookups: counters(
+                &r,
+                "pod_identity_attribution_lookups_total",
                 "Kernel attribution lookups per accepted connection (result=hit|miss|error|no-syn)",
-                Family::default(),
+                &["result"],
             ),
-            resolve_seconds: registered(
-                &mut r,
+            resolve_seconds: histogram(
+                &r,
                 "pod_identity_caller_resolve_duration_seconds",
                 "Time from connection to pod identity (map lookup + cgroup resolution)",
-                Histogram::new(exponential_buckets(0.000_002, 2.5, 12)),
+                buckets(0.000_002, 2.5, 12),
             ),
-            attribution_mode: registered(
-                &mut r,
-                "pod_identity_attribution_mode",
-                "1 for the caller attribution mode in force (enforce|audit|off)",
-                Family::default(),
-            ),
-            connections_refused: registered(
-                &mut r,
-                "pod_identity_connections_refused",
-                "Connections closed at accept because their client held its share of the listener's budget, or the listener its total (listener=credentials|probe|metrics, reason=client-limit), or evicted to make room for a newcomer when the listener held its total (reason=evicted)",
-                Family::default(),
+            attribution_mode: registered(&r, || {
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pod_identity_attribution_mode",
+                        "1 for the caller attribution mode in force (enforce|audit|off)",
+                    ),
+                    &["mode"],
+                )
+            }),
+            connections_refused: counters(
+                &r,
+                "pod_identity_connections_refused_total",
+                "Connections closed at accept because their client held its share of the listener's budget (reason=client-limit), or evicted to make room for a newcomer when the listener held its total (reason=evicted)",
+                &["listener", "reason"],
             ),
             registry: r,
         }
@@ -202,20 +193,16 @@ impl Metrics {
 
     pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
         self.connections_refused
-            .get_or_create(&RefusedLabels { listener, reason })
+            .with_label_values(&[listener, reason])
             .inc();
     }
 
     pub fn decision(&self, result: &'static str, reason: &'static str) {
-        self.decisions
-            .get_or_create(&DecisionLabels { result, reason })
-            .inc();
+        self.decisions.with_label_values(&[result, reason]).inc();
     }
 
     pub fn attribution_lookup(&self, result: &'static str) {
-        self.attribution_lookups
-            .get_or_create(&ResultLabel { result })
-            .inc();
+        self.attribution_lookups.with_label_values(&[result]).inc();
     }
 
     pub fn resolve_latency(&self, took: Duration) {
@@ -225,47 +212,49 @@ impl Metrics {
     pub fn set_attribution_mode(&self, mode: &str) {
         for m in ["enforce", "audit", "off"] {
             self.attribution_mode
-                .get_or_create(&ModeLabel { mode: m })
+                .with_label_values(&[m])
                 .set(i64::from(m == mode));
         }
     }
 
     pub fn response(&self, code: u16, started: Instant) {
-        self.http_response.get_or_create(&CodeLabel { code }).inc();
+        self.http_response
+            .with_label_values(&[itoa_code(code)])
+            .inc();
         self.request_seconds
             .observe(started.elapsed().as_secs_f64());
     }
 
     pub fn cache(&self, state: CacheState) {
-        self.cache_state
-            .get_or_create(&StateLabel {
-                state: state.label(),
-            })
+        self.cache_state.with_label_values(&[state.label()]).inc();
+    }
+
+    /// A request answered from the cache (`true`) or not.
+    pub fn cache_lookup(&self, hit: bool) {
+        self.cache_lookups
+            .with_label_values(&[if hit { "hit" } else { "miss" }])
             .inc();
     }
 
-    pub fn cache_error(&self, kind: &'static str, code: &str) {
-        self.cache_errors
-            .get_or_create(&CacheErrorLabels {
-                r#type: kind,
-                code: code.to_owned(),
-            })
-            .inc();
+    /// A failed renewal, as the reference labels it.
+    pub fn renewal_error(&self, recoverable: bool, code: &str) {
+        let kind = if recoverable {
+            "Recoverable"
+        } else {
+            "NonRecoverable"
+        };
+        self.cache_errors.with_label_values(&[kind, code]).inc();
     }
 
     pub fn upstream_call(&self, took: Duration, error_code: Option<&str>) {
         self.upstream_seconds.observe(took.as_secs_f64());
         if let Some(code) = error_code {
-            self.upstream_errors
-                .get_or_create(&ErrorCodeLabel {
-                    code: code.to_owned(),
-                })
-                .inc();
+            self.upstream_errors.with_label_values(&[code]).inc();
         }
     }
 
     pub fn set_cache_entries(&self, n: u64) {
-        self.cache_entries.set(n as i64);
+        self.cache_entries.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts a request in flight until the guard drops.
@@ -274,16 +263,39 @@ impl Metrics {
         InFlight(&self.in_flight)
     }
 
-    /// The text exposition.
+    /// The text exposition (format 0.0.4).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        let mut out = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 
-pub struct InFlight<'a>(&'a Gauge);
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// HTTP status codes as label values without a per-request allocation.
+fn itoa_code(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => match code / 100 {
+            2 => "2xx",
+            4 => "4xx",
+            _ => "5xx",
+        },
+    }
+}
+
+pub struct InFlight<'a>(&'a IntGauge);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -296,21 +308,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exposes_the_reference_metric_names() {
+    fn exposes_the_reference_metric_names_without_total() {
         let m = Metrics::new();
         m.response(200, Instant::now());
-        m.cache(CacheState::Hit);
-        m.cache_error("upstream", "ThrottlingException");
+        m.cache(CacheState::Renewed);
+        m.renewal_error(true, "ThrottlingException");
+        m.cache_lookup(true);
         let text = m.encode();
         for needle in [
-            r#"pod_identity_http_response_total{code="200"} 1"#,
-            r#"pod_identity_cache_state_total{state="hit"} 1"#,
-            r#"pod_identity_cache_errors_total{type="upstream",code="ThrottlingException"} 1"#,
+            "# TYPE pod_identity_http_response counter",
+            r#"pod_identity_http_response{code="200"} 1"#,
+            r#"pod_identity_cache_state{state="hit"} 1"#,
+            r#"pod_identity_cache_errors{code="ThrottlingException",type="Recoverable"} 1"#,
+            r#"pod_identity_cache_lookups_total{result="hit"} 1"#,
             "pod_identity_request_duration_seconds_bucket",
             "process_resident_memory_bytes",
             "process_cpu_seconds_total",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        assert!(!text.contains("pod_identity_http_response_total"));
     }
 }

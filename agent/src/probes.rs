@@ -1,9 +1,13 @@
-//! `/healthz`, `/readyz` (probe port, localhost) and `/metrics`.
+//! `/healthz` and `/readyz` — on the probe port and on the metrics port, as
+//! the reference serves them — and `/metrics`.
 //!
-//! Ready means what the reference means — a request to each served
-//! listener comes back (its 404 for an unknown path) — plus the upstream
-//! client exists (it is built before anything listens) and which served
-//! addresses could not be bound, so a missing family is visible.
+//! Both probes do what the reference's do: a request to every credential
+//! listener, which must come back with its 404 for `/`. So a listener that
+//! stopped answering (its address removed, its accept loop stuck) fails
+//! liveness and the kubelet restarts the agent. 200 when all answered, 408
+//! when the 10 s budget ran out, 500 `Internal Server Error occurred`
+//! otherwise. A 200's body says more (our addition): the listeners, the
+//! addresses that could not be bound, the attribution mode.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -12,89 +16,107 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
+use tracing::warn;
 
 use crate::{
-    metrics::Metrics,
-    server::{HttpResponse, text},
+    metrics::{self, Metrics},
+    server::{HttpResponse, bare, go_error, not_found, text},
 };
 
+/// The reference's budget for checking every listener.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct ProbeState {
-    /// Listeners that were bound (self-checked on every /readyz).
+    /// Listeners that were bound (each checked on every probe).
     pub bound: Vec<SocketAddr>,
     /// Served addresses that could not be bound, with why.
     pub unbound: Vec<String>,
-    /// Extra lines for /readyz (e.g. the attribution mode in force).
+    /// Extra lines for a 200's body (e.g. the attribution mode in force).
     pub details: Vec<String>,
 }
 
+/// The probe port: `/healthz`, `/readyz`.
 pub async fn handle_probe(state: Arc<ProbeState>, req: Request<Incoming>) -> HttpResponse {
     match req.uri().path() {
-        "/healthz" => text(200, "ok"),
-        "/readyz" => readiness(&state).await,
-        _ => text(404, "Not Found"),
+        "/healthz" | "/readyz" => probe(&state).await,
+        _ => not_found(),
     }
 }
 
-async fn readiness(state: &ProbeState) -> HttpResponse {
-    let mut lines = Vec::new();
-    let mut ready = !state.bound.is_empty();
-    for addr in &state.bound {
-        match self_check(*addr).await {
-            Ok(()) => lines.push(format!("listener {addr}: ok")),
-            Err(e) => {
-                ready = false;
-                lines.push(format!("listener {addr}: {e}"));
-            }
+/// The metrics port: `/metrics`, and the probes too.
+pub async fn handle_metrics(
+    metrics: Arc<Metrics>,
+    state: Arc<ProbeState>,
+    req: Request<Incoming>,
+) -> HttpResponse {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut response = text(200, metrics.encode());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            response
         }
+        "/healthz" | "/readyz" => probe(&state).await,
+        _ => not_found(),
     }
-    lines.extend(state.unbound.iter().map(|u| format!("not served: {u}")));
-    lines.extend(state.details.iter().cloned());
-    text(if ready { 200 } else { 503 }, lines.join("\n") + "\n")
 }
 
-/// A request to a served listener must come back with its 404.
-async fn self_check(addr: SocketAddr) -> Result<(), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let host = match addr {
-            SocketAddr::V4(v4) => v4.ip().to_string(),
-            SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
-        };
-        let request =
-            format!("GET /readyz-self-check HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 12];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|e| e.to_string())?;
-        if &head[9..12] == b"404" {
-            Ok(())
-        } else {
-            Err(format!(
-                "unexpected answer {:?}",
-                String::from_utf8_lossy(&head)
-            ))
+async fn probe(state: &ProbeState) -> HttpResponse {
+    let checks = async {
+        for addr in &state.bound {
+            self_check(*addr)
+                .await
+                .map_err(|e| format!("listener {addr}: {e}"))?;
         }
+        Ok::<_, String>(())
     };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 2s".into()))
+    match tokio::time::timeout(PROBE_TIMEOUT, checks).await {
+        Ok(Ok(())) => {
+            let mut lines: Vec<String> = state
+                .bound
+                .iter()
+                .map(|a| format!("listener {a}: ok"))
+                .collect();
+            lines.extend(state.unbound.iter().map(|u| format!("not served: {u}")));
+            lines.extend(state.details.iter().cloned());
+            text(200, lines.join("\n"))
+        }
+        Ok(Err(e)) => {
+            warn!(error = e, "failed probe");
+            go_error(500, "Internal Server Error occurred")
+        }
+        Err(_) => {
+            warn!(timeout = ?PROBE_TIMEOUT, "failed probe: a listener did not answer in time");
+            bare(408)
+        }
+    }
 }
 
-pub async fn handle_metrics(metrics: Arc<Metrics>, req: Request<Incoming>) -> HttpResponse {
-    if req.uri().path() != "/metrics" {
-        return text(404, "Not Found");
+/// A request to a credential listener must come back with its 404.
+async fn self_check(addr: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let host = match addr {
+        SocketAddr::V4(v4) => v4.ip().to_string(),
+        SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+    };
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
+    if &head[9..12] == b"404" {
+        Ok(())
+    } else {
+        Err(format!(
+            "unexpected status code received, expected 404, got {:?}",
+            String::from_utf8_lossy(&head[9..12])
+        ))
     }
-    let mut response = text(200, metrics.encode());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
-    );
-    response
 }

@@ -228,7 +228,7 @@ fn set_user_timeout(stream: &tokio::net::TcpStream, timeout: Duration) -> io::Re
     }
 }
 
-/// A plain-text response.
+/// A plain-text response (a success's body, as written).
 pub fn text(status: u16, body: impl Into<String>) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from(body.into())));
     *response.status_mut() =
@@ -237,5 +237,30 @@ pub fn text(status: u16, body: impl Into<String>) -> HttpResponse {
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    response
+}
+
+/// An error as Go's `http.Error` writes it, which is what operators of the
+/// reference grep for: `text/plain; charset=utf-8`,
+/// `X-Content-Type-Options: nosniff`, the message and a newline.
+pub fn go_error(status: u16, message: impl std::fmt::Display) -> HttpResponse {
+    let mut response = text(status, format!("{message}\n"));
+    response.headers_mut().insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// Go's `http.NotFound`.
+pub fn not_found() -> HttpResponse {
+    go_error(404, "404 page not found")
+}
+
+/// A status with an empty body (Go's `WriteHeader` alone).
+pub fn bare(status: u16) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     response
 }

@@ -1,15 +1,17 @@
 //! The projected service-account token, read without verifying its
 //! signature: EKS Auth verifies it against the cluster's issuer. The agent
 //! only needs the claims to reject obvious garbage early (the reference
-//! agent's 400s), to key its cache, and to cross-check the caller.
+//! agent's 400s, with golang-jwt's texts), to key its cache, and to
+//! cross-check the caller.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use base64::Engine as _;
 use serde::Deserialize;
 use thiserror::Error;
 
 /// Why a token was rejected before reaching EKS Auth (both are HTTP 400).
+/// The texts are the reference agent's, which are golang-jwt v5's.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TokenError {
     #[error("Service account token cannot be parsed: {0}")]
@@ -18,28 +20,60 @@ pub enum TokenError {
     Claims(String),
 }
 
-/// The claims this agent reads (DESIGN §2.4); absent ones are `None`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+/// The claims this agent reads; absent ones are `None`. The registered
+/// claims are typed as golang-jwt types them (a token the reference could
+/// not decode is refused here too); the `kubernetes.io` claims are read
+/// leniently, as the reference does not read them at all.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct Claims {
     pub sub: Option<String>,
-    pub exp: Option<i64>,
-    pub nbf: Option<i64>,
-    #[serde(rename = "kubernetes.io", default)]
+    pub iss: Option<String>,
+    pub jti: Option<String>,
+    #[serde(default)]
+    pub aud: Option<Audience>,
+    pub exp: Option<f64>,
+    pub nbf: Option<f64>,
+    pub iat: Option<f64>,
+    #[serde(rename = "kubernetes.io", default, deserialize_with = "lenient")]
     pub kubernetes: Option<KubernetesClaims>,
+}
+
+/// `aud`: one string or several.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct KubernetesClaims {
+    #[serde(default, deserialize_with = "lenient")]
     pub namespace: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
     pub pod: Option<ObjectRef>,
+    #[serde(default, deserialize_with = "lenient")]
     pub serviceaccount: Option<ObjectRef>,
+    #[serde(default, deserialize_with = "lenient")]
     pub node: Option<ObjectRef>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct ObjectRef {
+    #[serde(default, deserialize_with = "lenient")]
     pub name: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
     pub uid: Option<String>,
+}
+
+/// A value of the wrong shape is absent, not an error.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: for<'a> Deserialize<'a>,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 impl Claims {
@@ -69,55 +103,98 @@ impl Claims {
     }
 }
 
-/// Decodes the payload of a compact JWS (`header.payload.signature`).
+/// The signing methods golang-jwt v5 knows (`alg`), `none` included.
+const KNOWN_ALGORITHMS: [&str; 14] = [
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256",
+    "PS384", "PS512", "EdDSA", "none",
+];
+
+/// golang-jwt's prefixes.
+const MALFORMED: &str = "token is malformed";
+const UNVERIFIABLE: &str = "token is unverifiable";
+
+/// Decodes a compact JWS (`header.payload.signature`) without verifying
+/// it, as golang-jwt's `ParseUnverified` does, with its error texts.
 pub fn parse(token: &str) -> Result<Claims, TokenError> {
+    let malformed = |what: String| TokenError::Unparseable(format!("{MALFORMED}: {what}"));
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(_sig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Unparseable(
+        return Err(malformed(
             "token contains an invalid number of segments".into(),
         ));
     };
-    decode_json::<serde_json::Value>(header, "header")?;
-    decode_json(payload, "claims")
+    let header = decode_segment(header)
+        .map_err(|e| malformed(format!("could not base64 decode header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| malformed(format!("could not JSON decode header: {e}")))?;
+    let claims = decode_segment(payload)
+        .map_err(|e| malformed(format!("could not base64 decode claim: {e}")))?;
+    let claims: Claims = serde_json::from_slice(&claims)
+        .map_err(|e| malformed(format!("could not JSON decode claim: {e}")))?;
+    match header.get("alg").and_then(serde_json::Value::as_str) {
+        Some(alg) if KNOWN_ALGORITHMS.contains(&alg) => Ok(claims),
+        Some(_) => Err(TokenError::Unparseable(format!(
+            "{UNVERIFIABLE}: signing method (alg) is unavailable"
+        ))),
+        None => Err(TokenError::Unparseable(format!(
+            "{UNVERIFIABLE}: signing method (alg) is unspecified"
+        ))),
+    }
 }
 
-fn decode_json<T: for<'de> Deserialize<'de>>(segment: &str, what: &str) -> Result<T, TokenError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment.trim_end_matches('='))
-        .map_err(|e| TokenError::Unparseable(format!("could not base64 decode {what}: {e}")))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| TokenError::Unparseable(format!("could not JSON decode {what}: {e}")))
+/// base64url without padding, as Go's `RawURLEncoding` (trailing bits
+/// allowed), with Go's error text.
+fn decode_segment(segment: &str) -> Result<Vec<u8>, String> {
+    use base64::{
+        alphabet,
+        engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+    };
+    const RAW_URL: GeneralPurpose = GeneralPurpose::new(
+        &alphabet::URL_SAFE,
+        GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::RequireNone),
+    );
+    RAW_URL.decode(segment).map_err(|e| {
+        let at = match e {
+            base64::DecodeError::InvalidByte(at, _)
+            | base64::DecodeError::InvalidLastSymbol(at, _) => at,
+            base64::DecodeError::InvalidLength(len) => len.saturating_sub(1),
+            base64::DecodeError::InvalidPadding => segment.find('=').unwrap_or(segment.len()),
+        };
+        format!("illegal base64 data at input byte {at}")
+    })
 }
 
-/// `exp` and `nbf` against `now` (what the reference validates before
-/// calling EKS Auth; issuer, audience and signature are EKS Auth's job).
+/// `exp` and `nbf` against `now`, as golang-jwt's validator (what the
+/// reference checks before calling EKS Auth; issuer, audience and signature
+/// are EKS Auth's job).
 pub fn validate_times(claims: &Claims, now: SystemTime) -> Result<(), TokenError> {
     let now = now
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    if let Some(exp) = claims.exp
-        && now >= exp
-    {
-        return Err(TokenError::Claims(
-            "token has invalid claims: token is expired".into(),
-        ));
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut failed = Vec::new();
+    if claims.exp.is_some_and(|exp| now >= exp) {
+        failed.push("token is expired");
     }
-    if let Some(nbf) = claims.nbf
-        && now < nbf
-    {
-        return Err(TokenError::Claims(
-            "token has invalid claims: token is not valid yet".into(),
-        ));
+    if claims.nbf.is_some_and(|nbf| now < nbf) {
+        failed.push("token is not valid yet");
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(TokenError::Claims(failed.join(", ")))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     use super::*;
 
@@ -144,52 +221,92 @@ mod tests {
         assert_eq!(claims.pod_name(), Some("my-pod"));
     }
 
+    /// golang-jwt v5.2.2's texts, as the reference answers them.
     #[test]
     fn rejections_match_the_reference_wording() {
-        let cases: [(&str, &str); 4] = [
+        let alg = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
+        let cases: Vec<(String, &str)> = vec![
             (
-                "not-a-jwt",
-                "Service account token cannot be parsed: token contains an invalid number of segments",
+                "not-a-jwt".into(),
+                "Service account token cannot be parsed: token is malformed: token contains an invalid number of segments",
             ),
             (
-                "a.b.c.d",
-                "Service account token cannot be parsed: token contains an invalid number of segments",
+                "a.b.c.d".into(),
+                "Service account token cannot be parsed: token is malformed: token contains an invalid number of segments",
             ),
             (
-                "e30.!!!.c2ln",
-                "Service account token cannot be parsed: could not base64 decode claims",
+                "!!.e30.c2ln".into(),
+                "Service account token cannot be parsed: token is malformed: could not base64 decode header: illegal base64 data at input byte 0",
             ),
             (
-                "e30.bm90IGpzb24.c2ln",
-                "Service account token cannot be parsed: could not JSON decode claims",
+                "bm90IGpzb24.e30.c2ln".into(),
+                "Service account token cannot be parsed: token is malformed: could not JSON decode header: ",
+            ),
+            (
+                format!("{alg}.e30!.c2ln"),
+                "Service account token cannot be parsed: token is malformed: could not base64 decode claim: illegal base64 data at input byte 3",
+            ),
+            (
+                format!("{alg}.e30=.c2ln"),
+                "Service account token cannot be parsed: token is malformed: could not base64 decode claim: illegal base64 data at input byte 3",
+            ),
+            (
+                format!("{alg}.bm90IGpzb24.c2ln"),
+                "Service account token cannot be parsed: token is malformed: could not JSON decode claim: ",
+            ),
+            (
+                format!(
+                    "{alg}.{}.c2ln",
+                    URL_SAFE_NO_PAD.encode(br#"{"exp":"soon"}"#)
+                ),
+                "Service account token cannot be parsed: token is malformed: could not JSON decode claim: ",
+            ),
+            (
+                "e30.e30.c2ln".into(),
+                "Service account token cannot be parsed: token is unverifiable: signing method (alg) is unspecified",
+            ),
+            (
+                format!("{}.e30.c2ln", URL_SAFE_NO_PAD.encode(br#"{"alg":"XX1"}"#)),
+                "Service account token cannot be parsed: token is unverifiable: signing method (alg) is unavailable",
             ),
         ];
         for (token, prefix) in cases {
-            let err = parse(token).unwrap_err().to_string();
+            let err = parse(&token).unwrap_err().to_string();
             assert!(err.starts_with(prefix), "{token}: {err}");
         }
+        // What the reference accepts, this accepts: `alg: none`, claims of
+        // the wrong shape where the reference reads none.
+        let none = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
+        let odd =
+            URL_SAFE_NO_PAD.encode(br#"{"kubernetes.io":{"namespace":5,"pod":"x"},"aud":"a"}"#);
+        assert!(parse(&format!("{none}.{odd}.")).is_ok());
     }
 
     #[test]
     fn time_claims_are_checked() {
         let at = |s| UNIX_EPOCH + Duration::from_secs(s);
         let claims = Claims {
-            exp: Some(2000),
-            nbf: Some(1000),
+            exp: Some(2000.0),
+            nbf: Some(1000.0),
             ..Claims::default()
         };
         assert!(validate_times(&claims, at(1500)).is_ok());
-        assert!(
-            validate_times(&claims, at(2000))
-                .unwrap_err()
-                .to_string()
-                .contains("expired")
+        assert_eq!(
+            validate_times(&claims, at(2000)).unwrap_err().to_string(),
+            "Service account token failed basic claim validations: token is expired"
         );
-        assert!(
-            validate_times(&claims, at(999))
-                .unwrap_err()
-                .to_string()
-                .contains("not valid yet")
+        assert_eq!(
+            validate_times(&claims, at(999)).unwrap_err().to_string(),
+            "Service account token failed basic claim validations: token is not valid yet"
+        );
+        let both = Claims {
+            exp: Some(10.0),
+            nbf: Some(20.0),
+            ..Claims::default()
+        };
+        assert_eq!(
+            validate_times(&both, at(15)).unwrap_err().to_string(),
+            "Service account token failed basic claim validations: token is expired, token is not valid yet"
         );
         assert!(validate_times(&Claims::default(), at(5)).is_ok());
     }

@@ -69,16 +69,35 @@ impl UpstreamError {
         }
     }
 
-    /// Whether keeping previously fetched credentials is right: throttling,
-    /// server faults and no answer at all are transient; a 4xx verdict on the
-    /// token or association is not.
+    /// The error code as the reference labels `pod_identity_cache_errors`:
+    /// EKS Auth's, or `Unknown` when there was no service answer.
+    pub fn reference_code(&self) -> &str {
+        match self {
+            UpstreamError::Service { code, .. } => code,
+            UpstreamError::Unavailable(_) => "Unknown",
+        }
+    }
+
+    /// Whether keeping previously fetched credentials is right. As the
+    /// reference: only EKS Auth's verdicts on the token or association
+    /// (access denied, invalid or expired token, no association) are final;
+    /// throttling, server faults, other client errors and no answer at all
+    /// keep the old credentials until they expire.
     pub fn is_recoverable(&self) -> bool {
         match self {
-            UpstreamError::Service { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Service { code, .. } => !IRRECOVERABLE.contains(&code.as_str()),
             UpstreamError::Unavailable(_) => true,
         }
     }
 }
+
+/// EKS Auth error codes after which cached credentials are dropped.
+const IRRECOVERABLE: [&str; 4] = [
+    "AccessDeniedException",
+    "InvalidTokenException",
+    "ExpiredTokenException",
+    "ResourceNotFoundException",
+];
 
 pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Assumed, UpstreamError>> + Send>>;
 
@@ -296,20 +315,23 @@ mod tests {
     }
 
     #[test]
-    fn only_transient_failures_keep_old_credentials() {
-        let service = |status| UpstreamError::Service {
+    fn only_verdicts_on_the_token_or_association_drop_old_credentials() {
+        let service = |status, code: &str| UpstreamError::Service {
             status,
-            code: "X".into(),
+            code: code.into(),
             message: "m".into(),
             request_id: "r".into(),
             fault: "client",
         };
         let cases = [
-            (service(400), false),
-            (service(404), false),
-            (service(429), true),
-            (service(500), true),
-            (service(503), true),
+            (service(400, "AccessDeniedException"), false),
+            (service(400, "InvalidTokenException"), false),
+            (service(400, "ExpiredTokenException"), false),
+            (service(404, "ResourceNotFoundException"), false),
+            (service(400, "InvalidParameterException"), true),
+            (service(429, "ThrottlingException"), true),
+            (service(500, "InternalServerException"), true),
+            (service(503, "ServiceUnavailableException"), true),
             (UpstreamError::Unavailable("timeout".into()), true),
         ];
         for (err, recoverable) in cases {

@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     path::PathBuf,
-    process::{Child, ExitStatus, Stdio},
+    process::{Child, ExitStatus},
     time::Duration,
 };
 
@@ -60,7 +60,9 @@ impl AgentProcess {
             .env_clear()
             .envs(AGENT_ENV.iter().copied())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdout(Stdio::null())
+            // Logs go to stdout (as the reference's); errors before the
+            // logger exists to stderr: one file for both.
+            .stdout(log_file.try_clone().context("clone the log file")?)
             .stderr(log_file);
         if let Some(caps) = caps {
             crate::caps::restrict_to(&mut cmd, caps)?;

@@ -140,7 +140,7 @@ fn a_replayed_token_is_refused_in_enforce_and_flagged_in_audit() -> Result<()> {
         }
         let metrics = env.metrics()?;
         assert!(
-            metrics.contains(&format!(r#"pod_identity_caller_decisions_total{{result="{decision}",reason="pod-mismatch"}} 1"#)),
+            metrics.contains(&format!(r#"pod_identity_caller_decisions_total{{reason="pod-mismatch",result="{decision}"}} 1"#)),
             "{metrics}"
         );
     }

@@ -72,8 +72,14 @@ fn run_init(ns: &Netns, extra: &[&str]) -> Result<Output> {
         .context("run agent init")
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// What `init` wrote: its logs (stdout, as the reference's) and any error
+/// (stderr).
+fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn assert_complete(state: &State) -> Result<u32> {
@@ -99,7 +105,7 @@ fn fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothi
     }
     let ns = Netns::new("epi")?;
     let first = run_init(&ns, &[])?;
-    ensure!(first.status.success(), "init failed: {}", stderr(&first));
+    ensure!(first.status.success(), "init failed: {}", printed(&first));
     let after_first = state(&ns)?;
     assert_complete(&after_first)?;
 
@@ -107,12 +113,12 @@ fn fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothi
     ensure!(
         second.status.success(),
         "second init failed: {}",
-        stderr(&second)
+        printed(&second)
     );
     ensure!(
-        stderr(&second).contains(r#""changed":false"#),
+        printed(&second).contains(r#""changed":false"#),
         "second run reported changes: {}",
-        stderr(&second)
+        printed(&second)
     );
     assert_eq!(state(&ns)?, after_first, "second run changed the namespace");
     Ok(())
@@ -131,7 +137,7 @@ fn route_on_another_link_is_refused_naming_it_and_nothing_changes() -> Result<()
 
     let out = run_init(&ns, &[])?;
     ensure!(!out.status.success(), "init accepted a conflicting route");
-    let err = stderr(&out);
+    let err = printed(&out);
     ensure!(
         err.contains("other0") && err.contains("169.254.170.23"),
         "error does not name the link: {err}"
@@ -150,10 +156,10 @@ fn ipv6_disabled_sets_up_ipv4_with_a_warning() -> Result<()> {
     ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
     ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
     let out = run_init(&ns, &[])?;
-    let err = stderr(&out);
+    let err = printed(&out);
     ensure!(out.status.success(), "init failed without IPv6: {err}");
     ensure!(
-        err.contains(r#""level":"WARN""#) && err.contains("fd00:ec2::23"),
+        err.contains(r#""level":"warning""#) && err.contains("fd00:ec2::23"),
         "no IPv6 warning: {err}"
     );
     let st = state(&ns)?;
@@ -175,13 +181,13 @@ fn remove_undoes_exactly_what_init_made() -> Result<()> {
     let ns = Netns::new("epi")?;
     let empty = state(&ns)?;
     let out = run_init(&ns, &[])?;
-    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(out.status.success(), "{}", printed(&out));
     for round in ["first", "second (nothing left)"] {
         let out = run_init(&ns, &["--remove"])?;
         ensure!(
             out.status.success(),
             "{round} remove failed: {}",
-            stderr(&out)
+            printed(&out)
         );
         assert_eq!(state(&ns)?, empty, "{round} remove left something");
     }
@@ -195,7 +201,7 @@ fn a_pod_namespace_reaches_a_listener_on_the_agent_addresses_over_veth() -> Resu
     }
     let node = Node::bare()?;
     let out = run_init(&node.netns, &[])?;
-    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(out.status.success(), "{}", printed(&out));
     let pod = PodNet::attach(&node)?;
     for served in [
         SocketAddr::from((AGENT_V4, 80)),

@@ -189,7 +189,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             host: Some(&host),
             token: Some("garbage".into()),
             status: 400,
-            body_starts: "Service account token cannot be parsed: ",
+            body_starts: "Service account token cannot be parsed: token is malformed: token contains an invalid number of segments\n",
             calls: 0,
         },
         Row {
@@ -199,7 +199,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             host: Some(&host),
             token: Some(expired),
             status: 400,
-            body_starts: "Service account token failed basic claim validations: ",
+            body_starts: "Service account token failed basic claim validations: token is expired\n",
             calls: 0,
         },
         Row {
@@ -330,6 +330,17 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
                 "{}: the body echoes a token",
                 row.what
             );
+            // Go's http.Error, as the reference answers every error.
+            assert_eq!(
+                (
+                    reply.header("content-type"),
+                    reply.header("x-content-type-options"),
+                    reply.body.ends_with('\n')
+                ),
+                (Some("text/plain; charset=utf-8"), Some("nosniff"), true),
+                "{}: not Go's http.Error",
+                row.what
+            );
         }
         wait_for(row.what, Duration::from_secs(30), || {
             Ok(env.fake.calls() - before >= row.calls)
@@ -344,7 +355,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
     // The upstream error body format, in full.
     env.fake.set(|k| k.fault = error(400, "AccessDenied"));
     let reply = env.get_with_token(v4(), &env.app_token()?)?;
-    let expected_tail = "]: (AccessDeniedException): injected by the test, fault: client";
+    let expected_tail = "]: (AccessDeniedException): injected by the test, fault: client\n";
     assert!(reply.body.ends_with(expected_tail), "{:?}", reply.body);
     env.fake.set(|k| k.fault = None);
 
@@ -368,14 +379,21 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
             .is_some_and(|e| e.ends_with('Z') && e.contains('T'))
     );
 
-    // Other paths and methods.
+    // Other paths: Go's 404; any method on the path is a credential request.
     let h = [("Host", host.as_str())];
-    assert_eq!(env.request(v4(), "GET", "/v2/credentials", &h)?.status, 404);
+    let other = env.request(v4(), "GET", "/v2/credentials", &h)?;
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (404, "404 page not found\n")
+    );
     let post = env.request(v4(), "POST", "/v1/credentials", &h)?;
-    assert_eq!((post.status, post.header("allow")), (405, Some("GET")));
+    assert_eq!(
+        (post.status, post.body.as_str()),
+        (400, "Service account token cannot be empty\n")
+    );
     let metrics = env.metrics()?;
     assert!(
-        metrics.contains(r#"pod_identity_http_response_total{code="403"} 1"#),
+        metrics.contains(r#"pod_identity_http_response{code="403"} 1"#),
         "{metrics}"
     );
     Ok(())
@@ -415,7 +433,7 @@ fn the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache() 
     }
     let metrics = env.metrics()?;
     assert!(
-        metrics.contains(r#"pod_identity_cache_state_total{state="hit"} 2"#),
+        metrics.contains(r#"pod_identity_cache_lookups_total{result="hit"} 2"#),
         "{metrics}"
     );
     Ok(())

@@ -290,7 +290,7 @@ impl Demo {
         }
         ensure!(
             metrics.contains(
-                r#"pod_identity_caller_decisions_total{result="deny",reason="pod-mismatch"}"#
+                r#"pod_identity_caller_decisions_total{reason="pod-mismatch",result="deny"}"#
             ),
             "the refusal is not counted"
         );
