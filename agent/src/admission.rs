@@ -190,6 +190,7 @@ pub fn admit(
             if evicted_one {
                 metrics.connection_refused(listener, "evicted");
             }
+            tracing::trace!(client_addr = %info.peer, listener, client = %admitted.client(), "connection admitted");
             Some(Connection {
                 info,
                 identified,

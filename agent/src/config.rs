@@ -127,6 +127,11 @@ pub struct ServerArgs {
     )]
     pub rotate_credentials: bool,
 
+    /// With --rotate-credentials: how long credentials read from the file
+    /// are used before it is read again.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    pub rotate_credentials_interval: std::time::Duration,
+
     /// This node's name, sent to EKS Auth as eksNodeName.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

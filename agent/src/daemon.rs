@@ -26,6 +26,7 @@ use crate::{
     identify::Identifier,
     link::Netlink,
     metrics::Metrics,
+    node_credentials::RotatingSharedCredentials,
     probes::{self, ProbeState},
     ratelimit::ClientRateLimiter,
     server::{self, HttpLimits},
@@ -71,6 +72,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .filter_map(|l| l.local_addr().ok())
         .collect();
 
+    let node_credentials = if args.rotate_credentials {
+        let node = RotatingSharedCredentials::from_env(args.rotate_credentials_interval);
+        // A missing or unreadable file is an error now, not at the first
+        // request.
+        node.load().await.with_context(|| {
+            format!(
+                "--rotate-credentials: the node's credentials file {}",
+                node.file()
+            )
+        })?;
+        info!(file = node.file(), interval = ?args.rotate_credentials_interval, "credentials rotation enabled: EKS Auth calls are signed with the shared credentials file, re-read as it rotates");
+        Some(node)
+    } else {
+        None
+    };
     let upstream = EksAuth::new(&UpstreamOptions {
         cluster_name: args.cluster_name.clone(),
         endpoint: args.endpoint.clone(),
@@ -79,6 +95,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         attempt_timeout: args.upstream_attempt_timeout,
         max_attempts: args.upstream_max_attempts,
         deadline: args.upstream_deadline,
+        node_credentials,
     })
     .await;
     let credentials = Credentials::new(

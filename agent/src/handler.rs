@@ -157,6 +157,7 @@ async fn credentials(
     }
     // 1. Host.
     let host = host_of(req);
+    debug!(client_addr = %client, target_host = host, "validating call to requested target host");
     let called = host.parse::<IpAddr>().ok();
     if !called.is_some_and(|ip| state.served_hosts.contains(&ip)) {
         let served: Vec<String> = state.served_hosts.iter().map(IpAddr::to_string).collect();
@@ -170,6 +171,7 @@ async fn credentials(
             ),
         );
     }
+    debug!(client_addr = %client, "target host valid");
     // 2. Token present.
     let token = req
         .headers()

@@ -19,6 +19,7 @@ pub mod identify;
 pub mod link;
 pub mod logging;
 pub mod metrics;
+pub mod node_credentials;
 pub mod policy;
 pub mod probes;
 pub mod ratelimit;

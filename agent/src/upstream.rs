@@ -107,7 +107,7 @@ pub trait Upstream: Send + Sync + 'static {
 }
 
 /// Timeouts and retries of the reference agent (DESIGN §3).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct UpstreamOptions {
     pub cluster_name: String,
     pub endpoint: Option<String>,
@@ -117,6 +117,8 @@ pub struct UpstreamOptions {
     pub max_attempts: u32,
     /// The whole call, retries and backoff included.
     pub deadline: Duration,
+    /// Sign with these instead of the SDK's default chain (hybrid nodes).
+    pub node_credentials: Option<crate::node_credentials::RotatingSharedCredentials>,
 }
 
 pub struct EksAuth {
@@ -154,6 +156,11 @@ impl EksAuth {
             );
         if let Some(endpoint) = &options.endpoint {
             config = config.endpoint_url(endpoint);
+        }
+        if let Some(node) = &options.node_credentials {
+            config = config.credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(node.clone()),
+            );
         }
         EksAuth {
             client: Client::from_conf(config.build()),

@@ -49,8 +49,29 @@ impl AgentProcess {
         Ok(agent)
     }
 
+    /// Like [`start`](Self::start), with `env` on top of [`AGENT_ENV`].
+    pub fn start_with_env(
+        netns: &Netns,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
+        let mut agent = Self::spawn_with_env(netns, args, None, env)?;
+        agent.wait_ready(netns)?;
+        Ok(agent)
+    }
+
     /// Starts the server without waiting for readiness.
     pub fn spawn(netns: &Netns, args: &[String], caps: Option<&[String]>) -> Result<AgentProcess> {
+        Self::spawn_with_env(netns, args, caps, &[])
+    }
+
+    /// Starts the server with `env` on top of [`AGENT_ENV`], without waiting.
+    pub fn spawn_with_env(
+        netns: &Netns,
+        args: &[String],
+        caps: Option<&[String]>,
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
         let log =
             std::env::temp_dir().join(format!("epia-agent-{}.log", crate::names::unique_id()));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
@@ -59,6 +80,7 @@ impl AgentProcess {
             .args(args)
             .env_clear()
             .envs(AGENT_ENV.iter().copied())
+            .envs(env.iter().copied())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             // Logs go to stdout (as the reference's); errors before the
             // logger exists to stderr: one file for both.

@@ -74,6 +74,8 @@ struct State {
     issued: AtomicUsize,
     issued_for: Mutex<HashMap<(String, String), usize>>,
     last_node_name: Mutex<Option<String>>,
+    /// The access key id the last request was signed with.
+    last_signing_key: Mutex<Option<String>>,
 }
 
 pub struct FakeEksAuth {
@@ -95,6 +97,7 @@ impl FakeEksAuth {
             issued: AtomicUsize::new(0),
             issued_for: Mutex::new(HashMap::new()),
             last_node_name: Mutex::new(None),
+            last_signing_key: Mutex::new(None),
         });
         let ns_file = netns.map(Netns::open).transpose()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -171,6 +174,15 @@ impl FakeEksAuth {
     /// Credentials handed out.
     pub fn issued(&self) -> usize {
         self.state.issued.load(Ordering::SeqCst)
+    }
+
+    /// The access key id that signed the last request.
+    pub fn last_signing_key(&self) -> Option<String> {
+        self.state
+            .last_signing_key
+            .lock()
+            .ok()
+            .and_then(|k| k.clone())
     }
 
     /// `eksNodeName` of the last request (None if it had none).
@@ -270,13 +282,21 @@ async fn assume_role(
             request_id,
         );
     }
-    let signed = req
+    let authorization = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.starts_with("AWS4-HMAC-SHA256 ") && v.contains("/eks-auth/aws4_request")
-        });
+        .unwrap_or_default();
+    let signed = authorization.starts_with("AWS4-HMAC-SHA256 ")
+        && authorization.contains("/eks-auth/aws4_request");
+    // `Credential=<access key id>/<date>/<region>/eks-auth/aws4_request`
+    if let Ok(mut key) = state.last_signing_key.lock() {
+        *key = authorization
+            .split("Credential=")
+            .nth(1)
+            .and_then(|c| c.split('/').next())
+            .map(str::to_owned);
+    }
     if !signed {
         return error(
             403,
