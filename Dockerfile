@@ -15,6 +15,9 @@ RUN cargo xtask setup \
 ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:latest
 FROM ${RUNTIME_BASE} AS runtime
 COPY --from=build /out/eks-pod-identity-agent /usr/local/bin/eks-pod-identity-agent
+# Also where the AWS chart runs it (`/eks-pod-identity-agent`), so swapping
+# the chart's image needs no other path.
+COPY --from=build /out/eks-pod-identity-agent /eks-pod-identity-agent
 # Root inside the container, but with only the capabilities the manifests
 # grant (deploy/daemonset.yaml); the image itself grants nothing.
 USER 0:0

@@ -27,9 +27,20 @@ fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
+/// The DaemonSets: cloud nodes, hybrid nodes, hybrid Bottlerocket nodes.
+const DAEMONSETS: [&str; 3] = [
+    "daemonset.yaml",
+    "daemonset-hybrid.yaml",
+    "daemonset-hybrid-bottlerocket.yaml",
+];
+
+fn manifest(name: &str) -> Result<Value> {
+    let text = std::fs::read_to_string(deploy_dir().join(name))?;
+    serde_yaml_ng::from_str(&text).with_context(|| name.to_owned())
+}
+
 fn daemonset() -> Result<Value> {
-    let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml"))?;
-    serde_yaml_ng::from_str(&text).context("daemonset.yaml")
+    manifest(DAEMONSETS[0])
 }
 
 fn pod_spec(ds: &Value) -> &Value {
@@ -89,7 +100,7 @@ fn manifests_pass_the_kubernetes_schemas() -> Result<()> {
     let out = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--strict"])
         .arg(dir.join("namespace.yaml"))
-        .arg(dir.join("daemonset.yaml"))
+        .args(DAEMONSETS.iter().map(|d| dir.join(d)))
         .output()
         .context("python3 -m kubernetes_validate (installed by `cargo xtask setup`)")?;
     ensure!(
@@ -111,13 +122,36 @@ fn manifests_pass_the_kubernetes_schemas() -> Result<()> {
 
 #[test]
 fn manifest_flags_are_flags_the_binary_accepts() -> Result<()> {
-    let ds = daemonset()?;
-    for list in ["initContainers", "containers"] {
-        let args = args_of(container(&ds, list));
-        let argv = std::iter::once("eks-pod-identity-agent".to_owned()).chain(args.iter().cloned());
-        Cli::try_parse_from(argv)
-            .map_err(|e| anyhow::anyhow!("{list} args {args:?} rejected:\n{e}"))?;
+    for name in DAEMONSETS {
+        let ds = manifest(name)?;
+        for list in ["initContainers", "containers"] {
+            let args = args_of(container(&ds, list));
+            let argv =
+                std::iter::once("eks-pod-identity-agent".to_owned()).chain(args.iter().cloned());
+            Cli::try_parse_from(argv)
+                .map_err(|e| anyhow::anyhow!("{name} {list} args {args:?} rejected:\n{e}"))?;
+        }
+        // As the AWS chart: readiness may take 30 probes; scraped by annotation.
+        let server = container(&ds, "containers");
+        assert_eq!(server["readinessProbe"]["failureThreshold"], 30, "{name}");
+        assert_eq!(
+            ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true",
+            "{name}"
+        );
+        assert!(
+            server["resources"]["limits"]["memory"].is_null(),
+            "{name}: a memory limit can OOM-kill a node-critical agent"
+        );
+        let hybrid = name.contains("hybrid");
+        assert_eq!(
+            args_of(server)
+                .iter()
+                .any(|a| a == "--rotate-credentials=true"),
+            hybrid,
+            "{name}: --rotate-credentials"
+        );
     }
+    let ds = daemonset()?;
     let spec = pod_spec(&ds);
     assert_eq!(spec["hostNetwork"], Value::Bool(true));
     assert_eq!(spec["automountServiceAccountToken"], Value::Bool(false));
