@@ -35,14 +35,13 @@ const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 /// `nobody`: an unprivileged user with no capability anywhere.
 const NOBODY: u32 = 65534;
 
-/// The agent in enforce mode; `unlimited`: without the per-client request
-/// rate limit, for tests whose victims fetch back to back.
+/// Without the request rate limits (per client and global), for tests
+/// whose victims fetch back to back: what they measure is the attack.
+const UNLIMITED: [&str; 2] = ["--pod-rate-limit=0", "--max-request-rate=0"];
+
+/// The agent in enforce mode; `unlimited`: see [`UNLIMITED`].
 fn env(unlimited: bool) -> Result<Served> {
-    let extra: &[&str] = if unlimited {
-        &["--pod-rate-limit=0"]
-    } else {
-        &[]
-    };
+    let extra: &[&str] = if unlimited { &UNLIMITED } else { &[] };
     Served::start(NODE, "enforce", extra)
 }
 
@@ -489,7 +488,7 @@ fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
     std::thread::sleep(Duration::from_millis(700));
     for _ in 0..3 {
         env.agent.terminate(Duration::from_secs(15))?;
-        let args = env.agent_args("enforce", &["--pod-rate-limit=0"]);
+        let args = env.agent_args("enforce", &UNLIMITED);
         env.agent = harness::agent_proc::AgentProcess::start(&env.node.netns, &args)?;
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -147,7 +147,7 @@ fn run() -> Result<()> {
     let token_file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
     let mut per_mode = Vec::new();
     for mode in ["off", "enforce"] {
-        let args = cluster.agent_args(mode, &["--pod-rate-limit", "0"]);
+        let args = cluster.agent_args(mode, &["--pod-rate-limit", "0", "--max-request-rate", "0"]);
         let agent = AgentProcess::start(&node.netns, &args)?;
         let per_request = best(|| {
             let started = Instant::now();
