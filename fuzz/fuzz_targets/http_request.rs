@@ -81,6 +81,7 @@ fn world() -> &'static World {
             auditor: Auditor::new("fuzz", None).expect("auditor"),
             verification: None,
             limiter: None,
+            global_limiter: None,
         });
         World {
             runtime,
