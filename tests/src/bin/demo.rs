@@ -211,8 +211,8 @@ impl Demo {
         let why = logs
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|l| l["fields"]["message"] == "caller check failed; refused")
-            .filter_map(|l| l["fields"]["check"].as_str().map(str::to_owned))
+            .filter(|l| l["msg"] == "caller check failed; refused")
+            .filter_map(|l| l["check"].as_str().map(str::to_owned))
             .next_back()
             .context("the agent logged no refusal")?;
         println!("   the agent's 403 body: Access Denied: {why}");
