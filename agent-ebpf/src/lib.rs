@@ -135,12 +135,25 @@ pub struct ConnOwner {
     pub cgroup_id: u64,
     /// `bpf_get_current_pid_tgid()`: tgid in the upper half, thread id in the lower.
     pub pid_tgid: u64,
+    /// `comm` of the connecting thread, NUL-padded: from the kernel, so the
+    /// agent needs neither the host's /proc nor its PID namespace, and a
+    /// recycled pid cannot mislabel it.
+    pub comm: [u8; COMM_LEN],
 }
+
+/// Length of a task's `comm` (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
 
 impl ConnOwner {
     /// The process id (tgid) of the connecting process.
     pub fn pid(&self) -> u32 {
         (self.pid_tgid >> 32) as u32
+    }
+
+    /// The thread's name, up to its NUL.
+    pub fn comm(&self) -> &[u8] {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        &self.comm[..end]
     }
 }
 
@@ -367,10 +380,10 @@ mod pod {
 
 // No implicit padding anywhere: a padded key would hash uninitialised bytes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 36);
-const _: () = assert!(core::mem::size_of::<ConnOwner>() == 16);
-const _: () = assert!(core::mem::size_of::<ConnRecord>() == 16 + 36 + 4);
+const _: () = assert!(core::mem::size_of::<ConnOwner>() == 32);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 32 + 36 + 4);
 const _: () = assert!(core::mem::size_of::<Stamp>() == 16);
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 56 + 16 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 72 + 16 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16 + 16);
 
 #[cfg(test)]

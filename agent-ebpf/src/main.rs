@@ -184,6 +184,8 @@ fn remember_owner(ctx: &SockAddrContext) {
             owner: ConnOwner {
                 cgroup_id,
                 pid_tgid,
+                // Best effort: an empty name if the helper fails.
+                comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or_default(),
             },
             ..ConnRecord::default()
         },

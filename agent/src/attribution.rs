@@ -36,8 +36,22 @@ const SOCK_OPS: &str = "sock_ops";
 pub struct Caller {
     /// cgroup v2 id (kernfs inode of the caller's cgroup directory).
     pub cgroup_id: u64,
-    /// Process id (tgid) of the caller.
+    /// Process id (tgid) of the caller, in the host's PID namespace.
     pub pid: u32,
+    /// The connecting thread's name (`comm`), NUL-padded.
+    pub comm: [u8; agent_ebpf::COMM_LEN],
+}
+
+impl Caller {
+    /// The connecting thread's name, as text.
+    pub fn process_name(&self) -> String {
+        let end = self
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.comm.len());
+        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+    }
 }
 
 impl From<ConnOwner> for Caller {
@@ -45,6 +59,7 @@ impl From<ConnOwner> for Caller {
         Caller {
             cgroup_id: owner.cgroup_id,
             pid: owner.pid(),
+            comm: owner.comm,
         }
     }
 }

@@ -212,6 +212,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `err` comes from a permission the process lacks (a capability
+/// check, or EPERM anywhere in its chain: what seccomp's default profiles
+/// and a missing capability answer bpf() with), rather than from a kernel
+/// without the feature. (EACCES is not taken as one: the verifier rejects
+/// programs with it on kernels that cannot run them.)
+fn refused_for_lack_of_permission(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<capabilities::MissingCaps>().is_some()
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    })
+}
+
 /// The reference's limiter for all callers together: `rate` per second,
 /// `burst` at once (`None` when `rate` is 0).
 fn global_limiter(rate: u32, burst: u32) -> Option<governor::DefaultDirectRateLimiter> {
@@ -266,6 +280,18 @@ fn verification(
     let attached = attach(args);
     let (attribution, resolver, layout, root) = match attached {
         Ok(ok) => ok,
+        // A privilege withheld (a capability, a seccomp profile, an LSM) is
+        // a deployment mistake, not a node without the feature: running on,
+        // unprotected, would hide it. `--attribution off` says it on purpose.
+        Err(e) if refused_for_lack_of_permission(&e) => {
+            return Err(e.context(format!(
+                "--attribution {}: the kernel programs were refused for lack of permission \
+                 (a capability the container lacks, a seccomp profile or an LSM blocking bpf()); \
+                 refusing to run unprotected. Grant what deploy/daemonset.yaml grants, or run \
+                 with --attribution off to serve without caller verification",
+                args.attribution
+            )));
+        }
         Err(e) if args.attribution == AttributionMode::Auto => {
             warn!(
                 error = format!("{e:#}"),

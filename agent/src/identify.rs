@@ -16,7 +16,7 @@ use crate::{
 pub struct Identified {
     pub caller: Caller,
     pub kernel: Option<KernelCaller>,
-    /// `comm` of the calling process, best effort (needs the host's /proc).
+    /// `comm` of the calling thread, from the kernel.
     pub process: Option<String>,
 }
 
@@ -30,10 +30,6 @@ pub struct Identifier {
     /// entry can only ever be right; caching saves the open_by_handle_at +
     /// readlink + parse on every request after a pod's first.
     resolved: moka::sync::Cache<u64, Caller>,
-    /// pid → process name, briefly: a client making many requests costs one
-    /// /proc read, and a recycled pid can mislabel only this best-effort
-    /// field, for at most the TTL.
-    names: moka::sync::Cache<u32, Option<String>>,
 }
 
 /// Distinct caller cgroups remembered (a node runs ~100 pods).
@@ -52,10 +48,6 @@ impl Identifier {
             layout,
             metrics,
             resolved: moka::sync::Cache::new(RESOLVED_CAPACITY),
-            names: moka::sync::Cache::builder()
-                .max_capacity(RESOLVED_CAPACITY)
-                .time_to_live(std::time::Duration::from_secs(5))
-                .build(),
         }
     }
 
@@ -95,7 +87,7 @@ impl Identifier {
                 Identified {
                     caller: self.pod_of(kernel.cgroup_id),
                     kernel: Some(kernel),
-                    process: self.names.get_with(kernel.pid, || process_name(kernel.pid)),
+                    process: Some(kernel.process_name()).filter(|n| !n.is_empty()),
                 }
             }
         };
@@ -140,10 +132,4 @@ impl Identifier {
             Err(e) => Caller::Unresolvable(e.to_string()),
         }
     }
-}
-
-fn process_name(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_owned())
 }
