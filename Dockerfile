@@ -3,6 +3,13 @@
 # Build: the same steps CI runs — `cargo xtask setup` (Debian's rustc-web
 # with the bpf core, bpf-linker against libLLVM 22), then a locked release
 # build. The eBPF object is embedded in the binary.
+#
+# `--build-arg BINARY_FROM=prebuilt` packs a binary built beforehand
+# (`eks-pod-identity-agent` at the root of the build context) instead: what
+# the container test does, where no registry is reachable.
+ARG BINARY_FROM=build
+ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:latest
+
 FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -10,14 +17,18 @@ RUN cargo xtask setup \
  && cargo build --release --locked -p eks-pod-identity-agent \
  && install -D -m 0755 target/release/eks-pod-identity-agent /out/eks-pod-identity-agent
 
+FROM scratch AS prebuilt
+COPY eks-pod-identity-agent /out/eks-pod-identity-agent
+
+FROM ${BINARY_FROM} AS binary
+
 # Runtime: glibc and libgcc only (distroless "cc"); no shell, no package
 # manager. Pin it by digest for releases: --build-arg RUNTIME_BASE=…@sha256:…
-ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:latest
 FROM ${RUNTIME_BASE} AS runtime
-COPY --from=build /out/eks-pod-identity-agent /usr/local/bin/eks-pod-identity-agent
+COPY --from=binary /out/eks-pod-identity-agent /usr/local/bin/eks-pod-identity-agent
 # Also where the AWS chart runs it (`/eks-pod-identity-agent`), so swapping
 # the chart's image needs no other path.
-COPY --from=build /out/eks-pod-identity-agent /eks-pod-identity-agent
+COPY --from=binary /out/eks-pod-identity-agent /eks-pod-identity-agent
 # Root inside the container, but with only the capabilities the manifests
 # grant (deploy/daemonset.yaml); the image itself grants nothing.
 USER 0:0

@@ -97,7 +97,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         deadline: args.upstream_deadline,
         node_credentials,
     })
-    .await;
+    .await
+    .context("setting up the EKS Auth client")?;
     let credentials = Credentials::new(
         Arc::new(upstream),
         metrics.clone(),

@@ -132,7 +132,16 @@ pub struct EksAuth {
 impl EksAuth {
     /// Region and signing credentials come from the SDK's default chains;
     /// `AWS_ENDPOINT_URL_EKS_AUTH` is honoured by the SDK, `endpoint` wins.
-    pub async fn new(options: &UpstreamOptions) -> EksAuth {
+    pub async fn new(options: &UpstreamOptions) -> Result<EksAuth, UpstreamError> {
+        // The SDK's TLS client panics without a single root certificate
+        // (an image without a CA bundle); say it instead.
+        if rustls_native_certs::load_native_certs().certs.is_empty() {
+            return Err(UpstreamError::Unavailable(
+                "no CA certificates found (the system bundle, or SSL_CERT_FILE / SSL_CERT_DIR): \
+                 EKS Auth's TLS certificate could not be verified"
+                    .into(),
+            ));
+        }
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http_client())
             .load()
@@ -162,7 +171,7 @@ impl EksAuth {
                 aws_credential_types::provider::SharedCredentialsProvider::new(node.clone()),
             );
         }
-        EksAuth {
+        Ok(EksAuth {
             client: Client::from_conf(config.build()),
             cluster_name: options.cluster_name.clone(),
             node_name: options.node_name.clone(),
@@ -172,7 +181,7 @@ impl EksAuth {
                 options.max_attempts,
                 humantime::format_duration(options.deadline)
             ),
-        }
+        })
     }
 }
 

@@ -44,13 +44,20 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(node_name: &str) -> Result<Cluster> {
+        let cluster = Self::uninitialized(node_name)?;
+        init_node(&cluster.node.netns)?;
+        Ok(cluster)
+    }
+
+    /// Like [`Cluster::new`], but the node's link and addresses are left to
+    /// the caller (the container test runs the init container for them).
+    pub fn uninitialized(node_name: &str) -> Result<Cluster> {
         let tree = CgroupTree::new()?;
         let pod_a = PodSpec::new(Driver::Systemd);
         let pod_b = PodSpec::new(Driver::Cgroupfs);
         let cg_a = tree.pod(&pod_a)?;
         let cg_b = tree.pod(&pod_b)?;
         let node = Node::bare()?;
-        init_node(&node.netns)?;
         let net_a = PodNet::attach(&node)?;
         let issuer = Issuer::generate()?;
         let fake = FakeEksAuth::start(Some(&node.netns), issuer.decoding_key())?;

@@ -13,6 +13,7 @@ pub mod http;
 pub mod names;
 pub mod netns;
 pub mod pod;
+pub mod podman;
 pub mod privilege;
 pub mod probe_server;
 pub mod served;

@@ -6,7 +6,8 @@
 //!   silently runs nightly's cargo for the eBPF build.
 //! * `bpf-linker` must link the same LLVM major as that rustc (22): it is
 //!   built from crates.io against Debian's shared libLLVM.
-//! * `iproute2` builds the test topologies.
+//! * `iproute2` builds the test topologies; `podman` and `runc` run the
+//!   DaemonSet's containers in the container test.
 //! * `kubernetes-validate` (PyPI) validates deploy/ against the Kubernetes
 //!   schemas.
 //! * `cargo-fuzz` runs the fuzz targets.
@@ -26,6 +27,11 @@ const APT_PACKAGES: &[&str] = &[
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "iproute2",
+    // The container test: the image built from the Dockerfile, the
+    // DaemonSet's containers run as a runtime runs them (runc: crun refuses
+    // this kernel generation's hybrid cgroup layout).
+    "podman",
+    "runc",
 ];
 const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
 const BPF_LINKER_VERSION: &str = "0.13.0";
