@@ -46,9 +46,8 @@ fn run(cmd: &mut Command) -> Result<Output> {
 
 /// Builds the project's image from its Dockerfile with `binary` packed as
 /// the prebuilt agent, on a runtime base made here of the libraries the
-/// binary links and a CA bundle (what distroless `cc` provides). Returns
-/// the image tag.
-pub fn build_image(dockerfile: &Path, binary: &Path) -> Result<String> {
+/// binary links and a CA bundle (what distroless `cc` provides).
+pub fn build_image(dockerfile: &Path, binary: &Path) -> Result<Image> {
     let dir = TempDir::new("epia-image-")?;
     let rootfs = dir.path().join("rootfs");
     for sub in [
@@ -98,18 +97,35 @@ pub fn build_image(dockerfile: &Path, binary: &Path) -> Result<String> {
         "localhost/eks-pod-identity-agent:test-{}",
         names::unique_id()
     );
-    run(podman()
-        // No intermediate images left behind (the prebuilt stage holds a
-        // copy of the binary).
-        .args(["build", "--layers=false", "--rm"])
+    let built = podman()
+        .arg("build")
         .arg("-f")
         .arg(dockerfile)
         .args(["--build-arg", "BINARY_FROM=prebuilt"])
         .args(["--build-arg", &format!("RUNTIME_BASE={base}")])
         .args(["--target", "runtime", "-t", &tag])
-        .arg(&context))?;
+        .arg(&context)
+        .output()
+        .context("spawn podman build")?;
+    // Every stage's image (`--> <id>`), to remove with the image: the
+    // prebuilt stage holds a copy of the binary.
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&built.stdout),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let layers: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("--> "))
+        .map(|id| id.trim().to_owned())
+        .collect();
     let _ = podman().args(["rmi", &base]).output();
-    Ok(tag)
+    let image = Image {
+        tag: tag.clone(),
+        layers,
+    };
+    ensure!(built.status.success(), "podman build failed:\n{text}");
+    Ok(image)
 }
 
 /// The shared libraries `binary` loads, as `ldd` resolves them.
@@ -127,12 +143,18 @@ fn linked_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Removes an image when dropped.
-pub struct Image(pub String);
+/// A built image, removed with its stages' images when dropped.
+pub struct Image {
+    pub tag: String,
+    layers: Vec<String>,
+}
 
 impl Drop for Image {
     fn drop(&mut self) {
-        let _ = podman().args(["rmi", "-f", &self.0]).output();
+        let _ = podman().args(["rmi", "-f", &self.tag]).output();
+        for layer in &self.layers {
+            let _ = podman().args(["rmi", "-f", layer]).output();
+        }
     }
 }
 

@@ -58,10 +58,7 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     if !privileged_or_skip(test) || !runtime_or_skip(test) {
         return Ok(());
     }
-    let image = Image(podman::build_image(
-        &repo().join("Dockerfile"),
-        &agent_binary()?,
-    )?);
+    let image: Image = podman::build_image(&repo().join("Dockerfile"), &agent_binary()?)?;
     let ds = daemonset()?;
     let pod_spec = &ds["spec"]["template"]["spec"];
     let cluster = Cluster::uninitialized(NODE)?;
@@ -82,7 +79,7 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     let out = podman::podman()
         .args(["run", "--rm"])
         .args(&flags)
-        .arg(&image.0)
+        .arg(&image.tag)
         .args(podman::args_of(init, &flags))
         .output()?;
     ensure!(
@@ -136,7 +133,7 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
             .args(["run", "-d", "--name", &container.name])
             .args(&flags)
             .args(["-v", &format!("{}:/audit", audit.path().display())])
-            .arg(&image.0)
+            .arg(&image.tag)
             .args(&args)
             .output()?;
         ensure!(
