@@ -1,7 +1,7 @@
 //! Builds the kernel programs (`agent-ebpf`) for the bpf target and leaves the
 //! object in OUT_DIR, where `attribution` embeds it.
 //!
-//! Two toolchains can build it (DESIGN §4.1): Debian's `rustc-web`, which
+//! Two toolchains can build it (docs/architecture.md §8): Debian's `rustc-web`, which
 //! ships a precompiled `core` for bpf (this machine kind; selected when
 //! present), or a rustup nightly with `rust-src` (build-std). `bpf-linker`
 //! must be on PATH; `cargo xtask setup` installs it into `$CARGO_HOME/bin`,

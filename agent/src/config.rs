@@ -1,6 +1,6 @@
 //! The command line: subcommands and flags, compatible with the reference
 //! agent's where it has them — the AWS chart's exact argument lists parse
-//! (see docs/architecture.md, "Compatibility").
+//! (docs/architecture.md §7).
 
 use std::net::IpAddr;
 

@@ -1,5 +1,6 @@
 //! The credential endpoint's request flow, top to bottom, each step a call
-//! into the module that owns it (DESIGN §2.2 order):
+//! into the module that owns it (docs/architecture.md §1; the order of
+//! the reference's status table, §7):
 //!
 //! 0. Per-client rate limit (pod, system service, unverified, or source).
 //! 1. Host check — the SDK must have called one of the served addresses.
@@ -81,7 +82,7 @@ impl AppState {
     }
 }
 
-/// The SDK's credential JSON (DESIGN §2.1).
+/// The SDK's credential JSON (docs/architecture.md §6.1).
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct CredentialsBody<'a> {

@@ -1,6 +1,6 @@
 //! `init`: owns the agent's link-local addresses through netlink.
 //!
-//! Semantics of the reference agent (DESIGN §3), kept: link `pod-id-link0`,
+//! Semantics of the reference agent (docs/architecture.md §7), kept: link `pod-id-link0`,
 //! one host address per served IP, link up, a host route per address on that
 //! link in the main table; what exists and is right is left alone; a route to
 //! an address on a different link is an error; IPv6 failures are warnings.

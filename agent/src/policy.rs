@@ -1,4 +1,4 @@
-//! The caller cross-check (DESIGN §5), pure: who the kernel says is calling,
+//! The caller cross-check (docs/architecture.md §3, §5), pure: who the kernel says is calling,
 //! what the token claims, what EKS Auth answered → allowed, or which check
 //! failed. No I/O, so every rule is unit-tested without a kernel.
 

@@ -106,7 +106,7 @@ pub trait Upstream: Send + Sync + 'static {
     fn assume(&self, token: String) -> UpstreamFuture;
 }
 
-/// Timeouts and retries of the reference agent (DESIGN §3).
+/// Timeouts and retries of the reference agent (docs/architecture.md §7).
 #[derive(Debug)]
 pub struct UpstreamOptions {
     pub cluster_name: String,

@@ -1,4 +1,4 @@
-//! A fake EKS Auth that speaks the real rest-json protocol (DESIGN §2.3):
+//! A fake EKS Auth that speaks the real rest-json protocol (docs/architecture.md §6.2):
 //! `POST /clusters/{name}/assume-role-for-pod-identity`, SigV4-signed by the
 //! SDK, `{"token": …}` in, the service's JSON or `x-amzn-ErrorType` errors
 //! out. It verifies the token as the service does — RS256 signature against

@@ -1,7 +1,7 @@
 //! Named network namespaces (`/run/netns/NAME`), removed on drop.
 //!
 //! Entered with `setns` on an fd, never `ip netns exec`: that remounts /sys
-//! and hides the cgroup2 mount (DESIGN §4.3).
+//! and hides the cgroup2 mount (docs/architecture.md §8).
 
 use std::{
     fs::File,

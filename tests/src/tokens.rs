@@ -1,5 +1,5 @@
 //! A test cluster's service-account issuer: an RSA key generated at start
-//! (aws-lc-rs) and projected-token-shaped JWTs (DESIGN §2.4) signed RS256.
+//! (aws-lc-rs) and projected-token-shaped JWTs (docs/architecture.md §6.3) signed RS256.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: installs what building the kernel programs needs on a
-//! fresh Debian 12 machine (DESIGN §4.1), and nothing when it is all there.
+//! fresh Debian 12 machine (docs/architecture.md §8), and nothing when it is all there.
 //!
 //! * Debian's `rustc-web` ships a precompiled `core` for the bpf targets, so
 //!   no nightly/build-std is needed; `cargo-web` must come along or rustup
