@@ -152,17 +152,22 @@ impl AgentProcess {
     }
 }
 
-/// `/metrics` of the agent running in `netns` (default port).
-pub fn scrape_metrics(netns: &Netns) -> Result<String> {
-    let reply = netns.run_in(|| {
+/// `GET path` on the agent's localhost `port` (probes, metrics) from
+/// inside `netns`, the node's namespace.
+pub fn get_local(netns: &Netns, port: u16, path: &str) -> Result<http::Reply> {
+    netns.run_in(|| {
         http::request(
-            ([127, 0, 0, 1], 2705).into(),
+            ([127, 0, 0, 1], port).into(),
             "GET",
-            "/metrics",
+            path,
             &[("Host", "localhost")],
         )
-    })?;
-    Ok(reply.body)
+    })
+}
+
+/// `/metrics` of the agent running in `netns` (default port).
+pub fn scrape_metrics(netns: &Netns) -> Result<String> {
+    Ok(get_local(netns, 2705, "/metrics")?.body)
 }
 
 /// Runs `init` (default flags) in `netns`: what the DaemonSet's init

@@ -36,8 +36,10 @@ impl PodSpec {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         PodSpec {
+            // Unique through `b` (48 bits hold it whole); shaped as a UID.
             uid: format!(
-                "{a:08x}-{:04x}-4{:03x}-8{:03x}-{b:012x}",
+                "{:08x}-{:04x}-4{:03x}-8{:03x}-{b:012x}",
+                a >> 32,
                 nanos & 0xffff,
                 a & 0xfff,
                 b & 0xfff

@@ -14,7 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_yaml_ng::Value;
 
-use crate::{names, tempdir::TempDir};
+pub use crate::manifest::strings;
+use crate::{manifest::expand_args, names, tempdir::TempDir};
 
 /// Whether podman and runc are installed (`cargo xtask setup` installs them).
 pub fn available() -> bool {
@@ -312,7 +313,7 @@ pub fn run_flags(pod_spec: &Value, container: &Value, at: &Placement) -> Result<
     Ok(flags)
 }
 
-/// A manifest container's args with `$(VAR)` expanded from `env` flags.
+/// A manifest container's args with `$(VAR)` expanded from `-e` flags.
 pub fn args_of(container: &Value, flags: &[String]) -> Vec<String> {
     let env: Vec<(String, String)> = flags
         .windows(2)
@@ -322,23 +323,5 @@ pub fn args_of(container: &Value, flags: &[String]) -> Vec<String> {
                 .map(|(n, v)| (n.to_owned(), v.to_owned()))
         })
         .collect();
-    strings(&container["args"])
-        .into_iter()
-        .map(|mut arg| {
-            for (name, value) in &env {
-                arg = arg.replace(&format!("$({name})"), value);
-            }
-            arg
-        })
-        .collect()
-}
-
-pub fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence()
-        .map(|s| {
-            s.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    expand_args(container, &env)
 }

@@ -9,8 +9,14 @@ use agent::config::{Cli, Command};
 use anyhow::{Context as _, Result, ensure};
 use clap::Parser as _;
 use harness::{
-    agent_proc::AgentProcess, cluster::Who, fake_eks_auth::Fault, http,
-    privilege::privileged_or_skip, served::Served, tempdir::TempDir, topology::AGENT_V4,
+    agent_proc::{AgentProcess, get_local},
+    cluster::Who,
+    fake_eks_auth::Fault,
+    http,
+    privilege::privileged_or_skip,
+    served::Served,
+    tempdir::TempDir,
+    topology::AGENT_V4,
     wait::wait_for,
 };
 
@@ -183,14 +189,7 @@ fn metrics_have_the_reference_names_labels_and_format() -> Result<()> {
     let env = Served::start(NODE, "enforce", &[])?;
     env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    let reply = env.node.netns.run_in(|| {
-        http::request(
-            ([127, 0, 0, 1], 2705).into(),
-            "GET",
-            "/metrics",
-            &[("Host", "localhost")],
-        )
-    })?;
+    let reply = get_local(&env.node.netns, 2705, "/metrics")?;
     assert_eq!(
         reply.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
@@ -255,16 +254,7 @@ fn probes_answer_as_the_reference_on_both_ports_and_fail_when_a_listener_stops()
         return Ok(());
     }
     let env = Served::start(NODE, "enforce", &[])?;
-    let get = |port: u16, path: &str| {
-        env.node.netns.run_in(|| {
-            http::request(
-                ([127, 0, 0, 1], port).into(),
-                "GET",
-                path,
-                &[("Host", "localhost")],
-            )
-        })
-    };
+    let get = |port: u16, path: &str| get_local(&env.node.netns, port, path);
     // (port, path, status, body starts)
     let rows = [
         (2703, "/healthz", 200, "listener 169.254.170.23:80: ok"),

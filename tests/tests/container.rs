@@ -17,9 +17,8 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use harness::{
     agent_bin::agent_binary,
-    agent_proc::AGENT_ENV,
+    agent_proc::{AGENT_ENV, get_local},
     cluster::{Cluster, Who},
-    http,
     pod::{pod_command, sdk_credentials},
     podman::{self, Container, Image, Placement},
     privilege::privileged_or_skip,
@@ -144,16 +143,7 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
         Ok(())
     };
     start(server, &container, &[])?;
-    let probe = |path: &str, port: u16| {
-        cluster.node.netns.run_in(|| {
-            http::request(
-                ([127, 0, 0, 1], port).into(),
-                "GET",
-                path,
-                &[("Host", "localhost")],
-            )
-        })
-    };
+    let probe = |path: &str, port: u16| get_local(&cluster.node.netns, port, path);
     wait_for(
         "the server container to be ready",
         Duration::from_secs(60),

@@ -17,6 +17,7 @@ use harness::{
     agent_proc::AgentProcess,
     caps::restrict_to,
     cluster::{Cluster, Who},
+    manifest::{expand_args, strings},
     netns::Netns,
     pod::{pod_command, sdk_credentials},
     privilege::privileged_or_skip,
@@ -51,16 +52,6 @@ fn container<'a>(ds: &'a Value, list: &str) -> &'a Value {
     &pod_spec(ds)[list][0]
 }
 
-fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence()
-        .map(|s| {
-            s.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn caps_of(c: &Value) -> Vec<String> {
     strings(&c["securityContext"]["capabilities"]["add"])
 }
@@ -83,15 +74,7 @@ fn args_of(c: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
-    strings(&c["args"])
-        .into_iter()
-        .map(|mut arg| {
-            for (name, value) in &env {
-                arg = arg.replace(&format!("$({name})"), value);
-            }
-            arg
-        })
-        .collect()
+    expand_args(c, &env)
 }
 
 #[test]

@@ -181,6 +181,30 @@ fn finish(child: Child, what: &str) -> Result<Value> {
     serde_json::from_str(last).with_context(|| format!("{what}: output {stdout:?}"))
 }
 
+/// `pod-client http-load`: requests to `path` at `target`, a new
+/// connection each, for `seconds`, from a process in `cgroup` and `netns`.
+fn load(
+    env: &Served,
+    (cgroup, netns): (&Path, &Netns),
+    target: SocketAddr,
+    path: &str,
+    token_file: &Path,
+    seconds: u32,
+) -> Result<Child> {
+    spawn(
+        env,
+        cgroup,
+        netns,
+        &[
+            "http-load",
+            &target.to_string(),
+            path,
+            &token_file.to_string_lossy(),
+            &seconds.to_string(),
+        ],
+    )
+}
+
 fn count(tally: &Value, status: &str) -> u64 {
     tally["statuses"][status].as_u64().unwrap_or(0)
 }
@@ -253,22 +277,22 @@ fn a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records() 
         ],
     )?;
     // Meanwhile both victims open new connections from the same ports.
-    let load = |cgroup: &Path, netns: &Netns, file: &PathBuf| {
-        spawn(
-            &env,
-            cgroup,
-            netns,
-            &[
-                "http-load",
-                &target.to_string(),
-                "/v1/credentials",
-                &file.to_string_lossy(),
-                "3",
-            ],
-        )
-    };
-    let load_a = load(&cg_a, &env.net_a.netns, &file_a)?;
-    let load_b = load(&cg_b, &env.node.netns, &file_b)?;
+    let load_a = load(
+        &env,
+        (&cg_a, &env.net_a.netns),
+        target,
+        "/v1/credentials",
+        &file_a,
+        3,
+    )?;
+    let load_b = load(
+        &env,
+        (&cg_b, &env.node.netns),
+        target,
+        "/v1/credentials",
+        &file_b,
+        3,
+    )?;
 
     let sprayed = finish(spray, "attacker")?;
     ensure!(
@@ -411,19 +435,7 @@ fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result
         let loads: Vec<(&str, Child)> = victims
             .iter()
             .map(|(who, cgroup, netns, to, path, file)| {
-                spawn(
-                    &env,
-                    cgroup,
-                    netns,
-                    &[
-                        "http-load",
-                        &to.to_string(),
-                        path,
-                        &file.to_string_lossy(),
-                        "3",
-                    ],
-                )
-                .map(|c| (*who, c))
+                load(&env, (cgroup, netns), *to, path, file, 3).map(|c| (*who, c))
             })
             .collect::<Result<_>>()?;
         for (who, child) in loads {
@@ -470,18 +482,13 @@ fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
         .iter()
         .zip(&files)
         .map(|(who, file)| {
-            let (cgroup, netns) = env.placement(*who);
-            spawn(
+            load(
                 &env,
-                cgroup,
-                netns,
-                &[
-                    "http-load",
-                    &target.to_string(),
-                    "/v1/credentials",
-                    &file.to_string_lossy(),
-                    "4",
-                ],
+                env.placement(*who),
+                target,
+                "/v1/credentials",
+                file,
+                4,
             )
         })
         .collect::<Result<_>>()?;

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::{AgentProcess, init_node, scrape_metrics},
+    agent_proc::{AgentProcess, get_local, init_node, scrape_metrics},
     fake_eks_auth::{ACCOUNT, FakeEksAuth, Fault},
     http::{self, Reply},
     pod::sdk_credentials,
@@ -637,14 +637,7 @@ fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
         logs.contains("fd00:ec2::23") && logs.contains("not assigned to any link"),
         "the missing address is not named precisely:\n{logs}"
     );
-    let ready = node.netns.run_in(|| {
-        http::request(
-            ([127, 0, 0, 1], 2703).into(),
-            "GET",
-            "/readyz",
-            &[("Host", "localhost")],
-        )
-    })?;
+    let ready = get_local(&node.netns, 2703, "/readyz")?;
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert!(
         ready.body.contains("listener 169.254.170.23:80: ok"),
@@ -656,14 +649,7 @@ fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
         "{}",
         ready.body
     );
-    let health = node.netns.run_in(|| {
-        http::request(
-            ([127, 0, 0, 1], 2703).into(),
-            "GET",
-            "/healthz",
-            &[("Host", "localhost")],
-        )
-    })?;
+    let health = get_local(&node.netns, 2703, "/healthz")?;
     assert_eq!(health.status, 200);
     Ok(())
 }
