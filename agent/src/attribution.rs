@@ -2,9 +2,10 @@
 //! "who opened this accepted connection?" from the stamp its SYN carried:
 //! a MAC check and one map lookup.
 //!
-//! The request path sees the kernel only through [`CallerLookup`], so the
-//! pipeline can be tested with a fixed lookup while integration tests use the
-//! real one.
+//! The request path sees the kernel only through [`CallerLookup`], once per
+//! connection when it is admitted; the handler takes the identified caller,
+//! so its tests (`handler::tests`) need no kernel while the integration
+//! tests use the real one.
 
 use std::{
     fs::File,

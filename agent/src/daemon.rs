@@ -55,6 +55,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // accepted earlier would carry no stamp and be refused as unattributed.
     let (verification, attribution_detail) = verification(&args, &metrics)?;
     let attributed = verification.is_some();
+    let (verification, identifier) = verification.unzip();
     let (listeners, failed) = server::bind_all(&args.bind_hosts, args.port, attributed);
     let mut unbound = Vec::new();
     for (addr, err) in &failed {
@@ -117,6 +118,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         auditor,
         verification,
+        identifier,
         limiter: ClientRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
         global_limiter: global_limiter(args.max_request_rate, args.max_request_burst),
     });
@@ -139,7 +141,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             graceful.clone(),
             stop_rx.clone(),
             move |info| {
-                let identifier = admitting.verification.as_ref().map(|v| &v.identifier);
+                let identifier = admitting.identifier.as_ref();
                 admission::admit(info, identifier, &budget, &admitting.metrics, "credentials")
             },
             move |conn, req| handler::handle(handling.clone(), conn, req),
@@ -168,7 +170,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         graceful.clone(),
         stop_rx.clone(),
         move |info| {
-            let identifier = probe_admitting.verification.as_ref().map(|v| &v.identifier);
+            let identifier = probe_admitting.identifier.as_ref();
             admission::admit(
                 info,
                 identifier,
@@ -273,7 +275,7 @@ const SIDE_CONNECTIONS_PER_CLIENT: usize = 8;
 fn verification(
     args: &ServerArgs,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<(Option<Verification>, String)> {
+) -> anyhow::Result<(Option<(Verification, Identifier)>, String)> {
     if args.attribution == AttributionMode::Off {
         metrics.set_attribution_mode("off");
         return Ok((None, "attribution: off (--attribution off)".into()));
@@ -314,12 +316,15 @@ fn verification(
     info!(mode, cgroup_root = %root.display(), "caller attribution attached");
     let lookup: Arc<dyn CallerLookup> = Arc::new(attribution);
     Ok((
-        Some(Verification {
-            enforce,
-            identifier: Identifier::new(lookup, resolver, layout, metrics.clone()),
-            node_name: args.node_name.clone(),
-            registry: PodRegistry::default(),
-        }),
+        Some((
+            Verification {
+                enforce,
+                node_name: args.node_name.clone(),
+                cgroup_mount: resolver.mount().to_owned(),
+                registry: PodRegistry::default(),
+            },
+            Identifier::new(lookup, resolver, layout, metrics.clone()),
+        )),
         format!("attribution: {mode} (attached at {})", root.display()),
     ))
 }

@@ -23,7 +23,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode,
-    body::Incoming,
     header::{self, HeaderValue},
 };
 use serde::Serialize;
@@ -56,6 +55,9 @@ pub struct AppState {
     pub auditor: Auditor,
     /// Caller verification; `None` when attribution is off.
     pub verification: Option<Verification>,
+    /// Who opened a connection (used when it is admitted); `None` when
+    /// attribution is off.
+    pub identifier: Option<Identifier>,
     /// Per-client request rate, in every mode (`None`: unlimited).
     pub limiter: Option<ClientRateLimiter>,
     /// The reference's rate for all clients together (`None`: unlimited).
@@ -66,8 +68,9 @@ pub struct AppState {
 pub struct Verification {
     /// Refuse on a failed check (enforce) or only record it (audit).
     pub enforce: bool,
-    pub identifier: Identifier,
     pub node_name: Option<String>,
+    /// The host's cgroup2 mount: a pod's cgroup directory is below it.
+    pub cgroup_mount: std::path::PathBuf,
     /// Which pod each identity cached for an attributed caller belongs to.
     pub registry: PodRegistry,
 }
@@ -95,10 +98,10 @@ struct CredentialsBody<'a> {
 }
 
 /// Routes one request on the credential listener.
-pub async fn handle(
+pub async fn handle<B>(
     state: Arc<AppState>,
     conn: Arc<Connection>,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> HttpResponse {
     if req.uri().path() != CREDENTIALS_PATH {
         return not_found();
@@ -132,10 +135,10 @@ pub async fn handle(
     response
 }
 
-async fn credentials(
+async fn credentials<B>(
     state: &AppState,
     conn: &Connection,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     event: &mut AuditEvent,
 ) -> HttpResponse {
     let client = conn.info.peer;
@@ -147,13 +150,7 @@ async fn credentials(
     if let Some(limiter) = &state.limiter {
         let who = conn.admitted.client();
         if !limiter.allow(who) {
-            event.reason = "rate-limited".into();
-            state.metrics.decision("deny", "rate-limited");
-            debug!(client_addr = %client, client = %who, "client exceeded its credential request rate");
-            return go_error(
-                429,
-                format!("Too Many Requests: {who} exceeded its credential request rate"),
-            );
+            return Rejection::RateLimited(who.to_string()).answer(state, client, event);
         }
     }
     // 1. Host.
@@ -161,16 +158,7 @@ async fn credentials(
     debug!(client_addr = %client, target_host = host, "validating call to requested target host");
     let called = host.parse::<IpAddr>().ok();
     if !called.is_some_and(|ip| state.served_hosts.contains(&ip)) {
-        let served: Vec<String> = state.served_hosts.iter().map(IpAddr::to_string).collect();
-        warn!(client_addr = %client, host, "called through an address that is not served");
-        event.reason = "invalid-host".into();
-        return go_error(
-            403,
-            format!(
-                "Access Denied. Called agent through invalid address, please use either [{}] address not {host}",
-                served.join(" ")
-            ),
-        );
+        return Rejection::InvalidHost(host).answer(state, client, event);
     }
     debug!(client_addr = %client, "target host valid");
     // 2. Token present.
@@ -181,20 +169,18 @@ async fn credentials(
         .unwrap_or_default()
         .trim();
     if token.is_empty() {
-        warn!(client_addr = %client, "request without a service account token");
-        event.reason = "no-token".into();
-        return go_error(400, "Service account token cannot be empty");
+        return Rejection::NoToken.answer(state, client, event);
     }
     // 3. Claims.
     let claims = match token::parse(token) {
         Ok(claims) => claims,
-        Err(e) => return reject_token(client, e, event),
+        Err(e) => return Rejection::Token(e).answer(state, client, event),
     };
     event.namespace = claims.namespace().map(str::to_owned);
     event.service_account = claims.service_account().map(str::to_owned);
     event.pod_name = claims.pod_name().map(str::to_owned);
     if let Err(e) = token::validate_times(&claims, SystemTime::now()) {
-        return reject_token(client, e, event);
+        return Rejection::Token(e).answer(state, client, event);
     }
     // 4. Who is calling (the kernel's record, resolved when the connection
     // was accepted), 5. checks before EKS Auth.
@@ -212,7 +198,7 @@ async fn credentials(
                 }
             }
             Err(violation) if verification.enforce => {
-                return refuse(state, client, violation, event);
+                return Rejection::Caller(violation).answer(state, client, event);
             }
             Err(violation) => audit_only = Some(violation),
         }
@@ -229,22 +215,14 @@ async fn credentials(
     };
     let (assumed, source) = match state.credentials.get(&key, token).await {
         Ok(found) => found,
-        Err(e) => {
-            warn!(client_addr = %client, cluster_name = state.cluster_name, error = %e, "EKS Auth call failed");
-            event.reason = format!("upstream:{}", e.code());
-            return go_error(e.status(), e);
-        }
+        Err(e) => return Rejection::Upstream(e).answer(state, client, event),
     };
     if let (Some(verification), Some(pod), Source::Upstream) =
         (&state.verification, &verified_pod, source)
     {
         // A newly cached identity: remember its pod, so the entry goes
         // when the pod does.
-        let dir = verification
-            .identifier
-            .resolver()
-            .mount()
-            .join(&pod.pod_path);
+        let dir = verification.cgroup_mount.join(&pod.pod_path);
         verification.registry.record(key, dir);
     }
     event.association_id = Some(assumed.association_id.clone());
@@ -256,7 +234,7 @@ async fn credentials(
         && let Err(violation) = policy::after_upstream(&claims, &assumed)
     {
         if verification.enforce {
-            return refuse(state, client, violation, event);
+            return Rejection::Caller(violation).answer(state, client, event);
         }
         audit_only = Some(violation);
     }
@@ -277,31 +255,105 @@ async fn credentials(
     json_credentials(&assumed)
 }
 
-fn reject_token(client: SocketAddr, e: token::TokenError, event: &mut AuditEvent) -> HttpResponse {
-    warn!(client_addr = %client, error = %e, "token rejected before EKS Auth");
-    event.reason = "invalid-token".into();
-    go_error(400, e)
+/// Every way a credential request is refused: its status, body, audit
+/// reason, metric and log line, decided in one place, so each path is a row
+/// of the handler's tests.
+#[derive(Debug)]
+enum Rejection {
+    /// The client is over its request rate (its key, as text).
+    RateLimited(String),
+    /// The Host header names no served address (the header's host).
+    InvalidHost(String),
+    NoToken,
+    /// Not a JWT, or `exp`/`nbf` failed.
+    Token(token::TokenError),
+    /// A caller check failed in enforce mode.
+    Caller(Violation),
+    /// EKS Auth refused, or did not answer.
+    Upstream(crate::upstream::UpstreamError),
 }
 
-fn refuse(
-    state: &AppState,
-    client: SocketAddr,
-    violation: Violation,
-    event: &mut AuditEvent,
-) -> HttpResponse {
-    event.decision = "deny";
-    event.reason = violation.reason().into();
-    state.metrics.decision("deny", violation.reason());
-    warn!(client_addr = %client, check = %violation, "caller check failed; refused");
-    match violation.status() {
-        403 => go_error(403, format!("Access Denied: {violation}")),
-        status => {
-            let mut response = go_error(status, format!("Service Unavailable: {violation}"));
+impl Rejection {
+    fn status(&self) -> u16 {
+        match self {
+            Rejection::RateLimited(_) => 429,
+            Rejection::InvalidHost(_) => 403,
+            Rejection::NoToken | Rejection::Token(_) => 400,
+            Rejection::Caller(violation) => violation.status(),
+            Rejection::Upstream(e) => e.status(),
+        }
+    }
+
+    /// The audit event's `reason`.
+    fn reason(&self) -> String {
+        match self {
+            Rejection::RateLimited(_) => "rate-limited".into(),
+            Rejection::InvalidHost(_) => "invalid-host".into(),
+            Rejection::NoToken => "no-token".into(),
+            Rejection::Token(_) => "invalid-token".into(),
+            Rejection::Caller(violation) => violation.reason().into(),
+            Rejection::Upstream(e) => format!("upstream:{}", e.code()),
+        }
+    }
+
+    /// The body, in the reference's words where it has them.
+    fn body(&self, state: &AppState) -> String {
+        match self {
+            Rejection::RateLimited(who) => {
+                format!("Too Many Requests: {who} exceeded its credential request rate")
+            }
+            Rejection::InvalidHost(host) => {
+                let served: Vec<String> =
+                    state.served_hosts.iter().map(IpAddr::to_string).collect();
+                format!(
+                    "Access Denied. Called agent through invalid address, please use either [{}] address not {host}",
+                    served.join(" ")
+                )
+            }
+            Rejection::NoToken => "Service account token cannot be empty".into(),
+            Rejection::Token(e) => e.to_string(),
+            Rejection::Caller(violation) if violation.status() == 403 => {
+                format!("Access Denied: {violation}")
+            }
+            Rejection::Caller(violation) => format!("Service Unavailable: {violation}"),
+            Rejection::Upstream(e) => e.to_string(),
+        }
+    }
+
+    /// Records the refusal (audit fields, the decision metric for the
+    /// caller's own checks, one log line) and writes the answer.
+    fn answer(self, state: &AppState, client: SocketAddr, event: &mut AuditEvent) -> HttpResponse {
+        event.decision = "deny";
+        event.reason = self.reason();
+        match &self {
+            Rejection::RateLimited(who) => {
+                state.metrics.decision("deny", "rate-limited");
+                debug!(client_addr = %client, client = %who, "client exceeded its credential request rate");
+            }
+            Rejection::InvalidHost(host) => {
+                warn!(client_addr = %client, host, "called through an address that is not served");
+            }
+            Rejection::NoToken => {
+                warn!(client_addr = %client, "request without a service account token")
+            }
+            Rejection::Token(e) => {
+                warn!(client_addr = %client, error = %e, "token rejected before EKS Auth");
+            }
+            Rejection::Caller(violation) => {
+                state.metrics.decision("deny", violation.reason());
+                warn!(client_addr = %client, check = %violation, "caller check failed; refused");
+            }
+            Rejection::Upstream(e) => {
+                warn!(client_addr = %client, cluster_name = state.cluster_name, error = %e, "EKS Auth call failed");
+            }
+        }
+        let mut response = go_error(self.status(), self.body(state));
+        if matches!(&self, Rejection::Caller(v) if v.status() == 503) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
         }
+        response
     }
 }
 
@@ -318,7 +370,7 @@ fn fill_caller(event: &mut AuditEvent, identified: &Identified) {
 }
 
 /// The Host header without port or brackets (`[fd00:ec2::23]:80` → `fd00:ec2::23`).
-fn host_of(req: &Request<Incoming>) -> String {
+fn host_of<B>(req: &Request<B>) -> String {
     let raw = req
         .headers()
         .get(header::HOST)
@@ -363,7 +415,27 @@ fn json_credentials(assumed: &Assumed) -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::Mutex,
+        time::{Duration, SystemTime},
+    };
+
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+
     use super::*;
+    use crate::{
+        admission::ConnectionBudget,
+        attribution::Caller as KernelCaller,
+        client::ClientKey,
+        credentials::{CacheOptions, Credentials},
+        server::ConnInfo,
+        syn::SavedSyn,
+        upstream::{Upstream, UpstreamError, UpstreamFuture},
+    };
+
+    const POD: &str = "0cc175b9-c0f1-b6a8-31c3-99e269772661";
+    const OTHER: &str = "92eb5ffe-e6ae-2fec-3ad7-1c777531578f";
 
     #[test]
     fn host_header_forms() {
@@ -378,5 +450,298 @@ mod tests {
         for (raw, expected) in cases {
             assert_eq!(strip_port(raw), expected, "{raw}");
         }
+    }
+
+    /// EKS Auth answering for default/app, or failing as told.
+    struct FakeUpstream(Mutex<Option<UpstreamError>>);
+
+    impl Upstream for FakeUpstream {
+        fn assume(&self, _token: String) -> UpstreamFuture {
+            let failure = self.0.lock().map(|f| f.clone()).unwrap_or(None);
+            Box::pin(async move {
+                if let Some(err) = failure {
+                    return Err(err);
+                }
+                Ok(crate::upstream::Assumed {
+                    access_key_id: "ASIATEST".into(),
+                    secret_access_key: "secret".into(),
+                    session_token: "session".into(),
+                    expiration: SystemTime::now() + Duration::from_secs(3600),
+                    account_id: Some("111122223333".into()),
+                    association_id: "a-1".into(),
+                    association_arn: "arn".into(),
+                    role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
+                    subject_namespace: "default".into(),
+                    subject_service_account: "app".into(),
+                })
+            })
+        }
+    }
+
+    /// A projected-token-shaped JWT (unsigned: the agent never verifies).
+    fn token(pod_uid: &str, exp: i64) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","kid":"k"}"#);
+        let claims = format!(
+            r#"{{"exp":{exp},"sub":"system:serviceaccount:default:app","kubernetes.io":{{"namespace":"default","pod":{{"name":"p","uid":"{pod_uid}"}},"serviceaccount":{{"name":"app"}}}}}}"#
+        );
+        format!("{header}.{}.c2ln", URL_SAFE_NO_PAD.encode(claims))
+    }
+
+    fn pod_caller(uid: &str) -> policy::Caller {
+        policy::Caller::Pod(PodCgroup {
+            pod_uid: uid.into(),
+            container_id: None,
+            pod_path: format!("kubepods/pod{uid}"),
+        })
+    }
+
+    /// One request's circumstances: the mode, who the kernel says called,
+    /// what was sent, what EKS Auth does.
+    struct Row {
+        what: &'static str,
+        mode: Option<bool>,
+        caller: policy::Caller,
+        host: &'static str,
+        token: Option<String>,
+        upstream: Option<UpstreamError>,
+        rate_limited: bool,
+        status: u16,
+        reason: &'static str,
+        decision: &'static str,
+    }
+
+    impl Default for Row {
+        fn default() -> Row {
+            Row {
+                what: "",
+                mode: Some(true),
+                caller: pod_caller(POD),
+                host: "169.254.170.23",
+                token: Some(token(POD, 4_000_000_000)),
+                upstream: None,
+                rate_limited: false,
+                status: 200,
+                reason: "ok",
+                decision: "allow",
+            }
+        }
+    }
+
+    fn run(row: &Row, dir: &std::path::Path) -> (HttpResponse, serde_json::Value) {
+        let metrics = Arc::new(Metrics::new());
+        let audit_file = dir.join(format!("audit-{}.jsonl", row.what.replace(' ', "-")));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let response = runtime.block_on(async {
+            let state = Arc::new(AppState {
+                cluster_name: "c".into(),
+                served_hosts: vec!["169.254.170.23".parse().unwrap()],
+                credentials: Credentials::new(
+                    Arc::new(FakeUpstream(Mutex::new(row.upstream.clone()))),
+                    metrics.clone(),
+                    CacheOptions {
+                        max_entries: 10,
+                        retention: Duration::from_secs(3600),
+                        max_service_qps: 1.0,
+                    },
+                ),
+                metrics: metrics.clone(),
+                auditor: Auditor::new("c", Some(&audit_file)).unwrap(),
+                verification: row.mode.map(|enforce| Verification {
+                    enforce,
+                    node_name: None,
+                    cgroup_mount: "/sys/fs/cgroup".into(),
+                    registry: PodRegistry::default(),
+                }),
+                identifier: None,
+                limiter: row
+                    .rate_limited
+                    .then(|| ClientRateLimiter::new(1, 1))
+                    .flatten(),
+                global_limiter: None,
+            });
+            let peer: SocketAddr = "198.18.0.2:40000".parse().unwrap();
+            let budget = ConnectionBudget::new(10, 10);
+            let (admitted, _) = budget.admit(ClientKey::Pod(POD.into())).unwrap();
+            let conn = Arc::new(Connection {
+                info: ConnInfo {
+                    peer,
+                    local: "169.254.170.23:80".parse().unwrap(),
+                    syn: SavedSyn::Kept(None),
+                },
+                identified: row.mode.map(|_| Identified {
+                    caller: row.caller.clone(),
+                    kernel: Some(KernelCaller {
+                        cgroup_id: 7,
+                        pid: 42,
+                        comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
+                    }),
+                    process: Some("app".into()),
+                }),
+                admitted,
+            });
+            if row.rate_limited {
+                let first = Request::builder()
+                    .uri(CREDENTIALS_PATH)
+                    .header(header::HOST, row.host)
+                    .body(())
+                    .unwrap();
+                handle(state.clone(), conn.clone(), first).await;
+            }
+            let mut req = Request::builder()
+                .uri(CREDENTIALS_PATH)
+                .header(header::HOST, row.host);
+            if let Some(token) = &row.token {
+                req = req.header(header::AUTHORIZATION, token.as_str());
+            }
+            handle(state, conn, req.body(()).unwrap()).await
+        });
+        let trail = std::fs::read_to_string(&audit_file).unwrap_or_default();
+        let event = trail
+            .lines()
+            .last()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .unwrap_or_default();
+        (response, event)
+    }
+
+    /// Every path through the handler, as a row: no kernel, no root.
+    #[test]
+    fn every_path_through_the_handler() {
+        let dir = std::env::temp_dir().join(format!("epia-handler-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let service_error = |status, code: &str| UpstreamError::Service {
+            status,
+            code: code.into(),
+            message: "m".into(),
+            request_id: "r".into(),
+            fault: "client",
+        };
+        let rows = [
+            Row {
+                what: "served",
+                ..Row::default()
+            },
+            Row {
+                what: "rate limited",
+                rate_limited: true,
+                status: 429,
+                reason: "rate-limited",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "wrong host",
+                host: "example.com",
+                status: 403,
+                reason: "invalid-host",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "no token",
+                token: None,
+                status: 400,
+                reason: "no-token",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "not a JWT",
+                token: Some("garbage".into()),
+                status: 400,
+                reason: "invalid-token",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "expired",
+                token: Some(token(POD, 1)),
+                status: 400,
+                reason: "invalid-token",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "another pod's token",
+                caller: pod_caller(OTHER),
+                status: 403,
+                reason: "pod-mismatch",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "not a pod",
+                caller: policy::Caller::Unattributed,
+                status: 403,
+                reason: "caller-not-a-pod",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "no SYN kept",
+                caller: policy::Caller::NoSynKept,
+                status: 503,
+                reason: "syn-not-kept",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "audit mode serves a replay",
+                mode: Some(false),
+                caller: pod_caller(OTHER),
+                reason: "pod-mismatch",
+                decision: "audit-only",
+                ..Row::default()
+            },
+            Row {
+                what: "attribution off",
+                mode: None,
+                ..Row::default()
+            },
+            Row {
+                what: "EKS Auth refuses",
+                upstream: Some(service_error(400, "AccessDeniedException")),
+                status: 400,
+                reason: "upstream:AccessDeniedException",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
+                what: "EKS Auth down",
+                upstream: Some(UpstreamError::Unavailable("no answer".into())),
+                status: 500,
+                reason: "upstream:Unavailable",
+                decision: "deny",
+                ..Row::default()
+            },
+        ];
+        for row in &rows {
+            let (response, event) = run(row, &dir);
+            assert_eq!(response.status().as_u16(), row.status, "{}", row.what);
+            assert_eq!(event["reason"], row.reason, "{}: {event}", row.what);
+            assert_eq!(event["decision"], row.decision, "{}: {event}", row.what);
+            assert_eq!(event["status"], row.status, "{}", row.what);
+            if row.status != 200 {
+                assert_eq!(
+                    response
+                        .headers()
+                        .get("x-content-type-options")
+                        .map(|v| v.to_str().unwrap()),
+                    Some("nosniff"),
+                    "{}",
+                    row.what
+                );
+            }
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                row.status == 503,
+                "{}",
+                row.what
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -80,6 +80,7 @@ fn world() -> &'static World {
             metrics,
             auditor: Auditor::new("fuzz", None).expect("auditor"),
             verification: None,
+            identifier: None,
             limiter: None,
             global_limiter: None,
         });
