@@ -2,7 +2,7 @@
 //! "who opened this accepted connection?" from the stamp its SYN carried:
 //! a MAC check and one map lookup.
 //!
-//! The request path sees the kernel only through [`CallerLookup`], once per
+//! The request path sees the kernel only through [`OpenerLookup`], once per
 //! connection when it is admitted; the handler takes the identified caller,
 //! so its tests (`handler::tests`) need no kernel while the integration
 //! tests use the real one.
@@ -32,9 +32,10 @@ const CONNECT4: &str = "connect4";
 const CONNECT6: &str = "connect6";
 const SOCK_OPS: &str = "sock_ops";
 
-/// The process that opened a connection, as the kernel saw it at `connect()`.
+/// The process that opened a connection, as the kernel saw it at `connect()`
+/// (the *caller*, resolved to a pod or not, is `policy::Caller`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Caller {
+pub struct Opener {
     /// cgroup v2 id (kernfs inode of the caller's cgroup directory).
     pub cgroup_id: u64,
     /// Process id (tgid) of the caller, in the host's PID namespace.
@@ -43,7 +44,7 @@ pub struct Caller {
     pub comm: [u8; agent_ebpf::COMM_LEN],
 }
 
-impl Caller {
+impl Opener {
     /// The connecting thread's name, as text.
     pub fn process_name(&self) -> String {
         let end = self
@@ -55,9 +56,9 @@ impl Caller {
     }
 }
 
-impl From<ConnOwner> for Caller {
+impl From<ConnOwner> for Opener {
     fn from(owner: ConnOwner) -> Self {
-        Caller {
+        Opener {
             cgroup_id: owner.cgroup_id,
             pid: owner.pid(),
             comm: owner.comm,
@@ -77,12 +78,12 @@ pub struct Accepted {
 }
 
 /// The request path's only view of the kernel.
-pub trait CallerLookup: Send + Sync {
+pub trait OpenerLookup: Send + Sync {
     /// The caller of an accepted connection. `Ok(None)`: the kernel did not
     /// attribute it (not ours, opened before the programs were attached,
     /// or its SYN had no room for the stamp). `Err`: a stamp that does not
     /// belong to this connection — forged or replayed.
-    fn caller(&self, conn: &Accepted) -> Result<Option<Caller>, AttributionError>;
+    fn opener(&self, conn: &Accepted) -> Result<Option<Opener>, AttributionError>;
 }
 
 /// Everything that can go wrong between the agent and the kernel programs.
@@ -217,8 +218,8 @@ impl Attribution {
     }
 }
 
-impl CallerLookup for Attribution {
-    fn caller(&self, conn: &Accepted) -> Result<Option<Caller>, AttributionError> {
+impl OpenerLookup for Attribution {
+    fn opener(&self, conn: &Accepted) -> Result<Option<Opener>, AttributionError> {
         let Some(stamp) = conn.stamp else {
             return Ok(None);
         };

@@ -241,6 +241,27 @@ pub enum AttributionMode {
     Off,
 }
 
+/// The mode actually in force once `auto` has been decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeInForce {
+    Enforce,
+    Audit,
+    Off,
+}
+
+impl ModeInForce {
+    pub const ALL: [ModeInForce; 3] = [ModeInForce::Enforce, ModeInForce::Audit, ModeInForce::Off];
+
+    /// As metrics, audit events and `/readyz` say it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ModeInForce::Enforce => "enforce",
+            ModeInForce::Audit => "audit",
+            ModeInForce::Off => "off",
+        }
+    }
+}
+
 impl std::fmt::Display for AttributionMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -167,16 +167,16 @@ struct Inner {
 
 /// Cheap to clone; all clones share one cache.
 #[derive(Clone)]
-pub struct Credentials {
+pub struct CredentialCache {
     inner: Arc<Inner>,
 }
 
-impl Credentials {
+impl CredentialCache {
     pub fn new(
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
         options: CacheOptions,
-    ) -> Credentials {
+    ) -> CredentialCache {
         let cache = (!options.retention.is_zero()).then(|| {
             let metrics = metrics.clone();
             Cache::builder()
@@ -190,7 +190,7 @@ impl Credentials {
                 })
                 .build()
         });
-        Credentials {
+        CredentialCache {
             inner: Arc::new(Inner {
                 cache,
                 in_flight: Mutex::new(HashMap::new()),
@@ -404,8 +404,8 @@ mod tests {
         }
     }
 
-    fn credentials(upstream: Arc<FakeUpstream>, retention: Duration) -> Credentials {
-        Credentials::new(
+    fn credentials(upstream: Arc<FakeUpstream>, retention: Duration) -> CredentialCache {
+        CredentialCache::new(
             upstream,
             Arc::new(Metrics::new()),
             CacheOptions {

@@ -14,12 +14,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     admission::{self, ConnectionBudget},
-    attribution::{AttachOptions, Attribution, CallerLookup},
+    attribution::{AttachOptions, Attribution, OpenerLookup},
     audit::Auditor,
     capabilities,
     cgroup::{self, CgroupResolver, PodLayout},
-    config::{AttributionMode, ServerArgs},
-    credentials::{CacheOptions, Credentials},
+    config::{AttributionMode, ModeInForce, ServerArgs},
+    credentials::{CacheOptions, CredentialCache},
     handler::Verification,
     handler::{self, AppState},
     hygiene::PodRegistry,
@@ -100,7 +100,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     })
     .await
     .context("setting up the EKS Auth client")?;
-    let credentials = Credentials::new(
+    let credentials = CredentialCache::new(
         Arc::new(upstream),
         metrics.clone(),
         CacheOptions {
@@ -277,7 +277,7 @@ fn verification(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Option<(Verification, Identifier)>, String)> {
     if args.attribution == AttributionMode::Off {
-        metrics.set_attribution_mode("off");
+        metrics.set_attribution_mode(ModeInForce::Off);
         return Ok((None, "attribution: off (--attribution off)".into()));
     }
     let attached = attach(args);
@@ -300,7 +300,7 @@ fn verification(
                 error = format!("{e:#}"),
                 "CALLER VERIFICATION IS OFF: this node cannot attribute connections to pods; any process holding a pod's token gets its credentials"
             );
-            metrics.set_attribution_mode("off");
+            metrics.set_attribution_mode(ModeInForce::Off);
             return Ok((None, format!("attribution: off (unsupported here: {e:#})")));
         }
         Err(e) => {
@@ -311,10 +311,15 @@ fn verification(
         }
     };
     let enforce = args.attribution != AttributionMode::Audit;
-    let mode = if enforce { "enforce" } else { "audit" };
+    let mode = if enforce {
+        ModeInForce::Enforce
+    } else {
+        ModeInForce::Audit
+    };
     metrics.set_attribution_mode(mode);
+    let mode = mode.label();
     info!(mode, cgroup_root = %root.display(), "caller attribution attached");
-    let lookup: Arc<dyn CallerLookup> = Arc::new(attribution);
+    let lookup: Arc<dyn OpenerLookup> = Arc::new(attribution);
     Ok((
         Some((
             Verification {

@@ -32,7 +32,8 @@ use crate::{
     admission::Connection,
     audit::{AuditEvent, Auditor},
     cgroup::PodCgroup,
-    credentials::{CacheKey, Credentials, Source},
+    config::ModeInForce,
+    credentials::{CacheKey, CredentialCache, Source},
     hygiene::PodRegistry,
     identify::{Identified, Identifier},
     metrics::Metrics,
@@ -50,7 +51,7 @@ pub struct AppState {
     pub cluster_name: String,
     /// Served addresses as the Host header must name them.
     pub served_hosts: Vec<IpAddr>,
-    pub credentials: Credentials,
+    pub credentials: CredentialCache,
     pub metrics: Arc<Metrics>,
     pub auditor: Auditor,
     /// Caller verification; `None` when attribution is off.
@@ -77,11 +78,12 @@ pub struct Verification {
 
 impl AppState {
     fn mode(&self) -> &'static str {
-        match &self.verification {
-            None => "off",
-            Some(v) if v.enforce => "enforce",
-            Some(_) => "audit",
-        }
+        let mode = match &self.verification {
+            None => ModeInForce::Off,
+            Some(v) if v.enforce => ModeInForce::Enforce,
+            Some(_) => ModeInForce::Audit,
+        };
+        mode.label()
     }
 }
 
@@ -124,7 +126,7 @@ pub async fn handle<B>(
         mode: state.mode(),
         ..AuditEvent::default()
     };
-    let response = credentials(&state, &conn, &req, &mut event).await;
+    let response = answer(&state, &conn, &req, &mut event).await;
     event.status = response.status().as_u16();
     if event.decision.is_empty() {
         event.decision = if event.status == 200 { "allow" } else { "deny" };
@@ -135,7 +137,8 @@ pub async fn handle<B>(
     response
 }
 
-async fn credentials<B>(
+/// One credential request, top to bottom (the module doc lists the steps).
+async fn answer<B>(
     state: &AppState,
     conn: &Connection,
     req: &Request<B>,
@@ -426,9 +429,9 @@ mod tests {
     use super::*;
     use crate::{
         admission::ConnectionBudget,
-        attribution::Caller as KernelCaller,
+        attribution::Opener,
         client::ClientKey,
-        credentials::{CacheOptions, Credentials},
+        credentials::{CacheOptions, CredentialCache},
         server::ConnInfo,
         syn::SavedSyn,
         upstream::{Upstream, UpstreamError, UpstreamFuture},
@@ -538,7 +541,7 @@ mod tests {
             let state = Arc::new(AppState {
                 cluster_name: "c".into(),
                 served_hosts: vec!["169.254.170.23".parse().unwrap()],
-                credentials: Credentials::new(
+                credentials: CredentialCache::new(
                     Arc::new(FakeUpstream(Mutex::new(row.upstream.clone()))),
                     metrics.clone(),
                     CacheOptions {
@@ -573,7 +576,7 @@ mod tests {
                 },
                 identified: row.mode.map(|_| Identified {
                     caller: row.caller.clone(),
-                    kernel: Some(KernelCaller {
+                    kernel: Some(Opener {
                         cgroup_id: 7,
                         pid: 42,
                         comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",

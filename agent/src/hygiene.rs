@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Mutex};
 
-use crate::credentials::{CacheKey, Credentials};
+use crate::credentials::{CacheKey, CredentialCache};
 
 #[derive(Default)]
 pub struct PodRegistry {
@@ -24,7 +24,7 @@ impl PodRegistry {
 
     /// Evicts the cached credentials of every pod whose cgroup is gone (and
     /// forgets them); returns (identities of gone pods, entries evicted).
-    pub async fn evict_dead(&self, credentials: &Credentials) -> (usize, usize) {
+    pub async fn evict_dead(&self, credentials: &CredentialCache) -> (usize, usize) {
         let mut dead = Vec::new();
         if let Ok(mut owners) = self.owners.lock() {
             owners.retain(|key, dir| {

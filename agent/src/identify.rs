@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    attribution::{Accepted, Caller as KernelCaller, CallerLookup},
+    attribution::{Accepted, Opener, OpenerLookup},
     cgroup::{CgroupError, CgroupResolver, PodLayout},
     metrics::Metrics,
     policy::Caller,
@@ -15,13 +15,13 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Identified {
     pub caller: Caller,
-    pub kernel: Option<KernelCaller>,
+    pub kernel: Option<Opener>,
     /// `comm` of the calling thread, from the kernel.
     pub process: Option<String>,
 }
 
 pub struct Identifier {
-    lookup: Arc<dyn CallerLookup>,
+    lookup: Arc<dyn OpenerLookup>,
     resolver: CgroupResolver,
     layout: PodLayout,
     metrics: Arc<Metrics>,
@@ -37,7 +37,7 @@ const RESOLVED_CAPACITY: u64 = 4096;
 
 impl Identifier {
     pub fn new(
-        lookup: Arc<dyn CallerLookup>,
+        lookup: Arc<dyn OpenerLookup>,
         resolver: CgroupResolver,
         layout: PodLayout,
         metrics: Arc<Metrics>,
@@ -65,7 +65,7 @@ impl Identifier {
                 process: None,
             };
         }
-        let identified = match self.lookup.caller(conn) {
+        let identified = match self.lookup.opener(conn) {
             Err(e) => {
                 self.metrics.attribution_lookup("error");
                 Identified {

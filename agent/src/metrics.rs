@@ -209,10 +209,10 @@ impl Metrics {
         self.resolve_seconds.observe(took.as_secs_f64());
     }
 
-    pub fn set_attribution_mode(&self, mode: &str) {
-        for m in ["enforce", "audit", "off"] {
+    pub fn set_attribution_mode(&self, mode: crate::config::ModeInForce) {
+        for m in crate::config::ModeInForce::ALL {
             self.attribution_mode
-                .with_label_values(&[m])
+                .with_label_values(&[m.label()])
                 .set(i64::from(m == mode));
         }
     }

@@ -14,7 +14,7 @@ use agent::{
     admission::{Connection, ConnectionBudget},
     audit::Auditor,
     client::ClientKey,
-    credentials::{CacheOptions, Credentials},
+    credentials::{CacheOptions, CredentialCache},
     handler::{self, AppState},
     metrics::Metrics,
     server::ConnInfo,
@@ -63,7 +63,7 @@ fn world() -> &'static World {
             .expect("runtime");
         let metrics = Arc::new(Metrics::new());
         let credentials = runtime.block_on(async {
-            Credentials::new(
+            CredentialCache::new(
                 Arc::new(Fixed),
                 metrics.clone(),
                 CacheOptions {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use agent::{
-    attribution::{Accepted, Caller, CallerLookup},
+    attribution::{Accepted, Opener, OpenerLookup},
     syn,
 };
 use anyhow::{Context as _, Result};
@@ -27,7 +27,7 @@ use crate::netns::{self, Netns};
 pub struct Observation {
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    pub caller: Result<Option<Caller>, String>,
+    pub caller: Result<Option<Opener>, String>,
 }
 
 pub struct ProbeServer {
@@ -42,7 +42,7 @@ impl ProbeServer {
     pub fn start(
         ns: &Netns,
         addrs: &[SocketAddr],
-        lookup: Arc<dyn CallerLookup>,
+        lookup: Arc<dyn OpenerLookup>,
     ) -> Result<ProbeServer> {
         let ns_file = ns.open()?;
         let addrs = addrs.to_vec();
@@ -86,7 +86,7 @@ impl ProbeServer {
 
 fn serve(
     listeners: &[TcpListener],
-    lookup: &dyn CallerLookup,
+    lookup: &dyn OpenerLookup,
     tx: &mpsc::Sender<Observation>,
     stop: &AtomicBool,
 ) {
@@ -120,7 +120,7 @@ fn serve(
                             syn_saved: saved != syn::SavedSyn::Missing,
                             stamp,
                         };
-                        Ok(lookup.caller(&accepted)?)
+                        Ok(lookup.opener(&accepted)?)
                     })
                     .map_err(|e| format!("{e:#}"));
                 let _ = tx.send(Observation {
