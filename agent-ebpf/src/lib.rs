@@ -28,7 +28,8 @@ pub const CONNECTIONS_CAPACITY: u32 = 65_536;
 
 /// Map: owner (see [`SocketOwner::quota_key`]) → live attributed sockets.
 pub const OWNER_QUOTA_MAP: &str = "OWNER_QUOTA";
-/// Distinct owners tracked at once (pods' containers, node services, users).
+/// Distinct owners tracked at once (pods' containers, node services,
+/// users); least recently used ones age out.
 pub const OWNER_QUOTA_CAPACITY: u32 = 16_384;
 /// Live attributed connections one owner may have. Records of connections
 /// the agent never accepts (a process's own namespaces) live as long as

@@ -44,7 +44,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, bpf_sock,
     },
-    btf_maps::{HashMap, SkStorage},
+    btf_maps::{HashMap, LruHashMap, SkStorage},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_prandom_u32, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
@@ -82,12 +82,8 @@ static CONNECTIONS: HashMap<
 > = HashMap::new();
 
 #[btf_map]
-static OWNER_QUOTA: HashMap<
-    u64,
-    u64,
-    { agent_ebpf::OWNER_QUOTA_CAPACITY as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+static OWNER_QUOTA: LruHashMap<u64, u64, { agent_ebpf::OWNER_QUOTA_CAPACITY as usize }> =
+    LruHashMap::new();
 
 /// Reads one field of [`CONFIG`]. Volatile, field by field: the compiler
 /// would otherwise fold the `EMPTY` initialiser into the code (the loader
@@ -365,8 +361,14 @@ fn on_connect(ctx: &SockOpsContext) {
 }
 
 /// Counts one more live socket for `key`; false when it has its quota (or
-/// no quota entry can be made: the owner table is full). Concurrent takers
-/// may overshoot the bound by a few; it stays a bound.
+/// no quota entry can be made). Concurrent takers may overshoot the bound by
+/// a few; it stays a bound.
+///
+/// Entries are never deleted here (a delete racing a taker on another CPU
+/// would lose counts); the table is LRU, so owners long gone age out. A
+/// count far above any bound can only be an underflow (a release whose
+/// entry had aged out and come back at zero): it is reset, never left to
+/// lock its owner out.
 #[inline(always)]
 fn take_quota(key: u64) -> bool {
     let _ = OWNER_QUOTA.insert(key, 0u64, BPF_NOEXIST.into());
@@ -377,7 +379,10 @@ fn take_quota(key: u64) -> bool {
     unsafe {
         // An aligned 8-byte load is atomic on BPF (and `generic` has no
         // atomic-load instruction to select).
-        if core::ptr::read_volatile(count) >= u64::from(MAX_RECORDS_PER_OWNER) {
+        let held = core::ptr::read_volatile(count);
+        if held > 2 * u64::from(MAX_RECORDS_PER_OWNER) {
+            core::ptr::write_volatile(count, 0);
+        } else if held >= u64::from(MAX_RECORDS_PER_OWNER) {
             return false;
         }
         // Result unused: a plain atomic add, which every BPF ISA has.
@@ -386,18 +391,15 @@ fn take_quota(key: u64) -> bool {
     true
 }
 
-/// Gives back one of `key`'s quota; the entry goes with its last socket.
+/// Gives back one of `key`'s quota.
 #[inline(always)]
 fn release_quota(key: u64) {
     if let Some(count) = OWNER_QUOTA.get_ptr_mut(key) {
         // SAFETY: as in take_quota.
         unsafe {
-            // Adding 2^64 - 1 subtracts one, with the one atomic op we have.
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, u64::MAX);
-            // A taker racing in between loses its count with the entry: the
-            // bound only loosens by it.
-            if core::ptr::read_volatile(count) == 0 {
-                let _ = OWNER_QUOTA.remove(key);
+            if core::ptr::read_volatile(count) > 0 {
+                // Adding 2^64 - 1 subtracts one, with the one atomic op we have.
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, u64::MAX);
             }
         }
     }
