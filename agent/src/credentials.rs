@@ -282,9 +282,10 @@ impl CredentialCache {
         });
         let fetch = async move {
             task.await.unwrap_or_else(|e| {
-                Err(UpstreamError::Unavailable(format!(
-                    "upstream task failed: {e}"
-                )))
+                Err(UpstreamError::no_answer(
+                    crate::upstream::NoAnswer::Client,
+                    format!("upstream task failed: {e}"),
+                ))
             })
         }
         .boxed()
@@ -524,7 +525,10 @@ mod tests {
         let key = CacheKey::of_token("t");
         creds.get(&key, "t").await.unwrap();
         let cases = [
-            (UpstreamError::Unavailable("timeout".into()), true),
+            (
+                UpstreamError::no_answer(crate::upstream::NoAnswer::Timeout, "timeout"),
+                true,
+            ),
             (
                 UpstreamError::Service {
                     status: 400,

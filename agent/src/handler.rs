@@ -714,9 +714,12 @@ mod tests {
             },
             Row {
                 what: "EKS Auth down",
-                upstream: Some(UpstreamError::Unavailable("no answer".into())),
+                upstream: Some(UpstreamError::no_answer(
+                    crate::upstream::NoAnswer::Unreachable,
+                    "no answer",
+                )),
                 status: 500,
-                reason: "upstream:Unavailable",
+                reason: "upstream:Unreachable",
                 decision: "deny",
                 ..Row::default()
             },

@@ -47,9 +47,46 @@ pub enum UpstreamError {
         request_id: String,
         fault: &'static str,
     },
-    /// No usable answer (timeout, connection, malformed response).
-    #[error("{0}")]
-    Unavailable(String),
+    /// No usable answer; `why` says which kind (for metrics and retries),
+    /// `message` says it in one sentence.
+    #[error("{message}")]
+    Unavailable { why: NoAnswer, message: String },
+}
+
+/// Why EKS Auth gave no usable answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// No answer within the attempt timeout or the overall deadline.
+    Timeout,
+    /// The connection could not be made (refused, unreachable, TLS).
+    Unreachable,
+    /// An answer that is not AssumeRoleForPodIdentity's.
+    Malformed,
+    /// The client itself could not work (no CA bundle, no credentials to
+    /// sign with, a task that died).
+    Client,
+}
+
+impl NoAnswer {
+    /// The `code` label of `pod_identity_upstream_errors_total`.
+    pub fn code(self) -> &'static str {
+        match self {
+            NoAnswer::Timeout => "Timeout",
+            NoAnswer::Unreachable => "Unreachable",
+            NoAnswer::Malformed => "MalformedResponse",
+            NoAnswer::Client => "ClientError",
+        }
+    }
+}
+
+impl UpstreamError {
+    /// A no-answer error of kind `why`.
+    pub fn no_answer(why: NoAnswer, message: impl Into<String>) -> UpstreamError {
+        UpstreamError::Unavailable {
+            why,
+            message: message.into(),
+        }
+    }
 }
 
 impl UpstreamError {
@@ -57,7 +94,7 @@ impl UpstreamError {
     pub fn status(&self) -> u16 {
         match self {
             UpstreamError::Service { status, .. } => *status,
-            UpstreamError::Unavailable(_) => 500,
+            UpstreamError::Unavailable { .. } => 500,
         }
     }
 
@@ -65,7 +102,7 @@ impl UpstreamError {
     pub fn code(&self) -> &str {
         match self {
             UpstreamError::Service { code, .. } => code,
-            UpstreamError::Unavailable(_) => "Unavailable",
+            UpstreamError::Unavailable { why, .. } => why.code(),
         }
     }
 
@@ -74,7 +111,7 @@ impl UpstreamError {
     pub fn reference_code(&self) -> &str {
         match self {
             UpstreamError::Service { code, .. } => code,
-            UpstreamError::Unavailable(_) => "Unknown",
+            UpstreamError::Unavailable { .. } => "Unknown",
         }
     }
 
@@ -86,7 +123,7 @@ impl UpstreamError {
     pub fn is_recoverable(&self) -> bool {
         match self {
             UpstreamError::Service { code, .. } => !IRRECOVERABLE.contains(&code.as_str()),
-            UpstreamError::Unavailable(_) => true,
+            UpstreamError::Unavailable { .. } => true,
         }
     }
 }
@@ -136,10 +173,10 @@ impl EksAuth {
         // The SDK's TLS client panics without a single root certificate
         // (an image without a CA bundle); say it instead.
         if rustls_native_certs::load_native_certs().certs.is_empty() {
-            return Err(UpstreamError::Unavailable(
+            return Err(UpstreamError::no_answer(
+                NoAnswer::Client,
                 "no CA certificates found (the system bundle, or SSL_CERT_FILE / SSL_CERT_DIR): \
-                 EKS Auth's TLS certificate could not be verified"
-                    .into(),
+                 EKS Auth's TLS certificate could not be verified",
             ));
         }
         let shared = aws_config::defaults(BehaviorVersion::latest())
@@ -216,7 +253,10 @@ impl Upstream for EksAuth {
         Box::pin(async move {
             let output = request.send().await.map_err(|e| map_error(e, &timeouts))?;
             let missing = |what: &str| {
-                UpstreamError::Unavailable(format!("EKS Auth response without {what}"))
+                UpstreamError::no_answer(
+                    NoAnswer::Malformed,
+                    format!("EKS Auth response without {what}"),
+                )
             };
             let credentials = output.credentials().ok_or_else(|| missing("credentials"))?;
             let role = output
@@ -254,10 +294,13 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, timeouts: &str) -> Up
     match &err {
         // An "error" with a success status: the body did not parse.
         SdkError::ServiceError(service) if service.raw().status().as_u16() < 400 => {
-            UpstreamError::Unavailable(format!(
-                "malformed EKS Auth response: {}",
-                aws_smithy_types::error::display::DisplayErrorContext(&err)
-            ))
+            UpstreamError::no_answer(
+                NoAnswer::Malformed,
+                format!(
+                    "malformed EKS Auth response: {}",
+                    aws_smithy_types::error::display::DisplayErrorContext(&err)
+                ),
+            )
         }
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
@@ -273,21 +316,26 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, timeouts: &str) -> Up
                 fault: if status >= 500 { "server" } else { "client" },
             }
         }
-        SdkError::TimeoutError(_) => {
-            UpstreamError::Unavailable(format!("EKS Auth did not answer in time ({timeouts})"))
-        }
-        SdkError::DispatchFailure(failure) if failure.is_timeout() => UpstreamError::Unavailable(
+        SdkError::TimeoutError(_) => UpstreamError::no_answer(
+            NoAnswer::Timeout,
+            format!("EKS Auth did not answer in time ({timeouts})"),
+        ),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => UpstreamError::no_answer(
+            NoAnswer::Timeout,
             format!("EKS Auth did not accept the connection in time ({timeouts})"),
         ),
-        SdkError::DispatchFailure(_) => {
-            UpstreamError::Unavailable(format!("could not reach EKS Auth: {}", root_cause(&err)))
-        }
-        SdkError::ResponseError(_) => {
-            UpstreamError::Unavailable(format!("malformed EKS Auth response: {}", root_cause(&err)))
-        }
-        _ => {
-            UpstreamError::Unavailable(format!("the EKS Auth request failed: {}", root_cause(&err)))
-        }
+        SdkError::DispatchFailure(_) => UpstreamError::no_answer(
+            NoAnswer::Unreachable,
+            format!("could not reach EKS Auth: {}", root_cause(&err)),
+        ),
+        SdkError::ResponseError(_) => UpstreamError::no_answer(
+            NoAnswer::Malformed,
+            format!("malformed EKS Auth response: {}", root_cause(&err)),
+        ),
+        _ => UpstreamError::no_answer(
+            NoAnswer::Client,
+            format!("the EKS Auth request failed: {}", root_cause(&err)),
+        ),
     }
 }
 
@@ -348,7 +396,7 @@ mod tests {
             (service(429, "ThrottlingException"), true),
             (service(500, "InternalServerException"), true),
             (service(503, "ServiceUnavailableException"), true),
-            (UpstreamError::Unavailable("timeout".into()), true),
+            (UpstreamError::no_answer(NoAnswer::Timeout, "timeout"), true),
         ];
         for (err, recoverable) in cases {
             assert_eq!(err.is_recoverable(), recoverable, "{err:?}");
