@@ -1,6 +1,14 @@
 //! Connection → caller: the kernel's record (cgroup id, pid), the cgroup's
 //! path (one `open_by_handle_at`, remembered per cgroup id), the pod it
 //! belongs to. No tree walks, no work proportional to the number of pods.
+//!
+//! This runs synchronously in the connection's own task, once per
+//! connection. Only a cgroup's first connection makes syscalls (one
+//! `open_by_handle_at`, one `readlink`, one `stat` per path segment — a few
+//! microseconds on kernfs, which never blocks on I/O); every later one is a
+//! cache hit. So it stays on the async worker: handing a few microseconds
+//! to `spawn_blocking` would cost more than it saves, and the accept loop
+//! itself never waits on it.
 
 use std::{sync::Arc, time::Instant};
 

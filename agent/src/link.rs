@@ -46,6 +46,24 @@ impl fmt::Display for LinkKind {
     }
 }
 
+/// A kind a link can actually be created as (what `auto` resolves to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Concrete {
+    Dummy,
+    Bridge,
+    Ifb,
+}
+
+impl Concrete {
+    fn kind(self) -> LinkKind {
+        match self {
+            Concrete::Dummy => LinkKind::Dummy,
+            Concrete::Bridge => LinkKind::Bridge,
+            Concrete::Ifb => LinkKind::Ifb,
+        }
+    }
+}
+
 /// What `init` should own.
 #[derive(Clone, Debug)]
 pub struct LinkSpec {
@@ -275,10 +293,11 @@ impl Netlink {
         }
     }
 
-    async fn link_name(&self, index: u32) -> String {
+    /// The name of the link with `index`, for messages (`#index` if gone).
+    async fn name_of_index(&self, index: u32) -> String {
         let mut links = self.handle.link().get().match_index(index).execute();
         match links.try_next().await {
-            Ok(Some(link)) => link_name(&link).unwrap_or_else(|| format!("#{index}")),
+            Ok(Some(link)) => name_of(&link).unwrap_or_else(|| format!("#{index}")),
             _ => format!("#{index}"),
         }
     }
@@ -301,10 +320,10 @@ impl Netlink {
 
     async fn create_link(&self, name: &str, kind: LinkKind) -> Result<LinkKind, LinkError> {
         match kind {
-            LinkKind::Auto => match self.create_concrete(name, LinkKind::Dummy).await {
+            LinkKind::Auto => match self.create_concrete(name, Concrete::Dummy).await {
                 Ok(k) => Ok(k),
                 Err(dummy) if is_unsupported_kind(&dummy) => {
-                    match self.create_concrete(name, LinkKind::Bridge).await {
+                    match self.create_concrete(name, Concrete::Bridge).await {
                         Ok(k) => {
                             warn!(
                                 link = name,
@@ -322,20 +341,21 @@ impl Netlink {
                 }
                 Err(dummy) => Err(dummy),
             },
-            concrete => self.create_concrete(name, concrete).await,
+            LinkKind::Dummy => self.create_concrete(name, Concrete::Dummy).await,
+            LinkKind::Bridge => self.create_concrete(name, Concrete::Bridge).await,
+            LinkKind::Ifb => self.create_concrete(name, Concrete::Ifb).await,
         }
     }
 
-    /// Creates a link of a concrete kind (`Auto` is resolved by the caller).
-    async fn create_concrete(&self, name: &str, kind: LinkKind) -> Result<LinkKind, LinkError> {
-        let message = match kind {
-            LinkKind::Dummy => LinkDummy::new(name).build(),
-            LinkKind::Bridge => LinkBridge::new(name).build(),
-            LinkKind::Ifb | LinkKind::Auto => {
-                LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Ifb)
-                    .name(name.to_owned())
-                    .build()
-            }
+    /// Creates a link of a concrete kind (`auto` is `create_link`'s choice).
+    async fn create_concrete(&self, name: &str, concrete: Concrete) -> Result<LinkKind, LinkError> {
+        let kind = concrete.kind();
+        let message = match concrete {
+            Concrete::Dummy => LinkDummy::new(name).build(),
+            Concrete::Bridge => LinkBridge::new(name).build(),
+            Concrete::Ifb => LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Ifb)
+                .name(name.to_owned())
+                .build(),
         };
         self.handle
             .link()
@@ -355,7 +375,7 @@ impl Netlink {
             {
                 return Err(LinkError::RouteConflict {
                     address,
-                    link: self.link_name(oif).await,
+                    link: self.name_of_index(oif).await,
                     index: oif,
                 });
             }
@@ -364,7 +384,7 @@ impl Netlink {
             if Some(msg.header.index) != own {
                 return Err(LinkError::AddressConflict {
                     address,
-                    link: self.link_name(msg.header.index).await,
+                    link: self.name_of_index(msg.header.index).await,
                     index: msg.header.index,
                 });
             }
@@ -530,7 +550,7 @@ fn route_destination(route: &RouteMessage) -> Option<IpAddr> {
     })
 }
 
-pub fn link_name(link: &LinkMessage) -> Option<String> {
+pub fn name_of(link: &LinkMessage) -> Option<String> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
