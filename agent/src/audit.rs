@@ -16,11 +16,33 @@ use std::{
 use serde::Serialize;
 use tracing::{info, warn};
 
+/// What was decided for a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decision {
+    Allow,
+    #[default]
+    Deny,
+    /// A failed check, served because attribution is in audit mode.
+    AuditOnly,
+}
+
+impl Decision {
+    /// As metrics label it (and the audit event writes it).
+    pub fn label(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::AuditOnly => "audit-only",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AuditEvent {
     pub time: String,
-    /// `allow`, `deny`, or `audit-only` (a failed check served in audit mode).
-    pub decision: &'static str,
+    /// `allow`, `deny`, or `audit-only`; a request is denied until decided.
+    pub decision: Decision,
     pub reason: String,
     pub status: u16,
     pub mode: &'static str,

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::{
     admission::Connection,
-    audit::{AuditEvent, Auditor},
+    audit::{AuditEvent, Auditor, Decision},
     cgroup::PodCgroup,
     config::ModeInForce,
     credentials::{CacheKey, CredentialCache, Source},
@@ -128,8 +128,8 @@ pub async fn handle<B>(
     };
     let response = answer(&state, &conn, &req, &mut event).await;
     event.status = response.status().as_u16();
-    if event.decision.is_empty() {
-        event.decision = if event.status == 200 { "allow" } else { "deny" };
+    if event.status == 200 && event.decision != Decision::AuditOnly {
+        event.decision = Decision::Allow;
     }
     event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     state.auditor.emit(&event);
@@ -244,14 +244,16 @@ async fn answer<B>(
     // 9. Answer (the audit event, emitted by the caller, is the log line).
     match (&state.verification, audit_only) {
         (Some(_), Some(violation)) => {
-            event.decision = "audit-only";
+            event.decision = Decision::AuditOnly;
             event.reason = violation.reason().into();
-            state.metrics.decision("audit-only", violation.reason());
+            state
+                .metrics
+                .decision(Decision::AuditOnly, violation.reason());
             warn!(client_addr = %client, check = %violation, "caller check failed; served because attribution is in audit mode");
         }
         (Some(_), None) => {
             event.reason = "ok".into();
-            state.metrics.decision("allow", "ok");
+            state.metrics.decision(Decision::Allow, "ok");
         }
         (None, _) => event.reason = "ok".into(),
     }
@@ -326,11 +328,11 @@ impl Rejection {
     /// Records the refusal (audit fields, the decision metric for the
     /// caller's own checks, one log line) and writes the answer.
     fn answer(self, state: &AppState, client: SocketAddr, event: &mut AuditEvent) -> HttpResponse {
-        event.decision = "deny";
+        event.decision = Decision::Deny;
         event.reason = self.reason();
         match &self {
             Rejection::RateLimited(who) => {
-                state.metrics.decision("deny", "rate-limited");
+                state.metrics.decision(Decision::Deny, "rate-limited");
                 debug!(client_addr = %client, client = %who, "client exceeded its credential request rate");
             }
             Rejection::InvalidHost(host) => {
@@ -343,7 +345,7 @@ impl Rejection {
                 warn!(client_addr = %client, error = %e, "token rejected before EKS Auth");
             }
             Rejection::Caller(violation) => {
-                state.metrics.decision("deny", violation.reason());
+                state.metrics.decision(Decision::Deny, violation.reason());
                 warn!(client_addr = %client, check = %violation, "caller check failed; refused");
             }
             Rejection::Upstream(e) => {

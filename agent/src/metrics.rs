@@ -197,8 +197,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn decision(&self, result: &'static str, reason: &'static str) {
-        self.decisions.with_label_values(&[result, reason]).inc();
+    pub fn decision(&self, result: crate::audit::Decision, reason: &'static str) {
+        self.decisions
+            .with_label_values(&[result.label(), reason])
+            .inc();
     }
 
     pub fn attribution_lookup(&self, result: &'static str) {
