@@ -309,7 +309,8 @@ fn refused_by_foreign_program(cgroup: &std::path::Path, net: &PodNet) -> Result<
 
 #[test]
 fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> Result<()> {
-    if !privileged_or_skip("the_programs_coexist_with_a_cnis") {
+    if !privileged_or_skip("the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api")
+    {
         return Ok(());
     }
     use harness::foreign_bpf::{AttachApi, ForeignPrograms, attached_counts};

@@ -39,7 +39,9 @@ fn statuses(child: std::process::Child) -> Result<Value> {
 
 #[test]
 fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail() -> Result<()> {
-    if !privileged_or_skip("each_pod_gets_its_own_credentials") {
+    if !privileged_or_skip(
+        "each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail",
+    ) {
         return Ok(());
     }
     let env = env("enforce", &[])?;
@@ -110,7 +112,7 @@ fn harness_cgroup_id(path: &Path) -> Result<u64> {
 
 #[test]
 fn a_replayed_token_is_refused_in_enforce_and_flagged_in_audit() -> Result<()> {
-    if !privileged_or_skip("a_replayed_token_is_refused") {
+    if !privileged_or_skip("a_replayed_token_is_refused_in_enforce_and_flagged_in_audit") {
         return Ok(());
     }
     for (mode, served, decision) in [("enforce", false, "deny"), ("audit", true, "audit-only")] {
@@ -149,7 +151,9 @@ fn a_replayed_token_is_refused_in_enforce_and_flagged_in_audit() -> Result<()> {
 
 #[test]
 fn node_processes_unbound_tokens_other_subjects_and_other_nodes_are_refused() -> Result<()> {
-    if !privileged_or_skip("refusals") {
+    if !privileged_or_skip(
+        "node_processes_unbound_tokens_other_subjects_and_other_nodes_are_refused",
+    ) {
         return Ok(());
     }
     let env = env("enforce", &[])?;
@@ -304,7 +308,7 @@ fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
 
 #[test]
 fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
-    if !privileged_or_skip("a_removed_pod_is_evicted") {
+    if !privileged_or_skip("a_removed_pod_is_evicted_and_never_refreshed_again") {
         return Ok(());
     }
     let env = env(
@@ -353,7 +357,9 @@ fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
 
 #[test]
 fn a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused() -> Result<()> {
-    if !privileged_or_skip("a_thousand_legitimate_requests") {
+    if !privileged_or_skip(
+        "a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused",
+    ) {
         return Ok(());
     }
     let env = env("enforce", &["--pod-rate-limit", "0"])?;

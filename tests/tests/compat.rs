@@ -250,7 +250,9 @@ fn metrics_have_the_reference_names_labels_and_format() -> Result<()> {
 
 #[test]
 fn probes_answer_as_the_reference_on_both_ports_and_fail_when_a_listener_stops() -> Result<()> {
-    if !privileged_or_skip("probes_answer_as_the_reference") {
+    if !privileged_or_skip(
+        "probes_answer_as_the_reference_on_both_ports_and_fail_when_a_listener_stops",
+    ) {
         return Ok(());
     }
     let env = Served::start(NODE, "enforce", &[])?;
@@ -438,7 +440,7 @@ fn a_missing_credentials_file_is_a_clear_error_at_start() -> Result<()> {
 /// The credential listener answers the reference's global limit with 429.
 #[test]
 fn the_global_request_limit_answers_429_too_many_requests() -> Result<()> {
-    if !privileged_or_skip("the_global_request_limit_answers_429") {
+    if !privileged_or_skip("the_global_request_limit_answers_429_too_many_requests") {
         return Ok(());
     }
     let env = Served::start(

@@ -165,7 +165,7 @@ fn manifest_flags_are_flags_the_binary_accepts() -> Result<()> {
 
 #[test]
 fn the_init_capability_set_suffices_and_each_is_needed() -> Result<()> {
-    if !privileged_or_skip("the_init_capability_set_suffices") {
+    if !privileged_or_skip("the_init_capability_set_suffices_and_each_is_needed") {
         return Ok(());
     }
     let caps = caps_of(container(&daemonset()?, "initContainers"));

@@ -223,7 +223,9 @@ const PORT_HI: u16 = 45063;
 
 #[test]
 fn a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records() -> Result<()> {
-    if !privileged_or_skip("a_namespace_owning_the_victims_source_addresses") {
+    if !privileged_or_skip(
+        "a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records",
+    ) {
         return Ok(());
     }
     let env = env(true)?;
@@ -342,7 +344,7 @@ const HOG: &str = "10000";
 
 #[test]
 fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result<()> {
-    if !privileged_or_skip("ten_thousand_idle_connections_starve_no_one") {
+    if !privileged_or_skip("ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one") {
         return Ok(());
     }
     let env = env(true)?;

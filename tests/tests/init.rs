@@ -100,7 +100,9 @@ fn assert_complete(state: &State) -> Result<u32> {
 
 #[test]
 fn fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothing() -> Result<()> {
-    if !privileged_or_skip("init_fresh_and_idempotent") {
+    if !privileged_or_skip(
+        "fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothing",
+    ) {
         return Ok(());
     }
     let ns = Netns::new("epi")?;
@@ -126,7 +128,7 @@ fn fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothi
 
 #[test]
 fn route_on_another_link_is_refused_naming_it_and_nothing_changes() -> Result<()> {
-    if !privileged_or_skip("init_route_conflict") {
+    if !privileged_or_skip("route_on_another_link_is_refused_naming_it_and_nothing_changes") {
         return Ok(());
     }
     let ns = Netns::new("epi")?;
@@ -149,7 +151,7 @@ fn route_on_another_link_is_refused_naming_it_and_nothing_changes() -> Result<()
 
 #[test]
 fn ipv6_disabled_sets_up_ipv4_with_a_warning() -> Result<()> {
-    if !privileged_or_skip("init_ipv6_disabled") {
+    if !privileged_or_skip("ipv6_disabled_sets_up_ipv4_with_a_warning") {
         return Ok(());
     }
     let ns = Netns::new("epi")?;
@@ -175,7 +177,7 @@ fn ipv6_disabled_sets_up_ipv4_with_a_warning() -> Result<()> {
 
 #[test]
 fn remove_undoes_exactly_what_init_made() -> Result<()> {
-    if !privileged_or_skip("init_remove") {
+    if !privileged_or_skip("remove_undoes_exactly_what_init_made") {
         return Ok(());
     }
     let ns = Netns::new("epi")?;
@@ -196,7 +198,7 @@ fn remove_undoes_exactly_what_init_made() -> Result<()> {
 
 #[test]
 fn a_pod_namespace_reaches_a_listener_on_the_agent_addresses_over_veth() -> Result<()> {
-    if !privileged_or_skip("init_pod_reaches_listener") {
+    if !privileged_or_skip("a_pod_namespace_reaches_a_listener_on_the_agent_addresses_over_veth") {
         return Ok(());
     }
     let node = Node::bare()?;

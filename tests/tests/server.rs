@@ -401,7 +401,9 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
 
 #[test]
 fn the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache() -> Result<()> {
-    if !privileged_or_skip("the_real_sdk_gets_credentials_over_ipv4_and_ipv6") {
+    if !privileged_or_skip(
+        "the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache",
+    ) {
         return Ok(());
     }
     let env = env(&[])?;
@@ -538,7 +540,7 @@ fn cached_credentials_are_served_while_eks_auth_is_down() -> Result<()> {
 
 #[test]
 fn short_lived_credentials_are_refreshed_ahead_in_the_background() -> Result<()> {
-    if !privileged_or_skip("short_lived_credentials_are_refreshed_ahead") {
+    if !privileged_or_skip("short_lived_credentials_are_refreshed_ahead_in_the_background") {
         return Ok(());
     }
     // Held at most 1 s before renewal; EKS Auth hands out 10-minute credentials.
@@ -568,7 +570,7 @@ fn short_lived_credentials_are_refreshed_ahead_in_the_background() -> Result<()>
 
 #[test]
 fn sigterm_lets_in_flight_requests_complete_and_exits_zero() -> Result<()> {
-    if !privileged_or_skip("sigterm_lets_in_flight_requests_complete") {
+    if !privileged_or_skip("sigterm_lets_in_flight_requests_complete_and_exits_zero") {
         return Ok(());
     }
     let mut env = env(&[])?;
@@ -702,7 +704,9 @@ fn a_hanging_eks_auth_is_answered_before_the_sdk_gives_up() -> Result<()> {
 
 #[test]
 fn callers_that_are_not_pods_are_rate_limited_per_source_without_attribution() -> Result<()> {
-    if !privileged_or_skip("callers_that_are_not_pods_are_rate_limited_per_source") {
+    if !privileged_or_skip(
+        "callers_that_are_not_pods_are_rate_limited_per_source_without_attribution",
+    ) {
         return Ok(());
     }
     // Attribution off: every caller is a source address. One of them
