@@ -23,9 +23,9 @@ pub struct Cli {
         long,
         global = true,
         default_value = "info",
-        value_parser = crate::logging::parse_level
+        value_parser = crate::telemetry::logging::parse_level
     )]
-    pub verbosity: crate::logging::Level,
+    pub verbosity: crate::telemetry::logging::Level,
 
     /// Extra tracing filter directives for libraries, e.g.
     /// `aws_smithy_runtime=debug,hyper=info`: kept apart from -v so the

@@ -33,7 +33,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::{
-    metrics::{CacheState, Metrics},
+    telemetry::metrics::{CacheState, Metrics},
     upstream::{Assumed, Upstream, UpstreamError},
 };
 

@@ -1,29 +1,45 @@
 //! The EKS Pod Identity Agent: serves pod credentials on the link-local
 //! address and knows, from the kernel, which pod is asking.
 //!
-//! One module per concern; the request flow reads top to bottom in the
-//! server's handler, each step a call into the module that owns it.
+//! Folders group what belongs together (docs/architecture.md §1):
+//! `caller` — who opened a connection and whether that is the token's pod;
+//! `serving` — listeners, admission, the request flow, probes;
+//! `telemetry` — metrics, the audit trail, logs. One module per concern
+//! inside each; the request flow reads top to bottom in
+//! `serving::handler`, each step a call into the module that owns it.
 
-pub mod admission;
-pub mod attribution;
-pub mod audit;
 pub mod capabilities;
-pub mod cgroup;
-pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
-pub mod handler;
 pub mod hygiene;
-pub mod identify;
 pub mod link;
-pub mod logging;
-pub mod metrics;
 pub mod node_credentials;
-pub mod policy;
-pub mod probes;
-pub mod ratelimit;
-pub mod server;
-pub mod syn;
 pub mod token;
 pub mod upstream;
+
+/// Who opened a connection, and whether that is the token's pod.
+pub mod caller {
+    pub mod attribution;
+    pub mod cgroup;
+    pub mod identify;
+    pub mod policy;
+    pub mod syn;
+}
+
+/// Listeners, admission, the credential endpoint, probes.
+pub mod serving {
+    pub mod admission;
+    pub mod client;
+    pub mod handler;
+    pub mod probes;
+    pub mod ratelimit;
+    pub mod server;
+}
+
+/// Metrics, the audit trail, logs.
+pub mod telemetry {
+    pub mod audit;
+    pub mod logging;
+    pub mod metrics;
+}

@@ -10,7 +10,7 @@ use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    agent::logging::init(cli.verbosity, cli.log_filter.as_deref());
+    agent::telemetry::logging::init(cli.verbosity, cli.log_filter.as_deref());
     let result = match cli.command {
         Command::Init(args) => runtime()?.block_on(init(args)),
         Command::Server(args) => multi_thread_runtime()?.block_on(agent::daemon::run(*args)),

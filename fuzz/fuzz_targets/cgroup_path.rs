@@ -3,7 +3,7 @@
 //! own cgroup is always a prefix of the path that named it.
 #![no_main]
 
-use agent::cgroup::PodLayout;
+use agent::caller::cgroup::PodLayout;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

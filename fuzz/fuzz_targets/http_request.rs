@@ -11,14 +11,14 @@ use std::{
 };
 
 use agent::{
-    admission::{Connection, ConnectionBudget},
-    audit::Auditor,
-    client::ClientKey,
+    caller::syn::SavedSyn,
     credentials::{CacheOptions, CredentialCache},
-    handler::{self, AppState},
-    metrics::Metrics,
-    server::ConnInfo,
-    syn::SavedSyn,
+    serving::admission::{Connection, ConnectionBudget},
+    serving::client::ClientKey,
+    serving::handler::{self, AppState},
+    serving::server::ConnInfo,
+    telemetry::audit::Auditor,
+    telemetry::metrics::Metrics,
     upstream::{Assumed, Upstream, UpstreamFuture},
 };
 use hyper::{server::conn::http1, service::service_fn};

@@ -2,7 +2,7 @@
 //! only where the exact option bytes are.
 #![no_main]
 
-use agent::syn;
+use agent::caller::syn;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -74,7 +74,7 @@ pub struct CgroupTree {
 impl CgroupTree {
     /// A new uniquely named subtree directly under the cgroup2 mount.
     pub fn new() -> Result<CgroupTree> {
-        let mount = agent::cgroup::find_cgroup2_mount()?;
+        let mount = agent::caller::cgroup::find_cgroup2_mount()?;
         let root = mount.join(names::unique("epia-test-"));
         fs::create_dir(&root).with_context(|| format!("mkdir {}", root.display()))?;
         Ok(CgroupTree { mount, root })
@@ -100,8 +100,8 @@ impl CgroupTree {
     }
 
     /// The pod layout the agent resolves this subtree with.
-    pub fn layout(&self) -> agent::cgroup::PodLayout {
-        agent::cgroup::PodLayout::new(self.kubepods_roots())
+    pub fn layout(&self) -> agent::caller::cgroup::PodLayout {
+        agent::caller::cgroup::PodLayout::new(self.kubepods_roots())
     }
 
     /// The subtree's root: where tests attach the kernel programs (and what

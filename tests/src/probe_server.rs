@@ -15,8 +15,8 @@ use std::{
 };
 
 use agent::{
-    attribution::{Accepted, Opener, OpenerLookup},
-    syn,
+    caller::attribution::{Accepted, Opener, OpenerLookup},
+    caller::syn,
 };
 use anyhow::{Context as _, Result};
 

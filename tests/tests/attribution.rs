@@ -12,8 +12,8 @@ use std::{
 };
 
 use agent::{
-    attribution::{AttachOptions, Attribution},
-    cgroup::CgroupResolver,
+    caller::attribution::{AttachOptions, Attribution},
+    caller::cgroup::CgroupResolver,
 };
 use anyhow::{Context as _, Result, ensure};
 use harness::{

@@ -107,7 +107,7 @@ fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail(
 }
 
 fn harness_cgroup_id(path: &Path) -> Result<u64> {
-    Ok(agent::cgroup::CgroupResolver::id_of(path)?)
+    Ok(agent::caller::cgroup::CgroupResolver::id_of(path)?)
 }
 
 #[test]

@@ -332,7 +332,7 @@ fn a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records() 
     assert_eq!(event["reason"], "caller-not-a-pod", "{event}");
     assert_eq!(
         event["cgroup_id"].as_u64(),
-        Some(agent::cgroup::CgroupResolver::id_of(&attacker)?),
+        Some(agent::caller::cgroup::CgroupResolver::id_of(&attacker)?),
         "{event}"
     );
     Ok(())

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::attribution::{AttachOptions, Attribution};
+use agent::caller::attribution::{AttachOptions, Attribution};
 use anyhow::{Context as _, Result, ensure};
 use harness::{
     agent_bin::built_binary,

@@ -13,10 +13,10 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    attribution::{Accepted, Opener, OpenerLookup},
-    cgroup::{CgroupError, CgroupResolver, PodLayout},
-    metrics::Metrics,
-    policy::Caller,
+    caller::attribution::{Accepted, Opener, OpenerLookup},
+    caller::cgroup::{CgroupError, CgroupResolver, PodLayout},
+    caller::policy::Caller,
+    telemetry::metrics::Metrics,
 };
 
 /// Everything known about who made a request.

@@ -27,8 +27,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    attribution::Accepted,
-    syn::{self, SavedSyn},
+    caller::attribution::Accepted,
+    caller::syn::{self, SavedSyn},
 };
 
 pub type HttpResponse = Response<Full<Bytes>>;

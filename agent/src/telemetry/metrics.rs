@@ -197,7 +197,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn decision(&self, result: crate::audit::Decision, reason: &'static str) {
+    pub fn decision(&self, result: crate::telemetry::audit::Decision, reason: &'static str) {
         self.decisions
             .with_label_values(&[result.label(), reason])
             .inc();

@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::client::ClientKey;
+use crate::serving::client::ClientKey;
 
 pub struct ClientRateLimiter {
     limiter: DefaultKeyedRateLimiter<ClientKey>,

@@ -11,7 +11,7 @@
 
 use std::{fmt, net::IpAddr};
 
-use crate::{identify::Identified, policy::Caller};
+use crate::{caller::identify::Identified, caller::policy::Caller};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ClientKey {

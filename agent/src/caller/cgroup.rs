@@ -409,7 +409,7 @@ fn container_id_in(seg: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../tests/data/cgroup-paths.tsv");
+    const FIXTURE: &str = include_str!("../../../tests/data/cgroup-paths.tsv");
 
     /// The roots the fixture's second comment line says it assumes.
     fn fixture_layout() -> PodLayout {

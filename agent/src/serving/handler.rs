@@ -29,17 +29,17 @@ use serde::Serialize;
 use tracing::{debug, warn};
 
 use crate::{
-    admission::Connection,
-    audit::{AuditEvent, Auditor, Decision},
-    cgroup::PodCgroup,
+    caller::cgroup::PodCgroup,
+    caller::identify::{Identified, Identifier},
+    caller::policy::{self, Caller, Violation},
     config::ModeInForce,
     credentials::{CacheKey, CredentialCache, Source},
     hygiene::PodRegistry,
-    identify::{Identified, Identifier},
-    metrics::Metrics,
-    policy::{self, Caller, Violation},
-    ratelimit::ClientRateLimiter,
-    server::{HttpResponse, go_error, not_found},
+    serving::admission::Connection,
+    serving::ratelimit::ClientRateLimiter,
+    serving::server::{HttpResponse, go_error, not_found},
+    telemetry::audit::{AuditEvent, Auditor, Decision},
+    telemetry::metrics::Metrics,
     token,
     upstream::Assumed,
 };
@@ -430,12 +430,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        admission::ConnectionBudget,
-        attribution::Opener,
-        client::ClientKey,
+        caller::{attribution::Opener, syn::SavedSyn},
         credentials::{CacheOptions, CredentialCache},
-        server::ConnInfo,
-        syn::SavedSyn,
+        serving::{admission::ConnectionBudget, client::ClientKey, server::ConnInfo},
         upstream::{Upstream, UpstreamError, UpstreamFuture},
     };
 

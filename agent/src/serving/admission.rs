@@ -18,10 +18,10 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::{
-    client::ClientKey,
-    identify::{Identified, Identifier},
-    metrics::Metrics,
-    server::ConnInfo,
+    caller::identify::{Identified, Identifier},
+    serving::client::ClientKey,
+    serving::server::ConnInfo,
+    telemetry::metrics::Metrics,
 };
 
 /// One listener group's budget. Cheap to clone; clones share the counts.
@@ -167,7 +167,7 @@ pub struct Connection {
     pub admitted: Admitted,
 }
 
-impl crate::server::Evictable for Connection {
+impl crate::serving::server::Evictable for Connection {
     fn eviction(&self) -> Arc<Notify> {
         self.admitted.evicted()
     }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::{cgroup::PodCgroup, token::Claims, upstream::Assumed};
+use crate::{caller::cgroup::PodCgroup, token::Claims, upstream::Assumed};
 
 /// Who opened the connection, as far as the kernel and the cgroup tree say.
 #[derive(Clone, Debug, PartialEq, Eq)]

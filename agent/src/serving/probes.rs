@@ -19,8 +19,8 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    metrics::{self, Metrics},
-    server::{HttpResponse, bare, go_error, not_found, text},
+    serving::server::{HttpResponse, bare, go_error, not_found, text},
+    telemetry::metrics::{self, Metrics},
 };
 
 /// The reference's budget for checking every listener.
