@@ -13,7 +13,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    caller::attribution::{AttachOptions, Attribution, OpenerLookup},
+    caller::attribution::{Accepted, AttachOptions, Attribution, OpenerLookup},
     caller::cgroup::{self, CgroupResolver, PodLayout},
     caller::identify::Identifier,
     capabilities,
@@ -132,18 +132,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    // Each listener group's admission: who opened the connection (where
+    // the kernel attributes it), charged to the group's budget.
+    let admitter = |budget: ConnectionBudget, listener: &'static str, attributed: bool| {
+        let state = state.clone();
+        move |info: Accepted| {
+            let identifier = state.identifier.as_ref().filter(|_| attributed);
+            admission::admit(info, identifier, &budget, &state.metrics, listener)
+        }
+    };
     let budget = ConnectionBudget::new(args.max_connections, args.max_connections_per_client);
     for listener in listeners {
-        let (admitting, handling, budget) = (state.clone(), state.clone(), budget.clone());
+        let handling = state.clone();
         tasks.spawn(server::serve(
             listener,
             limits.clone(),
             graceful.clone(),
             stop_rx.clone(),
-            move |info| {
-                let identifier = admitting.identifier.as_ref();
-                admission::admit(info, identifier, &budget, &admitting.metrics, "credentials")
-            },
+            admitter(budget.clone(), "credentials", true),
             move |conn, req| handler::handle(handling.clone(), conn, req),
         ));
     }
@@ -163,34 +169,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // scraper): each listener its own small budget, each client a sliver of
     // it, so a pod holding connections cannot fail the agent's liveness.
     let side_budget = || ConnectionBudget::new(SIDE_CONNECTIONS, SIDE_CONNECTIONS_PER_CLIENT);
-    let (probe_budget, probe_admitting) = (side_budget(), state.clone());
     tasks.spawn(server::serve(
         probe_listener,
         limits.clone(),
         graceful.clone(),
         stop_rx.clone(),
-        move |info| {
-            let identifier = probe_admitting.identifier.as_ref();
-            admission::admit(
-                info,
-                identifier,
-                &probe_budget,
-                &probe_admitting.metrics,
-                "probe",
-            )
-        },
+        admitter(side_budget(), "probe", true),
         {
             let probe_state = probe_state.clone();
             move |_conn, req| probes::handle_probe(probe_state.clone(), req)
         },
     ));
-    let (metrics_budget, exported) = (side_budget(), metrics.clone());
+    // Scrapers come from other hosts: nothing for the kernel to attribute.
     tasks.spawn(server::serve(
         metrics_listener,
         limits.clone(),
         graceful.clone(),
         stop_rx.clone(),
-        move |info| admission::admit(info, None, &metrics_budget, &exported, "metrics"),
+        admitter(side_budget(), "metrics", false),
         {
             let exported = metrics.clone();
             move |_conn, req| probes::handle_metrics(exported.clone(), probe_state.clone(), req)

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod hygiene;
 pub mod link;
 pub mod node_credentials;
+pub mod sockopt;
 pub mod token;
 pub mod upstream;
 

@@ -11,12 +11,11 @@ use std::{
 };
 
 use agent::{
-    caller::syn::SavedSyn,
+    caller::{attribution::Accepted, syn::SavedSyn},
     credentials::{CacheOptions, CredentialCache},
     serving::admission::{Connection, ConnectionBudget},
     serving::client::ClientKey,
     serving::handler::{self, AppState},
-    serving::server::ConnInfo,
     telemetry::audit::Auditor,
     telemetry::metrics::Metrics,
     upstream::{Assumed, Upstream, UpstreamFuture},
@@ -95,7 +94,7 @@ fn world() -> &'static World {
 fuzz_target!(|data: &[u8]| {
     let world = world();
     let peer: SocketAddr = "198.18.0.2:40000".parse().expect("addr");
-    let info = ConnInfo {
+    let info = Accepted {
         peer,
         local: "169.254.170.23:80".parse().expect("addr"),
         syn: SavedSyn::Kept(None),

@@ -109,19 +109,7 @@ fn serve(
                 let local = stream.local_addr().unwrap_or(peer);
                 let caller = syn::saved_syn(&stream)
                     .map_err(anyhow::Error::from)
-                    .and_then(|saved| {
-                        let stamp = match saved {
-                            syn::SavedSyn::Kept(stamp) => stamp,
-                            syn::SavedSyn::Missing => None,
-                        };
-                        let accepted = Accepted {
-                            peer,
-                            local,
-                            syn_saved: saved != syn::SavedSyn::Missing,
-                            stamp,
-                        };
-                        Ok(lookup.opener(&accepted)?)
-                    })
+                    .and_then(|syn| Ok(lookup.opener(&Accepted { peer, local, syn })?))
                     .map_err(|e| format!("{e:#}"));
                 let _ = tx.send(Observation {
                     peer,

@@ -517,3 +517,71 @@ fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
     ensure!(denied.is_empty(), "refused across restarts: {denied:?}");
     Ok(())
 }
+
+/// Runs `pod-client socket-get` as `who` with `token` over a socket of
+/// `kind`; the HTTP status and the audit event it left.
+fn socket_get(env: &Served, who: Who, token: &str, kind: &str) -> Result<(u16, Value)> {
+    let (cgroup, netns) = env.placement(who);
+    let file = env.token_file(token)?;
+    let target = SocketAddr::from((AGENT_V4, 80)).to_string();
+    let out = env
+        .pod_client(cgroup, netns)?
+        .args(["socket-get", &target, &file.to_string_lossy(), kind])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{kind}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok((status, env.last_audit()?))
+}
+
+#[test]
+fn socket_options_a_caller_chooses_never_misattribute() -> Result<()> {
+    if !privileged_or_skip("socket_options_a_caller_chooses_never_misattribute") {
+        return Ok(());
+    }
+    let env = env(false)?;
+    let (uid_a, token_a) = (env.pod(Who::A).uid.clone(), env.own_token(Who::A)?);
+    // Fast Open (its cookie request takes the room the stamp needs) and
+    // MPTCP (its SYN is not stamped): the kernel cannot attribute them, so
+    // even A's own request is refused; a stolen token is refused whatever
+    // the socket, and nobody is taken for another pod.
+    for (kind, a_served) in [("plain", true), ("fastopen", false), ("mptcp", false)] {
+        let (status, event) = socket_get(&env, Who::B, &token_a, kind)?;
+        ensure!(
+            status == 403 && event["pod_uid"] != uid_a.as_str(),
+            "{kind}: B replaying A's token: {status} {event}"
+        );
+        let (status, event) = socket_get(&env, Who::A, &token_a, kind)?;
+        let expected = if a_served {
+            status == 200 && event["pod_uid"] == uid_a.as_str()
+        } else {
+            status == 403 && event["reason"] == "caller-not-a-pod"
+        };
+        ensure!(expected, "{kind}: A's own request: {status} {event}");
+    }
+    Ok(())
+}
+
+#[test]
+fn syn_cookies_answer_503_retry_not_a_refusal() -> Result<()> {
+    if !privileged_or_skip("syn_cookies_answer_503_retry_not_a_refusal") {
+        return Ok(());
+    }
+    let env = env(false)?;
+    let token_a = env.own_token(Who::A)?;
+    // What a SYN flood makes the kernel do (cookies, no saved SYN), without
+    // the flood: cookies for every connection in the node's namespace.
+    env.node.netns.sysctl("net.ipv4.tcp_syncookies", "2")?;
+    let (status, event) = socket_get(&env, Who::A, &token_a, "plain")?;
+    env.node.netns.sysctl("net.ipv4.tcp_syncookies", "1")?;
+    ensure!(
+        status == 503 && event["reason"] == "syn-not-kept",
+        "under SYN cookies: {status} {event}"
+    );
+    let (status, event) = socket_get(&env, Who::A, &token_a, "plain")?;
+    ensure!(status == 200, "after the flood: {status} {event}");
+    Ok(())
+}

@@ -16,6 +16,8 @@ use std::{
 
 pub use agent_ebpf::Stamp;
 
+use crate::caller::syn::SavedSyn;
+
 use agent_ebpf::{CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -66,15 +68,13 @@ impl From<ConnOwner> for Opener {
     }
 }
 
-/// An accepted connection as the server sees it: both ends, and the stamp
-/// its SYN carried (if any).
+/// An accepted connection as the server sees it: both ends, and what the
+/// kernel kept of its SYN (where the stamp travels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accepted {
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// Whether the kernel kept the SYN at all (not with SYN cookies).
-    pub syn_saved: bool,
-    pub stamp: Option<Stamp>,
+    pub syn: SavedSyn,
 }
 
 /// The request path's only view of the kernel.
@@ -220,7 +220,7 @@ impl Attribution {
 
 impl OpenerLookup for Attribution {
     fn opener(&self, conn: &Accepted) -> Result<Option<Opener>, AttributionError> {
-        let Some(stamp) = conn.stamp else {
+        let SavedSyn::Kept(Some(stamp)) = conn.syn else {
             return Ok(None);
         };
         let key = ConnKey::from_sockets(conn.peer, conn.local);

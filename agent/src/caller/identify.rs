@@ -16,6 +16,7 @@ use crate::{
     caller::attribution::{Accepted, Opener, OpenerLookup},
     caller::cgroup::{CgroupError, CgroupResolver, PodLayout},
     caller::policy::Caller,
+    caller::syn::SavedSyn,
     telemetry::metrics::Metrics,
 };
 
@@ -24,8 +25,15 @@ use crate::{
 pub struct Identified {
     pub caller: Caller,
     pub kernel: Option<Opener>,
+}
+
+impl Identified {
     /// `comm` of the calling thread, from the kernel.
-    pub process: Option<String>,
+    pub fn process(&self) -> Option<String> {
+        self.kernel
+            .map(|k| k.process_name())
+            .filter(|n| !n.is_empty())
+    }
 }
 
 pub struct Identifier {
@@ -59,18 +67,13 @@ impl Identifier {
         }
     }
 
-    pub fn resolver(&self) -> &CgroupResolver {
-        &self.resolver
-    }
-
     pub fn identify(&self, conn: &Accepted) -> Identified {
         let started = Instant::now();
-        if !conn.syn_saved {
+        if conn.syn == SavedSyn::Missing {
             self.metrics.attribution_lookup("no-syn");
             return Identified {
                 caller: Caller::NoSynKept,
                 kernel: None,
-                process: None,
             };
         }
         let identified = match self.lookup.opener(conn) {
@@ -79,7 +82,6 @@ impl Identifier {
                 Identified {
                     caller: Caller::Unresolvable(format!("kernel lookup failed: {e}")),
                     kernel: None,
-                    process: None,
                 }
             }
             Ok(None) => {
@@ -87,7 +89,6 @@ impl Identifier {
                 Identified {
                     caller: Caller::Unattributed,
                     kernel: None,
-                    process: None,
                 }
             }
             Ok(Some(kernel)) => {
@@ -95,7 +96,6 @@ impl Identifier {
                 Identified {
                     caller: self.pod_of(kernel.cgroup_id),
                     kernel: Some(kernel),
-                    process: Some(kernel.process_name()).filter(|n| !n.is_empty()),
                 }
             }
         };

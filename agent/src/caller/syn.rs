@@ -28,22 +28,12 @@ const IPPROTO_TCP: u8 = 6;
 /// Asks the kernel to keep the SYN of every connection accepted on
 /// `listener` (inherited by the accepted sockets, read once each).
 pub fn save_syns(listener: &impl AsRawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option on an open socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_SAVE_SYN,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set(listener, libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
+}
+
+/// Whether `listener` keeps its connections' SYNs (so there is one to read).
+pub fn saves_syns(listener: &impl AsRawFd) -> bool {
+    crate::sockopt::get(listener, libc::IPPROTO_TCP, libc::TCP_SAVE_SYN).is_ok_and(|on| on != 0)
 }
 
 /// The SYN saved for an accepted `stream`. The kernel hands it out once; a
@@ -62,17 +52,14 @@ pub fn saved_syn(stream: &impl AsRawFd) -> io::Result<SavedSyn> {
         )
     };
     if rc != 0 {
-        let err = io::Error::last_os_error();
-        // ENOENT: nothing saved (listener without TCP_SAVE_SYN, a SYN
-        // cookie, or already read).
-        return match err.raw_os_error() {
-            Some(libc::ENOENT) => Ok(SavedSyn::Missing),
-            _ => Err(err),
-        };
+        return Err(io::Error::last_os_error());
     }
-    Ok(SavedSyn::Kept(stamp_in_syn(
-        &buf[..(len as usize).min(buf.len())],
-    )))
+    // Nothing saved (a SYN cookie answered, the listener does not save
+    // SYNs, or it was already read): the kernel succeeds with length 0.
+    match (len as usize).min(buf.len()) {
+        0 => Ok(SavedSyn::Missing),
+        len => Ok(SavedSyn::Kept(stamp_in_syn(&buf[..len]))),
+    }
 }
 
 /// Finds the stamp in a saved SYN (IPv4 or IPv6 header, then TCP). Total
@@ -231,6 +218,25 @@ mod tests {
         assert_eq!(stamp_in_syn(&syn), None);
         for cut in 0..syn.len() {
             let _ = stamp_in_syn(&syn[..cut]);
+        }
+    }
+
+    /// What the kernel answers on loopback: the SYN once where the listener
+    /// saves SYNs; nothing (length 0, not an error) where it does not, or
+    /// on a second read — the case SYN cookies produce.
+    #[test]
+    fn the_kernel_hands_a_saved_syn_out_once() {
+        for save in [true, false] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            if save {
+                save_syns(&listener).unwrap();
+            }
+            assert_eq!(saves_syns(&listener), save);
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            let first = saved_syn(&accepted).unwrap();
+            assert_eq!(matches!(first, SavedSyn::Kept(None)), save, "{save}");
+            assert_eq!(saved_syn(&accepted).unwrap(), SavedSyn::Missing);
         }
     }
 }

@@ -18,9 +18,9 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::{
+    caller::attribution::Accepted,
     caller::identify::{Identified, Identifier},
     serving::client::ClientKey,
-    serving::server::ConnInfo,
     telemetry::metrics::Metrics,
 };
 
@@ -128,7 +128,8 @@ impl ConnectionBudget {
     }
 
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.inner.counts().open
     }
 }
@@ -161,7 +162,7 @@ impl Drop for Admitted {
 /// it (resolved once, at accept: the record cannot change for the
 /// connection's life), and its place in the budget.
 pub struct Connection {
-    pub info: ConnInfo,
+    pub info: Accepted,
     /// `None` when attribution is off.
     pub identified: Option<Identified>,
     pub admitted: Admitted,
@@ -177,13 +178,13 @@ impl crate::serving::server::Evictable for Connection {
 /// budget. `None`: the connection is to be closed (counted, and logged at
 /// debug only — a flood must not flood the logs too).
 pub fn admit(
-    info: ConnInfo,
+    info: Accepted,
     identifier: Option<&Identifier>,
     budget: &ConnectionBudget,
     metrics: &Metrics,
     listener: &'static str,
 ) -> Option<Connection> {
-    let identified = identifier.map(|i| i.identify(&info.accepted()));
+    let identified = identifier.map(|i| i.identify(&info));
     let client = ClientKey::of(identified.as_ref(), info.peer.ip());
     match budget.admit(client) {
         Ok((admitted, evicted_one)) => {

@@ -367,7 +367,7 @@ fn fill_caller(event: &mut AuditEvent, identified: &Identified) {
         event.pid = Some(kernel.pid);
         event.cgroup_id = Some(kernel.cgroup_id);
     }
-    event.process = identified.process.clone();
+    event.process = identified.process();
     if let Caller::Pod(pod) = &identified.caller {
         event.pod_uid = Some(pod.pod_uid.clone());
         event.container_id = pod.container_id.clone();
@@ -430,9 +430,12 @@ mod tests {
 
     use super::*;
     use crate::{
-        caller::{attribution::Opener, syn::SavedSyn},
+        caller::{
+            attribution::{Accepted, Opener},
+            syn::SavedSyn,
+        },
         credentials::{CacheOptions, CredentialCache},
-        serving::{admission::ConnectionBudget, client::ClientKey, server::ConnInfo},
+        serving::{admission::ConnectionBudget, client::ClientKey},
         upstream::{Upstream, UpstreamError, UpstreamFuture},
     };
 
@@ -568,7 +571,7 @@ mod tests {
             let budget = ConnectionBudget::new(10, 10);
             let (admitted, _) = budget.admit(ClientKey::Pod(POD.into())).unwrap();
             let conn = Arc::new(Connection {
-                info: ConnInfo {
+                info: Accepted {
                     peer,
                     local: "169.254.170.23:80".parse().unwrap(),
                     syn: SavedSyn::Kept(None),
@@ -580,7 +583,6 @@ mod tests {
                         pid: 42,
                         comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
                     }),
-                    process: Some("app".into()),
                 }),
                 admitted,
             });

@@ -29,33 +29,10 @@ use tracing::{debug, warn};
 use crate::{
     caller::attribution::Accepted,
     caller::syn::{self, SavedSyn},
+    sockopt,
 };
 
 pub type HttpResponse = Response<Full<Bytes>>;
-
-/// What the server knows about a connection when it is accepted.
-#[derive(Clone, Copy, Debug)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    /// What the kernel kept of its SYN, where the attribution stamp travels
-    /// (listeners bound with saved SYNs).
-    pub syn: SavedSyn,
-}
-
-impl ConnInfo {
-    pub fn accepted(&self) -> Accepted {
-        Accepted {
-            peer: self.peer,
-            local: self.local,
-            syn_saved: self.syn != SavedSyn::Missing,
-            stamp: match self.syn {
-                SavedSyn::Kept(stamp) => stamp,
-                SavedSyn::Missing => None,
-            },
-        }
-    }
-}
 
 /// A connection's context that the budget may evict: the server closes the
 /// connection when this fires.
@@ -133,7 +110,7 @@ pub async fn serve<A, C, H, F>(
     admit: A,
     handle: H,
 ) where
-    A: Fn(ConnInfo) -> Option<C> + Send + Sync + 'static,
+    A: Fn(Accepted) -> Option<C> + Send + Sync + 'static,
     C: Evictable + Send + Sync + 'static,
     H: Fn(Arc<C>, Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
@@ -147,6 +124,8 @@ pub async fn serve<A, C, H, F>(
     let builder = Arc::new(builder);
     let admit = Arc::new(admit);
     let handle = Arc::new(handle);
+    // Asked once: a listener that keeps no SYNs has none to read.
+    let saves_syns = syn::saves_syns(&listener);
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.changed() => return,
@@ -166,15 +145,25 @@ pub async fn serve<A, C, H, F>(
             let Ok(local) = stream.local_addr() else {
                 return;
             };
-            let syn = syn::saved_syn(&stream).unwrap_or_else(|e| {
-                // EINVAL: a SYN longer than the buffer; unattributed.
-                debug!(client = %peer, error = %e, "reading the saved SYN failed");
-                SavedSyn::Kept(None)
-            });
-            let Some(context) = admit(ConnInfo { peer, local, syn }) else {
+            let syn = if saves_syns {
+                syn::saved_syn(&stream).unwrap_or_else(|e| {
+                    // EINVAL: a SYN longer than the buffer; unattributed.
+                    debug!(client = %peer, error = %e, "reading the saved SYN failed");
+                    SavedSyn::Kept(None)
+                })
+            } else {
+                SavedSyn::Missing
+            };
+            let Some(context) = admit(Accepted { peer, local, syn }) else {
                 return;
             };
-            if let Err(e) = set_user_timeout(&stream, UNACKED_TIMEOUT) {
+            let unacked_ms = UNACKED_TIMEOUT.as_millis() as libc::c_int;
+            if let Err(e) = sockopt::set(
+                &stream,
+                libc::IPPROTO_TCP,
+                libc::TCP_USER_TIMEOUT,
+                unacked_ms,
+            ) {
                 debug!(client = %peer, error = %e, "TCP_USER_TIMEOUT");
             }
             let eviction = context.eviction();
@@ -205,26 +194,6 @@ pub async fn serve<A, C, H, F>(
                 }
             }
         });
-    }
-}
-
-fn set_user_timeout(stream: &tokio::net::TcpStream, timeout: Duration) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let millis = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
-    // SAFETY: setsockopt with a valid unsigned int option on an open socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&raw const millis).cast(),
-            size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

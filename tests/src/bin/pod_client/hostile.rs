@@ -13,6 +13,7 @@ use std::{
 };
 
 use serde_json::json;
+use socket2::{Domain, Protocol, Socket, Type};
 
 fn parse<T: std::str::FromStr>(raw: &str) -> Result<T, String>
 where
@@ -174,73 +175,11 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 /// A connection from exactly `source` (address and port) to `target`.
 fn connect_from(source: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let domain = if target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: socket(2); the fd is owned by the TcpStream below.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt/bind/connect on our socket with valid sockaddrs.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let (src, src_len) = sockaddr(source);
-        if libc::bind(fd, (&raw const src).cast(), src_len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let (dst, dst_len) = sockaddr(target);
-        if libc::connect(fd, (&raw const dst).cast(), dst_len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(stream)
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&source.into())?;
+    socket.connect(&target.into())?;
+    Ok(socket.into())
 }
 
 /// `hold ADDR COUNT SECONDS`: keeps COUNT idle connections to ADDR open
@@ -331,5 +270,52 @@ fn raise_fd_limit(want: usize) -> Result<(), String> {
             limit.rlim_max
         ));
     }
+    Ok(())
+}
+
+/// `socket-get ADDR TOKEN_FILE KIND`: one credential request over a socket
+/// of KIND — `plain` TCP, `fastopen` (the request in the SYN, whose cookie
+/// request option leaves no room for the agent's stamp) or `mptcp` — as a
+/// process may choose its socket options. Prints the HTTP status.
+pub fn socket_get(addr: &str, token_file: &str, kind: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse(addr)?;
+    let token = std::fs::read_to_string(token_file).map_err(|e| format!("{token_file}: {e}"))?;
+    let request = format!(
+        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
+        harness::http::host_header(addr),
+        token.trim()
+    );
+    let protocol = match kind {
+        "plain" | "fastopen" => None,
+        "mptcp" => Some(Protocol::MPTCP),
+        other => return Err(format!("unknown socket kind {other}")),
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, protocol)
+        .map_err(|e| format!("socket({kind}): {e}"))?;
+    let mut rest = request.as_bytes();
+    if kind == "fastopen" {
+        let sent = socket
+            .send_to_with_flags(rest, &addr.into(), libc::MSG_FASTOPEN)
+            .map_err(|e| format!("sendto(MSG_FASTOPEN): {e}"))?;
+        rest = &rest[sent..];
+    } else {
+        socket
+            .connect(&addr.into())
+            .map_err(|e| format!("connect: {e}"))?;
+    }
+    let mut stream = TcpStream::from(socket);
+    std::io::Write::write_all(&mut stream, rest).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| format!("no status in {answer:?}"))?;
+    println!("{status}");
     Ok(())
 }

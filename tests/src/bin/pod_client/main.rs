@@ -13,7 +13,8 @@
 //! * `pod-client http-load ADDR PATH TOKEN_FILE SECONDS`,
 //!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`: see `load`.
 //! * `pod-client as-user UID CGROUP SUBCOMMAND…`, `userns-spray …`,
-//!   `userns-hold …`, `hold …`: what a hostile process does; see `hostile`.
+//!   `userns-hold …`, `hold …`, `socket-get …`: what a hostile process
+//!   does; see `hostile`.
 
 mod hostile;
 mod load;
@@ -58,6 +59,9 @@ fn run(args: &[String]) -> Result<(), String> {
             hostile::userns_spray(target, sources, lo, hi, rounds)
         }
         [cmd, addr, count, seconds] if cmd == "hold" => hostile::hold(addr, count, seconds),
+        [cmd, addr, token_file, kind] if cmd == "socket-get" => {
+            hostile::socket_get(addr, token_file, kind)
+        }
         [cmd, target, count, seconds] if cmd == "userns-hold" => {
             hostile::userns_hold(target, count, seconds)
         }
