@@ -11,6 +11,7 @@
 //! * restarts under load (no connection accepted before attribution).
 
 use std::{
+    io::Read as _,
     net::SocketAddr,
     os::unix::fs::chown,
     path::{Path, PathBuf},
@@ -27,6 +28,7 @@ use harness::{
     privilege::privileged_or_skip,
     served::Served,
     topology::AGENT_V4,
+    wait::wait_for,
 };
 use serde_json::Value;
 
@@ -179,6 +181,27 @@ fn finish(child: Child, what: &str) -> Result<Value> {
     );
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).with_context(|| format!("{what}: output {stdout:?}"))
+}
+
+/// Waits for a `pod-client hold` to say it has opened its first fill
+/// (one line on stdout; its tally comes last, for `finish`).
+fn filled(child: &mut Child, what: &str) -> Result<()> {
+    let stdout = child.stdout.as_mut().context("stdout not piped")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte: what follows the line stays in the pipe for `finish`.
+    while byte[0] != b'\n' {
+        ensure!(stdout.read(&mut byte)? == 1, "{what} ended before its fill");
+        line.push(byte[0]);
+    }
+    let line: Value = serde_json::from_slice(&line)?;
+    ensure!(line["filled"].as_u64() > Some(0), "{what}: {line}");
+    Ok(())
+}
+
+/// Audit events written so far (lines in the audit file).
+fn audited(env: &Served) -> usize {
+    std::fs::read_to_string(env.audit_log()).map_or(0, |t| t.lines().count())
 }
 
 /// `pod-client http-load`: requests to `path` at `target`, a new
@@ -410,7 +433,7 @@ fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result
     ];
     for (what, hogged, victims) in cases {
         let hogged = hogged.to_string();
-        let hogs = [
+        let mut hogs = [
             spawn(
                 &env,
                 &hog_pod,
@@ -433,7 +456,9 @@ fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result
             )?,
         ];
         // Let the hogs fill their shares first.
-        std::thread::sleep(Duration::from_millis(1500));
+        for (hog, child) in ["pod hog", "user hog"].into_iter().zip(&mut hogs) {
+            filled(child, hog)?;
+        }
         let loads: Vec<(&str, Child)> = victims
             .iter()
             .map(|(who, cgroup, netns, to, path, file)| {
@@ -490,16 +515,19 @@ fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
                 target,
                 "/v1/credentials",
                 file,
-                4,
+                8,
             )
         })
         .collect::<Result<_>>()?;
-    std::thread::sleep(Duration::from_millis(700));
+    // Each agent serves before it is replaced.
     for _ in 0..3 {
+        let served = audited(&env);
+        wait_for("requests served", Duration::from_secs(30), || {
+            Ok(audited(&env) > served)
+        })?;
         env.agent.terminate(Duration::from_secs(15))?;
         let args = env.agent_args("enforce", &UNLIMITED);
         env.agent = harness::agent_proc::AgentProcess::start(&env.node.netns, &args)?;
-        std::thread::sleep(Duration::from_millis(300));
     }
     for (who, child) in [Who::A, Who::B].into_iter().zip(loads) {
         let tally = finish(child, "load")?;

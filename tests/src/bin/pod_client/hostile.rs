@@ -205,6 +205,8 @@ pub fn hold(addr: &str, count: &str, seconds: &str) -> Result<(), String> {
     };
     let mut streams: Vec<TcpStream> = (0..count).filter_map(|_| open(&mut failed)).collect();
     let mut most_open = streams.len();
+    // The first line says the first fill is done (see the tests' `filled`).
+    println!("{}", json!({ "filled": streams.len() }));
     while Instant::now() < until {
         let mut fds: Vec<libc::pollfd> = streams
             .iter()
