@@ -134,10 +134,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     // Each listener group's admission: who opened the connection (where
     // the kernel attributes it), charged to the group's budget.
-    let admitter = |budget: ConnectionBudget, listener: &'static str, attributed: bool| {
+    let admitter = |budget: ConnectionBudget, listener: &'static str, identify: bool| {
         let state = state.clone();
         move |info: Accepted| {
-            let identifier = state.identifier.as_ref().filter(|_| attributed);
+            let identifier = state.identifier.as_ref().filter(|_| identify);
             admission::admit(info, identifier, &budget, &state.metrics, listener)
         }
     };

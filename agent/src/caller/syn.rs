@@ -9,9 +9,10 @@ use std::{io, os::fd::AsRawFd};
 
 use agent_ebpf::{STAMP_OPTION_LEN, Stamp};
 
-/// IP and TCP headers of a SYN, with options and IPv6 extension headers,
-/// fit in this many bytes (a longer one is refused by the kernel with
-/// EINVAL and goes unattributed).
+/// IP and TCP headers of a SYN, with their options, fit in this many bytes
+/// (a longer one is refused by the kernel with EINVAL and goes
+/// unattributed). IPv6 extension headers are not walked: a SYN carrying
+/// them has no stamp to find, so it goes unattributed too.
 const SAVED_SYN_MAX: usize = 512;
 
 /// What the kernel kept of an accepted connection's SYN.

@@ -189,14 +189,14 @@ async fn answer<B>(
     // was accepted), 5. checks before EKS Auth.
     let mut audit_only: Option<Violation> = None;
     let mut verified_pod: Option<PodCgroup> = None;
-    if let (Some(verification), Some(identified)) = (&state.verification, &conn.identified) {
-        match policy::before_upstream(
-            &identified.caller,
-            &claims,
-            verification.node_name.as_deref(),
-        ) {
+    if let Some(verification) = &state.verification {
+        // A connection the agent did not identify is nobody's: refused,
+        // never waved through.
+        let nobody = Caller::Unattributed;
+        let caller = conn.identified.as_ref().map_or(&nobody, |i| &i.caller);
+        match policy::before_upstream(caller, &claims, verification.node_name.as_deref()) {
             Ok(()) => {
-                if let Caller::Pod(pod) = &identified.caller {
+                if let Caller::Pod(pod) = caller {
                     verified_pod = Some(pod.clone());
                 }
             }
@@ -505,6 +505,8 @@ mod tests {
     struct Row {
         what: &'static str,
         mode: Option<bool>,
+        /// Whether admission identified the connection (with a mode).
+        identified: bool,
         caller: policy::Caller,
         host: &'static str,
         token: Option<String>,
@@ -520,6 +522,7 @@ mod tests {
             Row {
                 what: "",
                 mode: Some(true),
+                identified: true,
                 caller: pod_caller(POD),
                 host: "169.254.170.23",
                 token: Some(token(POD, 4_000_000_000)),
@@ -576,7 +579,7 @@ mod tests {
                     local: "169.254.170.23:80".parse().unwrap(),
                     syn: SavedSyn::Kept(None),
                 },
-                identified: row.mode.map(|_| Identified {
+                identified: (row.mode.is_some() && row.identified).then(|| Identified {
                     caller: row.caller.clone(),
                     kernel: Some(Opener {
                         cgroup_id: 7,
@@ -698,6 +701,14 @@ mod tests {
                 caller: pod_caller(OTHER),
                 reason: "pod-mismatch",
                 decision: "audit-only",
+                ..Row::default()
+            },
+            Row {
+                what: "enforce, connection never identified",
+                identified: false,
+                status: 403,
+                reason: "caller-not-a-pod",
+                decision: "deny",
                 ..Row::default()
             },
             Row {

@@ -147,7 +147,8 @@ pub async fn serve<A, C, H, F>(
             };
             let syn = if saves_syns {
                 syn::saved_syn(&stream).unwrap_or_else(|e| {
-                    // EINVAL: a SYN longer than the buffer; unattributed.
+                    // EINVAL (a SYN longer than the buffer) or any other
+                    // error: a SYN without a stamp, so unattributed.
                     debug!(client = %peer, error = %e, "reading the saved SYN failed");
                     SavedSyn::Kept(None)
                 })
