@@ -12,10 +12,10 @@ pub mod capabilities;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
-pub mod hygiene;
+pub(crate) mod hygiene;
 pub mod link;
-pub mod node_credentials;
-pub mod sockopt;
+pub(crate) mod node_credentials;
+pub(crate) mod sockopt;
 pub mod token;
 pub mod upstream;
 
@@ -23,8 +23,8 @@ pub mod upstream;
 pub mod caller {
     pub mod attribution;
     pub mod cgroup;
-    pub mod identify;
-    pub mod policy;
+    pub(crate) mod identify;
+    pub(crate) mod policy;
     pub mod syn;
 }
 
@@ -33,9 +33,9 @@ pub mod serving {
     pub mod admission;
     pub mod client;
     pub mod handler;
-    pub mod probes;
-    pub mod ratelimit;
-    pub mod server;
+    pub(crate) mod probes;
+    pub(crate) mod ratelimit;
+    pub(crate) mod server;
 }
 
 /// Metrics, the audit trail, logs.

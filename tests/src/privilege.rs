@@ -16,3 +16,22 @@ pub fn privileged_or_skip(test: &str) -> bool {
     );
     false
 }
+
+/// The preamble of every privileged test: returns `Ok(())` early when
+/// [`privileged_or_skip`] says so, naming the enclosing test itself so the
+/// skip message can never drift from the test's name.
+#[macro_export]
+macro_rules! require_privilege {
+    () => {{
+        fn here() {}
+        fn name_of<T>(_: T) -> &'static str {
+            ::std::any::type_name::<T>()
+        }
+        let path = name_of(here);
+        let path = path.strip_suffix("::here").unwrap_or(path);
+        let test = path.rsplit("::").next().unwrap_or(path);
+        if !$crate::privilege::privileged_or_skip(test) {
+            return Ok(());
+        }
+    }};
+}

@@ -20,7 +20,6 @@ use harness::{
     cgroups::{CgroupTree, Driver, PodSpec},
     netns::Netns,
     pod::pod_command,
-    privilege::privileged_or_skip,
     probe_server::{Observation, ProbeServer},
     topology::{AGENT_V4, AGENT_V6, Node, PodNet},
     wait::wait_for,
@@ -115,9 +114,7 @@ fn wait_until_no_tracked_connections(fx: &Fixture) -> Result<()> {
 
 #[test]
 fn each_address_family_names_the_calling_pod() -> Result<()> {
-    if !privileged_or_skip("each_address_family_names_the_calling_pod") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let fx = fixture(&[])?;
     let pod_a = PodSpec::new(Driver::Systemd);
     let pod_b = PodSpec::new(Driver::Cgroupfs);
@@ -185,9 +182,7 @@ fn each_address_family_names_the_calling_pod() -> Result<()> {
 
 #[test]
 fn other_destinations_are_not_recorded() -> Result<()> {
-    if !privileged_or_skip("other_destinations_are_not_recorded") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     // Same address, other port; and the node's own veth address on port 80.
     let other_port: SocketAddr = (AGENT_V4, 8080).into();
     let tree_pod = PodSpec::new(Driver::Systemd);
@@ -225,9 +220,7 @@ fn other_destinations_are_not_recorded() -> Result<()> {
 
 #[test]
 fn ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse() -> Result<()> {
-    if !privileged_or_skip("ten_thousand_cycles_from_two_pods_leave_nothing_and_never_confuse") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     const PER_CLIENT: u32 = 2_500;
     let fx = fixture(&[])?;
     let pods = [
@@ -309,10 +302,7 @@ fn refused_by_foreign_program(cgroup: &std::path::Path, net: &PodNet) -> Result<
 
 #[test]
 fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> Result<()> {
-    if !privileged_or_skip("the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api")
-    {
-        return Ok(());
-    }
+    harness::require_privilege!();
     use harness::foreign_bpf::{AttachApi, ForeignPrograms, attached_counts};
     for api in [AttachApi::LegacyMulti, AttachApi::Link] {
         for ours_first in [true, false] {
@@ -382,9 +372,7 @@ fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> R
 
 #[test]
 fn one_user_cannot_hold_more_than_its_quota_of_records() -> Result<()> {
-    if !privileged_or_skip("one_user_cannot_hold_more_than_its_quota_of_records") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     use std::os::unix::fs::chown;
     const NOBODY: u32 = 65534;
     let quota = agent_ebpf::MAX_RECORDS_PER_OWNER;

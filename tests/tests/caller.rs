@@ -11,7 +11,6 @@ use harness::{
     cgroups::remove_tree,
     cluster::Who,
     netns::Netns,
-    privilege::privileged_or_skip,
     served::Served,
     tokens::TokenSpec,
     topology::{AGENT_V4, AGENT_V6},
@@ -39,11 +38,7 @@ fn statuses(child: std::process::Child) -> Result<Value> {
 
 #[test]
 fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail() -> Result<()> {
-    if !privileged_or_skip(
-        "each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env("enforce", &[])?;
     for (who, role) in [(Who::A, "role-a"), (Who::B, "role-b")] {
         for uri in [V4_URI, V6_URI] {
@@ -112,9 +107,7 @@ fn harness_cgroup_id(path: &Path) -> Result<u64> {
 
 #[test]
 fn a_replayed_token_is_refused_in_enforce_and_flagged_in_audit() -> Result<()> {
-    if !privileged_or_skip("a_replayed_token_is_refused_in_enforce_and_flagged_in_audit") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     for (mode, served, decision) in [("enforce", false, "deny"), ("audit", true, "audit-only")] {
         let env = env(mode, &[])?;
         let stolen = env.own_token(Who::A)?;
@@ -151,11 +144,7 @@ fn a_replayed_token_is_refused_in_enforce_and_flagged_in_audit() -> Result<()> {
 
 #[test]
 fn node_processes_unbound_tokens_other_subjects_and_other_nodes_are_refused() -> Result<()> {
-    if !privileged_or_skip(
-        "node_processes_unbound_tokens_other_subjects_and_other_nodes_are_refused",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env("enforce", &[])?;
     let node_service = env.tree.create("system.slice/node-agent.service")?;
     let unbound = env
@@ -246,9 +235,7 @@ fn forge(token: &str, how: &str) -> String {
 
 #[test]
 fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
-    if !privileged_or_skip("only_tokens_eks_auth_accepted_are_served_from_cache") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env("enforce", &[])?;
     let genuine = env.own_token(Who::A)?;
     let first = env.sdk_ok(Who::A, V4_URI, &genuine)?;
@@ -308,9 +295,7 @@ fn only_tokens_eks_auth_accepted_are_served_from_cache() -> Result<()> {
 
 #[test]
 fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
-    if !privileged_or_skip("a_removed_pod_is_evicted_and_never_refreshed_again") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(
         "enforce",
         &[
@@ -357,11 +342,7 @@ fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
 
 #[test]
 fn a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused() -> Result<()> {
-    if !privileged_or_skip(
-        "a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env("enforce", &["--pod-rate-limit", "0"])?;
     let v4: SocketAddr = (AGENT_V4, 80).into();
     let v6: SocketAddr = (AGENT_V6, 80).into();
@@ -386,9 +367,7 @@ fn a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused(
 
 #[test]
 fn the_rate_limit_answers_429_to_the_noisy_pod_only() -> Result<()> {
-    if !privileged_or_skip("the_rate_limit_answers_429_to_the_noisy_pod_only") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(
         "enforce",
         &["--pod-rate-limit", "2", "--pod-rate-burst", "5"],

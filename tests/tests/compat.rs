@@ -13,7 +13,6 @@ use harness::{
     cluster::Who,
     fake_eks_auth::Fault,
     http,
-    privilege::privileged_or_skip,
     served::Served,
     tempdir::TempDir,
     topology::AGENT_V4,
@@ -183,9 +182,7 @@ fn the_charts_argument_lists_parse() {
 
 #[test]
 fn metrics_have_the_reference_names_labels_and_format() -> Result<()> {
-    if !privileged_or_skip("metrics_have_the_reference_names_labels_and_format") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = Served::start(NODE, "enforce", &[])?;
     env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
@@ -250,11 +247,7 @@ fn metrics_have_the_reference_names_labels_and_format() -> Result<()> {
 
 #[test]
 fn probes_answer_as_the_reference_on_both_ports_and_fail_when_a_listener_stops() -> Result<()> {
-    if !privileged_or_skip(
-        "probes_answer_as_the_reference_on_both_ports_and_fail_when_a_listener_stops",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = Served::start(NODE, "enforce", &[])?;
     let get = |port: u16, path: &str| get_local(&env.node.netns, port, path);
     // (port, path, status, body starts)
@@ -296,9 +289,7 @@ fn probes_answer_as_the_reference_on_both_ports_and_fail_when_a_listener_stops()
 
 #[test]
 fn logs_are_logrus_json_and_never_carry_a_token_or_a_secret() -> Result<()> {
-    if !privileged_or_skip("logs_are_logrus_json_and_never_carry_a_token_or_a_secret") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     for verbosity in ["trace", "debug"] {
         let env = Served::start(NODE, "enforce", &["-v", verbosity])?;
         let mut secrets: Vec<String> = vec!["node-secret-for-signing".into()];
@@ -364,9 +355,7 @@ fn logs_are_logrus_json_and_never_carry_a_token_or_a_secret() -> Result<()> {
 
 #[test]
 fn rotated_node_credentials_sign_the_next_call() -> Result<()> {
-    if !privileged_or_skip("rotated_node_credentials_sign_the_next_call") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let cluster = harness::cluster::Cluster::new(NODE)?;
     let dir = TempDir::new("epia-hybrid-")?;
     let file = dir.path().join("credentials");
@@ -416,9 +405,7 @@ fn rotated_node_credentials_sign_the_next_call() -> Result<()> {
 
 #[test]
 fn a_missing_credentials_file_is_a_clear_error_at_start() -> Result<()> {
-    if !privileged_or_skip("a_missing_credentials_file_is_a_clear_error_at_start") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let cluster = harness::cluster::Cluster::new(NODE)?;
     let args = cluster.agent_args("enforce", &["--rotate-credentials"]);
     let mut agent = AgentProcess::spawn_with_env(
@@ -440,9 +427,7 @@ fn a_missing_credentials_file_is_a_clear_error_at_start() -> Result<()> {
 /// The credential listener answers the reference's global limit with 429.
 #[test]
 fn the_global_request_limit_answers_429_too_many_requests() -> Result<()> {
-    if !privileged_or_skip("the_global_request_limit_answers_429_too_many_requests") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = Served::start(
         NODE,
         "enforce",

@@ -20,7 +20,6 @@ use harness::{
     manifest::{expand_args, strings},
     netns::Netns,
     pod::{pod_command, sdk_credentials},
-    privilege::privileged_or_skip,
 };
 use serde_yaml_ng::Value;
 
@@ -165,9 +164,7 @@ fn manifest_flags_are_flags_the_binary_accepts() -> Result<()> {
 
 #[test]
 fn the_init_capability_set_suffices_and_each_is_needed() -> Result<()> {
-    if !privileged_or_skip("the_init_capability_set_suffices_and_each_is_needed") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let caps = caps_of(container(&daemonset()?, "initContainers"));
     assert_eq!(caps, vec!["NET_ADMIN"]);
     let run = |ns: &Netns, caps: &[String]| -> Result<std::process::Output> {
@@ -200,9 +197,7 @@ fn the_init_capability_set_suffices_and_each_is_needed() -> Result<()> {
 #[test]
 fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_needed() -> Result<()>
 {
-    if !privileged_or_skip("the_server_capability_set_suffices") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let caps = caps_of(container(&daemonset()?, "containers"));
     let cluster = Cluster::new("node-1")?;
     let node = &cluster.node;

@@ -25,7 +25,6 @@ use harness::{
     cluster::Who,
     netns::Netns,
     pod::sdk_credentials,
-    privilege::privileged_or_skip,
     served::Served,
     topology::AGENT_V4,
     wait::wait_for,
@@ -83,9 +82,7 @@ fn sdk_as_nobody(env: &Served, start: &Path, target: &Path, token: &str) -> Resu
 
 #[test]
 fn lookalike_cgroups_outside_kubelets_roots_or_delegated_are_not_pods() -> Result<()> {
-    if !privileged_or_skip("lookalike_cgroups_outside_kubelets_roots_or_delegated_are_not_pods") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(false)?;
     let stolen = env.own_token(Who::A)?;
     let victim = env.pod(Who::A).clone();
@@ -246,11 +243,7 @@ const PORT_HI: u16 = 45063;
 
 #[test]
 fn a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records() -> Result<()> {
-    if !privileged_or_skip(
-        "a_namespace_owning_the_victims_source_addresses_cannot_touch_their_records",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(true)?;
     let range = format!("{PORT_LO} {PORT_HI}");
     for netns in [&env.net_a.netns, &env.node.netns] {
@@ -367,9 +360,7 @@ const HOG: &str = "10000";
 
 #[test]
 fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result<()> {
-    if !privileged_or_skip("ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(true)?;
     // The hogs: a pod, and an unprivileged user in a cgroup delegated to it
     // (a caller the kernel cannot vouch for, so it shares the unverified
@@ -496,9 +487,7 @@ fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result
 
 #[test]
 fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
-    if !privileged_or_skip("a_restart_under_load_refuses_no_legitimate_request") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let mut env = env(true)?;
     let target: SocketAddr = (AGENT_V4, 80).into();
     let files = [
@@ -567,9 +556,7 @@ fn socket_get(env: &Served, who: Who, token: &str, kind: &str) -> Result<(u16, V
 
 #[test]
 fn socket_options_a_caller_chooses_never_misattribute() -> Result<()> {
-    if !privileged_or_skip("socket_options_a_caller_chooses_never_misattribute") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(false)?;
     let (uid_a, token_a) = (env.pod(Who::A).uid.clone(), env.own_token(Who::A)?);
     // Fast Open (its cookie request takes the room the stamp needs) and
@@ -595,9 +582,7 @@ fn socket_options_a_caller_chooses_never_misattribute() -> Result<()> {
 
 #[test]
 fn syn_cookies_answer_503_retry_not_a_refusal() -> Result<()> {
-    if !privileged_or_skip("syn_cookies_answer_503_retry_not_a_refusal") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(false)?;
     let token_a = env.own_token(Who::A)?;
     // What a SYN flood makes the kernel do (cookies, no saved SYN), without

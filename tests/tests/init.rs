@@ -13,7 +13,6 @@ use anyhow::{Context as _, Result, ensure};
 use harness::{
     agent_bin::agent_binary,
     netns::Netns,
-    privilege::privileged_or_skip,
     topology::{AGENT_V4, AGENT_V6, Node, PodNet},
 };
 
@@ -100,11 +99,7 @@ fn assert_complete(state: &State) -> Result<u32> {
 
 #[test]
 fn fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothing() -> Result<()> {
-    if !privileged_or_skip(
-        "fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothing",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let ns = Netns::new("epi")?;
     let first = run_init(&ns, &[])?;
     ensure!(first.status.success(), "init failed: {}", printed(&first));
@@ -128,9 +123,7 @@ fn fresh_namespace_gets_link_addresses_and_routes_and_a_second_run_changes_nothi
 
 #[test]
 fn route_on_another_link_is_refused_naming_it_and_nothing_changes() -> Result<()> {
-    if !privileged_or_skip("route_on_another_link_is_refused_naming_it_and_nothing_changes") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let ns = Netns::new("epi")?;
     ns.ip(&["link", "add", "other0", "type", "bridge"])?;
     ns.ip(&["link", "set", "other0", "up"])?;
@@ -151,9 +144,7 @@ fn route_on_another_link_is_refused_naming_it_and_nothing_changes() -> Result<()
 
 #[test]
 fn ipv6_disabled_sets_up_ipv4_with_a_warning() -> Result<()> {
-    if !privileged_or_skip("ipv6_disabled_sets_up_ipv4_with_a_warning") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let ns = Netns::new("epi")?;
     ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
     ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
@@ -177,9 +168,7 @@ fn ipv6_disabled_sets_up_ipv4_with_a_warning() -> Result<()> {
 
 #[test]
 fn remove_undoes_exactly_what_init_made() -> Result<()> {
-    if !privileged_or_skip("remove_undoes_exactly_what_init_made") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let ns = Netns::new("epi")?;
     let empty = state(&ns)?;
     let out = run_init(&ns, &[])?;
@@ -198,9 +187,7 @@ fn remove_undoes_exactly_what_init_made() -> Result<()> {
 
 #[test]
 fn a_pod_namespace_reaches_a_listener_on_the_agent_addresses_over_veth() -> Result<()> {
-    if !privileged_or_skip("a_pod_namespace_reaches_a_listener_on_the_agent_addresses_over_veth") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let node = Node::bare()?;
     let out = run_init(&node.netns, &[])?;
     ensure!(out.status.success(), "{}", printed(&out));

@@ -13,7 +13,6 @@ use harness::{
     fake_eks_auth::{ACCOUNT, FakeEksAuth, Fault},
     http::{self, Reply},
     pod::sdk_credentials,
-    privilege::privileged_or_skip,
     tempdir::TempDir,
     tokens::{Issuer, TokenSpec},
     topology::{AGENT_V4, Node, PodNet},
@@ -124,9 +123,7 @@ impl Env {
 
 #[test]
 fn every_status_row_of_the_reference_in_order() -> Result<()> {
-    if !privileged_or_skip("every_status_row_of_the_reference_in_order") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     // Short attempt timeout so the "no answer" row stays quick.
     let env = env(&["--upstream-attempt-timeout", "300ms"])?;
     let host = http::host_header(v4());
@@ -401,11 +398,7 @@ fn every_status_row_of_the_reference_in_order() -> Result<()> {
 
 #[test]
 fn the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache() -> Result<()> {
-    if !privileged_or_skip(
-        "the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(&[])?;
     for uri in [
         "http://169.254.170.23/v1/credentials",
@@ -443,9 +436,7 @@ fn the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache() 
 
 #[test]
 fn two_hundred_concurrent_first_requests_make_one_upstream_call() -> Result<()> {
-    if !privileged_or_skip("two_hundred_concurrent_first_requests_make_one_upstream_call") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     // One source address sends all 200: without the per-client rate limit,
     // which would answer most with 429 before the cache is reached.
     let env = env(&["--pod-rate-limit", "0"])?;
@@ -486,9 +477,7 @@ fn two_hundred_concurrent_first_requests_make_one_upstream_call() -> Result<()> 
 
 #[test]
 fn a_client_that_gives_up_does_not_fail_the_others_waiting() -> Result<()> {
-    if !privileged_or_skip("a_client_that_gives_up_does_not_fail_the_others_waiting") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(&[])?;
     env.fake.set(|k| k.latency = Duration::from_millis(800));
     let token = env.app_token()?;
@@ -521,9 +510,7 @@ fn a_client_that_gives_up_does_not_fail_the_others_waiting() -> Result<()> {
 
 #[test]
 fn cached_credentials_are_served_while_eks_auth_is_down() -> Result<()> {
-    if !privileged_or_skip("cached_credentials_are_served_while_eks_auth_is_down") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(&[])?;
     let token = env.app_token()?;
     let first = env.get_with_token(v4(), &token)?;
@@ -540,9 +527,7 @@ fn cached_credentials_are_served_while_eks_auth_is_down() -> Result<()> {
 
 #[test]
 fn short_lived_credentials_are_refreshed_ahead_in_the_background() -> Result<()> {
-    if !privileged_or_skip("short_lived_credentials_are_refreshed_ahead_in_the_background") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     // Held at most 1 s before renewal; EKS Auth hands out 10-minute credentials.
     let env = env(&[
         "--max-credential-retention-before-renewal",
@@ -570,9 +555,7 @@ fn short_lived_credentials_are_refreshed_ahead_in_the_background() -> Result<()>
 
 #[test]
 fn sigterm_lets_in_flight_requests_complete_and_exits_zero() -> Result<()> {
-    if !privileged_or_skip("sigterm_lets_in_flight_requests_complete_and_exits_zero") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let mut env = env(&[])?;
     // Slow, but within one upstream attempt (1 s).
     env.fake.set(|k| k.latency = Duration::from_millis(700));
@@ -608,9 +591,7 @@ fn sigterm_lets_in_flight_requests_complete_and_exits_zero() -> Result<()> {
 
 #[test]
 fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
-    if !privileged_or_skip("a_missing_address_family_is_reported_not_fatal") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let node = Node::bare()?;
     // init owns only the IPv4 address; the server is asked to serve both.
     let out = node
@@ -658,9 +639,7 @@ fn a_missing_address_family_is_reported_not_fatal() -> Result<()> {
 
 #[test]
 fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
-    if !privileged_or_skip("a_client_that_never_finishes_its_headers_is_cut_off") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     let env = env(&["--header-read-timeout", "1s"])?;
     let closed = env.pod.netns.run_in(|| {
         use std::io::{Read as _, Write as _};
@@ -682,9 +661,7 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
 
 #[test]
 fn a_hanging_eks_auth_is_answered_before_the_sdk_gives_up() -> Result<()> {
-    if !privileged_or_skip("a_hanging_eks_auth_is_answered_before_the_sdk_gives_up") {
-        return Ok(());
-    }
+    harness::require_privilege!();
     // The defaults: 1 s attempts, 3 of them, 1.8 s in all.
     let env = env(&[])?;
     env.fake.set(|k| k.latency = Duration::from_secs(30));
@@ -704,11 +681,7 @@ fn a_hanging_eks_auth_is_answered_before_the_sdk_gives_up() -> Result<()> {
 
 #[test]
 fn callers_that_are_not_pods_are_rate_limited_per_source_without_attribution() -> Result<()> {
-    if !privileged_or_skip(
-        "callers_that_are_not_pods_are_rate_limited_per_source_without_attribution",
-    ) {
-        return Ok(());
-    }
+    harness::require_privilege!();
     // Attribution off: every caller is a source address. One of them
     // presenting many distinct tokens must not turn into as many EKS Auth
     // calls.
