@@ -471,7 +471,7 @@ mod tests {
         assert_eq!(creds.get(&key, "genuine").await.unwrap().1, Source::Cache);
         // A forgery with the same claims: EKS Auth decides, and refuses.
         *upstream.fail_with.lock().unwrap() = Some(UpstreamError::Service {
-            status: 400,
+            status: http::StatusCode::BAD_REQUEST,
             code: "InvalidTokenException".into(),
             message: "bad signature".into(),
             request_id: "r".into(),
@@ -531,7 +531,7 @@ mod tests {
             ),
             (
                 UpstreamError::Service {
-                    status: 400,
+                    status: http::StatusCode::BAD_REQUEST,
                     code: "AccessDeniedException".into(),
                     message: "no".into(),
                     request_id: "r".into(),

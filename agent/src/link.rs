@@ -83,8 +83,14 @@ pub enum LinkError {
     Permission { what: String, errno: std::io::Error },
     #[error("{what}: the kernel refused: {errno}")]
     Kernel { what: String, errno: std::io::Error },
-    #[error("{what}: netlink failed: {detail}")]
-    Netlink { what: String, detail: String },
+    #[error("{what}: netlink failed: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{what}: the kernel acknowledged but the link is not there")]
+    Vanished { what: String },
     #[error(
         "a route to {address} already exists on link {link} (index {index}); remove it or choose other --bind-hosts (nothing was changed)"
     )]
@@ -120,10 +126,7 @@ impl LinkError {
         let what = what.into();
         match err {
             rtnetlink::Error::NetlinkError(msg) => from_errno(what, &msg),
-            other => LinkError::Netlink {
-                what,
-                detail: other.to_string(),
-            },
+            source => LinkError::Netlink { what, source },
         }
     }
 
@@ -196,9 +199,8 @@ impl Netlink {
                 report.created = Some(kind);
                 self.link_by_name(&spec.name)
                     .await?
-                    .ok_or_else(|| LinkError::Netlink {
+                    .ok_or_else(|| LinkError::Vanished {
                         what: format!("creating link {}", spec.name),
-                        detail: "link missing right after creation".into(),
                     })?
             }
         };

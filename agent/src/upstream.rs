@@ -41,7 +41,7 @@ pub enum UpstreamError {
     /// EKS Auth answered with an error: its status passes through.
     #[error("[{request_id}]: ({code}): {message}, fault: {fault}")]
     Service {
-        status: u16,
+        status: http::StatusCode,
         code: String,
         message: String,
         request_id: String,
@@ -91,10 +91,10 @@ impl UpstreamError {
 
 impl UpstreamError {
     /// The HTTP status the agent answers with.
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> http::StatusCode {
         match self {
             UpstreamError::Service { status, .. } => *status,
-            UpstreamError::Unavailable { .. } => 500,
+            UpstreamError::Unavailable { .. } => http::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -303,7 +303,9 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, timeouts: &str) -> Up
             )
         }
         SdkError::ServiceError(service) => {
-            let status = service.raw().status().as_u16();
+            // Smithy checked it is a status (100..=999), as `http` does.
+            let status = http::StatusCode::from_u16(service.raw().status().as_u16())
+                .unwrap_or(http::StatusCode::BAD_GATEWAY);
             let inner = service.err();
             let code = inner.code().unwrap_or("UnknownError").to_owned();
             let message = inner.message().unwrap_or_default().to_owned();
@@ -313,7 +315,11 @@ fn map_error(err: SdkError<AssumeRoleForPodIdentityError>, timeouts: &str) -> Up
                 code,
                 message,
                 request_id,
-                fault: if status >= 500 { "server" } else { "client" },
+                fault: if status.is_server_error() {
+                    "server"
+                } else {
+                    "client"
+                },
             }
         }
         SdkError::TimeoutError(_) => UpstreamError::no_answer(
@@ -380,8 +386,8 @@ mod tests {
 
     #[test]
     fn only_verdicts_on_the_token_or_association_drop_old_credentials() {
-        let service = |status, code: &str| UpstreamError::Service {
-            status,
+        let service = |status: u16, code: &str| UpstreamError::Service {
+            status: http::StatusCode::from_u16(status).expect("a status"),
             code: code.into(),
             message: "m".into(),
             request_id: "r".into(),

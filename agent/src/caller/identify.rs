@@ -15,7 +15,7 @@ use std::{sync::Arc, time::Instant};
 use crate::{
     caller::attribution::{Accepted, Opener, OpenerLookup},
     caller::cgroup::{CgroupError, CgroupResolver, PodLayout},
-    caller::policy::Caller,
+    caller::policy::{Caller, Unresolved},
     caller::syn::SavedSyn,
     telemetry::metrics::Metrics,
 };
@@ -80,7 +80,7 @@ impl Identifier {
             Err(e) => {
                 self.metrics.attribution_lookup("error");
                 Identified {
-                    caller: Caller::Unresolvable(format!("kernel lookup failed: {e}")),
+                    caller: Caller::Unresolvable(Unresolved::KernelLookup(Arc::new(e))),
                     kernel: None,
                 }
             }
@@ -128,16 +128,16 @@ impl Identifier {
                         cgroup_path: path,
                         uid,
                     },
-                    Err(e) => Caller::Unresolvable(e.to_string()),
+                    Err(e) => Caller::Unresolvable(Unresolved::Cgroup(Arc::new(e))),
                 },
                 Ok(None) => Caller::NotAPod {
                     root_owned: self.resolver.require_root_owned(&path).is_ok(),
                     cgroup_path: path,
                 },
-                Err(e) => Caller::Unresolvable(e.to_string()),
+                Err(e) => Caller::Unresolvable(Unresolved::Cgroup(Arc::new(e))),
             },
-            Ok(None) => Caller::Unresolvable(format!("cgroup {cgroup_id} no longer exists")),
-            Err(e) => Caller::Unresolvable(e.to_string()),
+            Ok(None) => Caller::Unresolvable(Unresolved::CgroupGone(cgroup_id)),
+            Err(e) => Caller::Unresolvable(Unresolved::Cgroup(Arc::new(e))),
         }
     }
 }

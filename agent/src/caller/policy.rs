@@ -2,9 +2,16 @@
 //! what the token claims, what EKS Auth answered → allowed, or which check
 //! failed. No I/O, so every rule is unit-tested without a kernel.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
-use crate::{caller::cgroup::PodCgroup, token::Claims, upstream::Assumed};
+use crate::{
+    caller::{
+        attribution::AttributionError,
+        cgroup::{CgroupError, PodCgroup},
+    },
+    token::Claims,
+    upstream::Assumed,
+};
 
 /// Who opened the connection, as far as the kernel and the cgroup tree say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,11 +34,44 @@ pub enum Caller {
     NoSynKept,
     /// A record exists but its cgroup could not be resolved (gone, or a
     /// path that must be refused, e.g. a pod-like cgroup nested in a pod).
-    Unresolvable(String),
+    Unresolvable(Unresolved),
     /// In kubelet's layout, but some directory on the way is not owned by
     /// root: a delegated subtree, whose owner can name cgroups at will.
     Delegated { cgroup_path: String, uid: u32 },
 }
+
+/// Why a connection's opener could not be named, with the error that said
+/// so kept whole (shared, so a `Caller` stays cheap to clone and cache).
+#[derive(Clone, Debug)]
+pub enum Unresolved {
+    /// The kernel programs' map could not be read, or the stamp was forged.
+    KernelLookup(Arc<AttributionError>),
+    /// The record's cgroup was removed before it could be resolved.
+    CgroupGone(u64),
+    /// The cgroup tree refused (unreadable, or a layout that must be refused).
+    Cgroup(Arc<CgroupError>),
+}
+
+impl fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unresolved::KernelLookup(e) => write!(f, "kernel lookup failed: {e}"),
+            Unresolved::CgroupGone(id) => write!(f, "cgroup {id} no longer exists"),
+            Unresolved::Cgroup(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Equal when of the same kind and saying the same (errors themselves are
+/// not comparable); what tests and the resolution cache need.
+impl PartialEq for Unresolved {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Unresolved {}
 
 /// A failed check, in the order they are applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,10 +101,10 @@ pub enum Violation {
 impl Violation {
     /// The HTTP status of a refusal: 403, except where the caller could not
     /// be told apart through no act of its own and a retry may succeed.
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> http::StatusCode {
         match self {
-            Violation::SynNotKept => 503,
-            _ => 403,
+            Violation::SynNotKept => http::StatusCode::SERVICE_UNAVAILABLE,
+            _ => http::StatusCode::FORBIDDEN,
         }
     }
 
@@ -146,7 +186,7 @@ pub fn before_upstream(
                 "connection not attributed by the kernel".into(),
             ));
         }
-        Caller::Unresolvable(why) => return Err(Violation::CallerNotAPod(why.clone())),
+        Caller::Unresolvable(why) => return Err(Violation::CallerNotAPod(why.to_string())),
         Caller::Delegated { cgroup_path, uid } => {
             return Err(Violation::CallerDelegated(format!(
                 "cgroup /{cgroup_path} is owned by uid {uid}"
@@ -286,7 +326,7 @@ mod tests {
             ),
             (
                 "unresolvable",
-                Caller::Unresolvable("gone".into()),
+                Caller::Unresolvable(Unresolved::CgroupGone(7)),
                 claims(Some(POD), SUB, None),
                 None,
                 Some("caller-not-a-pod"),

@@ -113,7 +113,7 @@ pub async fn handle<B>(
     if let Some(global) = &state.global_limiter
         && global.check().is_err()
     {
-        let response = go_error(429, "Too Many Requests");
+        let response = go_error(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
         state.metrics.response(429, started);
         return response;
     }
@@ -279,11 +279,11 @@ enum Rejection {
 }
 
 impl Rejection {
-    fn status(&self) -> u16 {
+    fn status(&self) -> StatusCode {
         match self {
-            Rejection::RateLimited(_) => 429,
-            Rejection::InvalidHost(_) => 403,
-            Rejection::NoToken | Rejection::Token(_) => 400,
+            Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::InvalidHost(_) => StatusCode::FORBIDDEN,
+            Rejection::NoToken | Rejection::Token(_) => StatusCode::BAD_REQUEST,
             Rejection::Caller(violation) => violation.status(),
             Rejection::Upstream(e) => e.status(),
         }
@@ -317,7 +317,7 @@ impl Rejection {
             }
             Rejection::NoToken => "Service account token cannot be empty".into(),
             Rejection::Token(e) => e.to_string(),
-            Rejection::Caller(violation) if violation.status() == 403 => {
+            Rejection::Caller(violation) if violation.status() == StatusCode::FORBIDDEN => {
                 format!("Access Denied: {violation}")
             }
             Rejection::Caller(violation) => format!("Service Unavailable: {violation}"),
@@ -353,7 +353,7 @@ impl Rejection {
             }
         }
         let mut response = go_error(self.status(), self.body(state));
-        if matches!(&self, Rejection::Caller(v) if v.status() == 503) {
+        if matches!(&self, Rejection::Caller(v) if v.status() == StatusCode::SERVICE_UNAVAILABLE) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -414,7 +414,10 @@ fn json_credentials(assumed: &Assumed) -> HttpResponse {
             *r.status_mut() = StatusCode::OK;
             r
         }
-        Err(_) => go_error(500, "Unable to serialize credentials"),
+        Err(_) => go_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Unable to serialize credentials",
+        ),
     }
 }
 
@@ -619,8 +622,8 @@ mod tests {
     fn every_path_through_the_handler() {
         let dir = std::env::temp_dir().join(format!("epia-handler-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let service_error = |status, code: &str| UpstreamError::Service {
-            status,
+        let service_error = |status: u16, code: &str| UpstreamError::Service {
+            status: StatusCode::from_u16(status).expect("a status"),
             code: code.into(),
             message: "m".into(),
             request_id: "r".into(),

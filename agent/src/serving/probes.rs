@@ -11,7 +11,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use hyper::{Request, body::Incoming, header};
+use hyper::{Request, StatusCode, body::Incoming, header};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -51,7 +51,7 @@ pub async fn handle_metrics(
 ) -> HttpResponse {
     match req.uri().path() {
         "/metrics" => {
-            let mut response = text(200, metrics.encode());
+            let mut response = text(StatusCode::OK, metrics.encode());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(metrics::CONTENT_TYPE),
@@ -81,15 +81,18 @@ async fn probe(state: &ProbeState) -> HttpResponse {
                 .collect();
             lines.extend(state.unbound.iter().map(|u| format!("not served: {u}")));
             lines.extend(state.details.iter().cloned());
-            text(200, lines.join("\n"))
+            text(StatusCode::OK, lines.join("\n"))
         }
         Ok(Err(e)) => {
             warn!(error = e, "failed probe");
-            go_error(500, "Internal Server Error occurred")
+            go_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error occurred",
+            )
         }
         Err(_) => {
             warn!(timeout = ?PROBE_TIMEOUT, "failed probe: a listener did not answer in time");
-            bare(408)
+            bare(StatusCode::REQUEST_TIMEOUT)
         }
     }
 }

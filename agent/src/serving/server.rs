@@ -15,7 +15,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
@@ -199,10 +201,9 @@ pub async fn serve<A, C, H, F>(
 }
 
 /// A plain-text response (a success's body, as written).
-pub fn text(status: u16, body: impl Into<String>) -> HttpResponse {
+pub fn text(status: StatusCode, body: impl Into<String>) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from(body.into())));
-    *response.status_mut() =
-        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -213,7 +214,7 @@ pub fn text(status: u16, body: impl Into<String>) -> HttpResponse {
 /// An error as Go's `http.Error` writes it, which is what operators of the
 /// reference grep for: `text/plain; charset=utf-8`,
 /// `X-Content-Type-Options: nosniff`, the message and a newline.
-pub fn go_error(status: u16, message: impl std::fmt::Display) -> HttpResponse {
+pub fn go_error(status: StatusCode, message: impl std::fmt::Display) -> HttpResponse {
     let mut response = text(status, format!("{message}\n"));
     response.headers_mut().insert(
         hyper::header::X_CONTENT_TYPE_OPTIONS,
@@ -224,13 +225,12 @@ pub fn go_error(status: u16, message: impl std::fmt::Display) -> HttpResponse {
 
 /// Go's `http.NotFound`.
 pub fn not_found() -> HttpResponse {
-    go_error(404, "404 page not found")
+    go_error(StatusCode::NOT_FOUND, "404 page not found")
 }
 
 /// A status with an empty body (Go's `WriteHeader` alone).
-pub fn bare(status: u16) -> HttpResponse {
+pub fn bare(status: StatusCode) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() =
-        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() = status;
     response
 }
