@@ -19,6 +19,12 @@ pub const CONFIG_SYMBOL: &str = "CONFIG";
 pub const SOCKET_OWNERS_MAP: &str = "SOCKET_OWNERS";
 /// Map: connection id (carried in the SYN's stamp) → who opened the connection.
 pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
+/// Array map (one [`StampKey`] at index 0) holding the stamp's MAC key. A
+/// map rather than a load-time constant so that an agent that restarts and
+/// adopts programs already attached can read the key they stamp with.
+pub const STAMP_KEY_MAP: &str = "STAMP_KEY";
+/// SipHash-2-4 key for the stamp's MAC; random per load of the programs.
+pub type StampKey = [u64; 2];
 /// Capacity of [`CONNECTIONS_MAP`]: live connections to the served
 /// endpoints, node-wide. Entries are inserted only under a fresh random id
 /// (never overwriting) and deleted only by the socket that inserted them,
@@ -76,8 +82,6 @@ pub struct Config {
     /// each local caller its own connection budget, so no pod can starve
     /// kubelet's liveness probe.
     pub probe_port: u32,
-    /// SipHash-2-4 key for the stamp's MAC; random per load.
-    pub mac_key: [u64; 2],
 }
 
 impl Config {
@@ -90,7 +94,6 @@ impl Config {
         v6_count: 0,
         port: 0,
         probe_port: 0,
-        mac_key: [0; 2],
     };
 
     /// Builds the config for the served socket addresses. All must share one
@@ -385,7 +388,7 @@ const _: () = assert!(core::mem::size_of::<ConnOwner>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 32 + 36 + 4);
 const _: () = assert!(core::mem::size_of::<Stamp>() == 16);
 const _: () = assert!(core::mem::size_of::<SocketOwner>() == 72 + 16 + 8 + 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16);
 
 #[cfg(test)]
 mod tests {

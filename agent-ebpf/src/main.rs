@@ -44,7 +44,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, bpf_sock,
     },
-    btf_maps::{HashMap, LruHashMap, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, SkStorage},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_prandom_u32, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
@@ -80,6 +80,11 @@ static CONNECTIONS: HashMap<
     { agent_ebpf::CONNECTIONS_CAPACITY as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// Written by the agent before the programs are attached; all zero (a
+/// known key, so stamps any agent would refuse) only if it was not.
+#[btf_map]
+static STAMP_KEY: Array<agent_ebpf::StampKey, 1> = Array::new();
 
 #[btf_map]
 static OWNER_QUOTA: LruHashMap<u64, u64, { agent_ebpf::OWNER_QUOTA_CAPACITY as usize }> =
@@ -330,6 +335,9 @@ fn on_connect(ctx: &SockOpsContext) {
     if state.published != 0 {
         return;
     }
+    let Some(mac_key) = STAMP_KEY.get(0) else {
+        return;
+    };
     state.record.key = ConnKey {
         peer_addr: local,
         local_addr: remote,
@@ -351,7 +359,7 @@ fn on_connect(ctx: &SockOpsContext) {
     }
     state.stamp = Stamp {
         id,
-        mac: stamp_mac(&config!(mac_key), id, &state.record.key),
+        mac: stamp_mac(mac_key, id, &state.record.key),
     };
     state.published = 1;
     let flags = ops_field!(ctx, bpf_sock_ops_cb_flags)

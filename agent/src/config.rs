@@ -206,6 +206,19 @@ pub struct ServerArgs {
     #[arg(long = "kubepods-root", value_name = "PATH")]
     pub kubepods_roots: Vec<String>,
 
+    /// bpffs directory where the kernel programs are pinned, so that they
+    /// stay attached when the agent restarts and the next agent adopts them
+    /// (upgrades and crashes lose no attribution). Empty: not pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/eks-pod-identity-agent")]
+    pub bpf_pin_dir: std::path::PathBuf,
+
+    /// Unix socket (root only) on which the serving agent hands its
+    /// listening sockets to its successor, so an upgrade refuses no
+    /// connection. A hostPath shared by the DaemonSet's pods. Empty: no
+    /// handover (a new agent binds its own listeners).
+    #[arg(long, default_value = "/run/eks-pod-identity-agent/handover.sock")]
+    pub handover_socket: std::path::PathBuf,
+
     /// Also append audit events (JSON lines) to this file.
     #[arg(long)]
     pub audit_log: Option<std::path::PathBuf>,
@@ -231,6 +244,18 @@ pub struct ServerArgs {
     /// How often to drop cached credentials of pods whose cgroup is gone.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub pod_gc_interval: std::time::Duration,
+}
+
+impl ServerArgs {
+    /// `--bpf-pin-dir`, unless empty.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        Some(self.bpf_pin_dir.as_path()).filter(|p| !p.as_os_str().is_empty())
+    }
+
+    /// `--handover-socket`, unless empty.
+    pub fn handover_socket(&self) -> Option<&std::path::Path> {
+        Some(self.handover_socket.as_path()).filter(|p| !p.as_os_str().is_empty())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1,7 +1,7 @@
 //! `server`: wires the modules together and runs until SIGTERM/SIGINT.
 //! The application's edge, so errors here are anyhow with context.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd as _, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -13,12 +13,15 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    caller::attribution::{Accepted, AttachOptions, Attribution, OpenerLookup},
+    caller::attribution::{
+        Accepted, AttachOptions, Attribution, AttributionError, OpenerLookup, Provenance,
+    },
     caller::cgroup::{self, CgroupResolver, PodLayout},
     caller::identify::Identifier,
     capabilities,
     config::{AttributionMode, ModeInForce, ServerArgs},
     credentials::{CacheOptions, CredentialCache},
+    handover::{self, giving::HandedOver, taking::Predecessor},
     hygiene::PodRegistry,
     link::Netlink,
     node_credentials::RotatingSharedCredentials,
@@ -27,7 +30,7 @@ use crate::{
     serving::handler::{self, AppState},
     serving::probes::{self, ProbeState},
     serving::ratelimit::ClientRateLimiter,
-    serving::server::{self, HttpLimits},
+    serving::server::{self, Accepting, HttpLimits},
     telemetry::audit::Auditor,
     telemetry::metrics::Metrics,
     upstream::{EksAuth, UpstreamOptions},
@@ -53,10 +56,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     // The programs are attached before anything listens: a connection
     // accepted earlier would carry no stamp and be refused as unattributed.
-    let (verification, attribution_detail) = verification(&args, &metrics)?;
+    let Attached {
+        verification,
+        identifier,
+        attribution,
+        detail: attribution_detail,
+    } = verification(&args, &metrics)?;
     let attributed = verification.is_some();
-    let (verification, identifier) = verification.unzip();
-    let (listeners, failed) = server::bind_all(&args.bind_hosts, args.port, attributed);
+    // Programs first, then the listeners: taken from the agent serving on
+    // this node if there is one (no connection refused while we change
+    // places), else bound here.
+    let mut inherited = take_over(&args);
+    let mut open =
+        |addr: SocketAddr, save_syns: bool| match inherited.as_mut().and_then(|i| i.take(addr)) {
+            Some(listener) => server::adopt(listener, save_syns),
+            None => server::bind(addr, save_syns),
+        };
+    let (listeners, failed) =
+        server::open_all(&args.bind_hosts, args.port, |addr| open(addr, attributed));
     let mut unbound = Vec::new();
     for (addr, err) in &failed {
         error!(%addr, error = %err, "cannot serve on this address; continuing with the others");
@@ -129,7 +146,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
     };
     let graceful = Arc::new(GracefulShutdown::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (accepting, accepting_rx) = watch::channel(Accepting::Yes);
+    let stop_rx = accepting_rx;
+    // What a successor will be handed: every listener, by its address.
+    let mut offered = Vec::new();
+    let mut keep = |listener: &tokio::net::TcpListener| {
+        if let (Ok(addr), Ok(fd)) = (listener.local_addr(), listener.as_fd().try_clone_to_owned()) {
+            offered.push((addr, fd));
+        }
+    };
     let mut tasks = JoinSet::new();
 
     // Each listener group's admission: who opened the connection (where
@@ -143,6 +168,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
     let budget = ConnectionBudget::new(args.max_connections, args.max_connections_per_client);
     for listener in listeners {
+        keep(&listener);
         let handling = state.clone();
         tasks.spawn(server::serve(
             listener,
@@ -154,7 +180,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ));
     }
     let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
-    let probe_listener = server::bind(probe_addr, attributed).with_context(|| {
+    let probe_listener = open(probe_addr, attributed).with_context(|| {
         format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
     })?;
     let probe_state = Arc::new(ProbeState {
@@ -163,8 +189,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         details: vec![attribution_detail],
     });
     let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
-    let metrics_listener = server::bind(metrics_addr, false)
+    let metrics_listener = open(metrics_addr, false)
         .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
+    keep(&probe_listener);
+    keep(&metrics_listener);
     // Probes and metrics have few legitimate clients (the kubelet, a
     // scraper): each listener its own small budget, each client a sliver of
     // it, so a pod holding connections cannot fail the agent's liveness.
@@ -195,10 +223,55 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
     let housekeeping = tokio::spawn(pod_housekeeping(state.clone(), args.pod_gc_interval));
     info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
+    let predecessor = match inherited {
+        Some(inherited) => {
+            let pid = inherited.pid();
+            match inherited.serving() {
+                Ok(predecessor) => {
+                    info!(
+                        predecessor_pid = pid,
+                        "took over from the agent serving on this node"
+                    );
+                    Some(predecessor)
+                }
+                // It stays in its accept loop too: both serve, nothing lost.
+                Err(e) => {
+                    warn!(error = %e, predecessor_pid = pid, "could not tell the previous agent we serve");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let handed_over = match args.handover_socket() {
+        Some(path) => match handover::giving::offer(path.to_owned(), offered, accepting.clone()) {
+            Ok(handed_over) => Some(handed_over),
+            Err(e) => {
+                warn!(error = %e, path = %path.display(), "cannot offer a handover: the next agent will bind its own listeners once this one is gone");
+                None
+            }
+        },
+        None => None,
+    };
 
     wait_for_signal().await?;
     info!(grace = ?args.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
-    let _ = stop_tx.send(true);
+    accepting.send_replace(Accepting::Stop);
+    let succeeded = handed_over.as_ref().is_some_and(HandedOver::get);
+    match (&predecessor, succeeded) {
+        (Some(predecessor), true) => predecessor.handed_on(),
+        // No agent takes over from us and none is left to take back: the
+        // programs go with us (an uninstall leaves nothing attached).
+        (predecessor, false) if !predecessor.as_ref().is_some_and(Predecessor::is_alive) => {
+            if let Some(attribution) = &attribution {
+                match attribution.unpin() {
+                    Ok(()) => info!("no successor: kernel programs unpinned"),
+                    Err(e) => warn!(error = %e, "unpinning the kernel programs failed"),
+                }
+            }
+        }
+        _ => {}
+    }
     refresher.abort();
     housekeeping.abort();
     while tasks.join_next().await.is_some() {}
@@ -266,15 +339,46 @@ fn raise_descriptor_limit() -> std::io::Result<u64> {
 const SIDE_CONNECTIONS: usize = 64;
 const SIDE_CONNECTIONS_PER_CLIENT: usize = 8;
 
+/// The caller checks as attached at start.
+struct Attached {
+    verification: Option<Verification>,
+    identifier: Option<Identifier>,
+    /// The kernel programs, to unpin at exit when no agent follows.
+    attribution: Option<Arc<Attribution>>,
+    /// One line for /healthz's details.
+    detail: String,
+}
+
+impl Attached {
+    fn off(detail: String) -> Attached {
+        Attached {
+            verification: None,
+            identifier: None,
+            attribution: None,
+            detail,
+        }
+    }
+}
+
+/// The listeners of the agent serving on this node, if one does and hands
+/// them over; any failure leaves this agent binding its own.
+fn take_over(args: &ServerArgs) -> Option<handover::taking::Inherited> {
+    let path = args.handover_socket()?;
+    match handover::taking::take_over(path) {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            warn!(error = %e, path = %path.display(), "no handover from the agent serving on this node; binding our own listeners");
+            None
+        }
+    }
+}
+
 /// Attaches the kernel programs as `--attribution` asks. `auto` degrades to
 /// off, loudly; `enforce` and `audit` refuse to start without them.
-fn verification(
-    args: &ServerArgs,
-    metrics: &Arc<Metrics>,
-) -> anyhow::Result<(Option<(Verification, Identifier)>, String)> {
+fn verification(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Attached> {
     if args.attribution == AttributionMode::Off {
         metrics.set_attribution_mode(ModeInForce::Off);
-        return Ok((None, "attribution: off (--attribution off)".into()));
+        return Ok(Attached::off("attribution: off (--attribution off)".into()));
     }
     let attached = attach(args);
     let (attribution, resolver, layout, root) = match attached {
@@ -297,7 +401,9 @@ fn verification(
                 "CALLER VERIFICATION IS OFF: this node cannot attribute connections to pods; any process holding a pod's token gets its credentials"
             );
             metrics.set_attribution_mode(ModeInForce::Off);
-            return Ok((None, format!("attribution: off (unsupported here: {e:#})")));
+            return Ok(Attached::off(format!(
+                "attribution: off (unsupported here: {e:#})"
+            )));
         }
         Err(e) => {
             return Err(e.context(format!(
@@ -315,19 +421,19 @@ fn verification(
     metrics.set_attribution_mode(mode);
     let mode = mode.label();
     info!(mode, cgroup_root = %root.display(), "caller attribution attached");
-    let lookup: Arc<dyn OpenerLookup> = Arc::new(attribution);
-    Ok((
-        Some((
-            Verification {
-                enforce,
-                node_name: args.node_name.clone(),
-                cgroup_mount: resolver.mount().to_owned(),
-                registry: PodRegistry::default(),
-            },
-            Identifier::new(lookup, resolver, layout, metrics.clone()),
-        )),
-        format!("attribution: {mode} (attached at {})", root.display()),
-    ))
+    let attribution = Arc::new(attribution);
+    let lookup: Arc<dyn OpenerLookup> = attribution.clone();
+    Ok(Attached {
+        verification: Some(Verification {
+            enforce,
+            node_name: args.node_name.clone(),
+            cgroup_mount: resolver.mount().to_owned(),
+            registry: PodRegistry::default(),
+        }),
+        identifier: Some(Identifier::new(lookup, resolver, layout, metrics.clone())),
+        attribution: Some(attribution),
+        detail: format!("attribution: {mode} (attached at {})", root.display()),
+    })
 }
 
 fn attach(
@@ -356,12 +462,36 @@ fn attach(
     let root_id =
         CgroupResolver::id_of(&root).with_context(|| format!("stat {}", root.display()))?;
     resolver.path_of(root_id)?;
-    let attribution = Attribution::attach(&AttachOptions {
+    let mut options = AttachOptions {
         cgroup: root.clone(),
         addresses: args.bind_hosts.clone(),
         port: args.port,
         probe_port: args.probe_port,
-    })?;
+        pin_dir: args.pin_dir().map(Path::to_owned),
+    };
+    let (attribution, provenance) = match Attribution::attach(&options) {
+        Err(AttributionError::Pins(e)) => {
+            // Attribution works; only its continuity across restarts is
+            // lost. Said loudly, once, with what to do.
+            warn!(error = %e, "KERNEL PROGRAMS NOT PINNED: a restart or upgrade of this agent refuses connections opened before it; mount bpffs at --bpf-pin-dir's parent");
+            options.pin_dir = None;
+            Attribution::attach(&options)?
+        }
+        attached => attached?,
+    };
+    match provenance {
+        Provenance::Loaded => info!("kernel programs loaded (not pinned)"),
+        Provenance::Pinned {
+            generation,
+            replaced,
+        } => info!(generation, ?replaced, "kernel programs loaded and pinned"),
+        Provenance::Adopted { generation } => {
+            info!(
+                generation,
+                "kernel programs adopted as the previous agent left them"
+            )
+        }
+    }
     Ok((attribution, resolver, layout, root))
 }
 

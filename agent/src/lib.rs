@@ -24,6 +24,7 @@ pub mod caller {
     pub mod attribution;
     pub mod cgroup;
     pub(crate) mod identify;
+    pub mod pins;
     pub(crate) mod policy;
     pub mod syn;
 }
@@ -36,6 +37,13 @@ pub mod serving {
     pub(crate) mod probes;
     pub(crate) mod ratelimit;
     pub(crate) mod server;
+}
+
+/// Passing the node's listeners from a serving agent to its successor.
+pub mod handover {
+    pub mod giving;
+    pub mod taking;
+    pub mod wire;
 }
 
 /// Metrics, the audit trail, logs.

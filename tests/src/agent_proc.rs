@@ -76,9 +76,20 @@ impl AgentProcess {
             std::env::temp_dir().join(format!("epia-agent-{}.log", crate::names::unique_id()));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = netns.command(agent_binary()?)?;
-        cmd.arg("server")
-            .args(args)
-            .env_clear()
+        cmd.arg("server").args(args);
+        // The node's pin directory and handover socket, unless the test
+        // chose its own.
+        let given = |flag: &str| {
+            args.iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        if !given("--bpf-pin-dir") {
+            cmd.arg("--bpf-pin-dir").arg(netns.pin_dir());
+        }
+        if !given("--handover-socket") {
+            cmd.arg("--handover-socket").arg(netns.handover_socket());
+        }
+        cmd.env_clear()
             .envs(AGENT_ENV.iter().copied())
             .envs(env.iter().copied())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -116,6 +127,20 @@ impl AgentProcess {
         exited.context("agent exit status")
     }
 
+    /// Waits (bounded) until the agent has logged `text`; fails early if
+    /// it exits.
+    pub fn wait_for_log(&mut self, text: &str, within: Duration) -> Result<()> {
+        let log = self.log.clone();
+        let child = &mut self.child;
+        let waited = wait_for(&format!("the agent to log {text:?}"), within, || {
+            if let Some(status) = child.try_wait()? {
+                bail!("agent exited ({status})");
+            }
+            Ok(std::fs::read_to_string(&log).is_ok_and(|l| l.contains(text)))
+        });
+        waited.with_context(|| format!("agent logs:\n{}", self.logs()))
+    }
+
     fn wait_ready(&mut self, netns: &Netns) -> Result<()> {
         let probe = self.probe;
         let child = &mut self.child;
@@ -142,6 +167,12 @@ impl AgentProcess {
     /// The namespace the agent runs in (`/run/netns/…`).
     pub fn netns_path(&self) -> &str {
         &self.netns_path
+    }
+
+    /// SIGKILL, as a crash: nothing of the agent's own shutdown runs.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.child.kill().context("SIGKILL the agent")?;
+        Ok(self.child.wait()?)
     }
 
     /// SIGTERM, then wait for the exit (bounded).

@@ -6,6 +6,7 @@
 use std::{
     fs::File,
     os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
     process::Command,
 };
 
@@ -32,6 +33,21 @@ impl Netns {
 
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
+    }
+
+    /// Where the agents of this namespace — a test's node — pin their
+    /// kernel programs: one directory per node, as `/sys/fs/bpf/...` is on a
+    /// real node, so successive agents adopt each other's programs.
+    /// Removed with the namespace.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(PIN_ROOT).join(&self.name)
+    }
+
+    /// The node's handover socket (a directory per node, removed with it).
+    pub fn handover_socket(&self) -> PathBuf {
+        PathBuf::from(HANDOVER_ROOT)
+            .join(&self.name)
+            .join("handover.sock")
     }
 
     pub fn open(&self) -> Result<File> {
@@ -92,8 +108,24 @@ pub fn enter(fd: &impl AsFd) -> Result<()> {
     Ok(())
 }
 
+/// bpffs directory holding every test node's pins.
+const PIN_ROOT: &str = "/sys/fs/bpf/epia-test";
+/// Directory holding every test node's handover socket.
+const HANDOVER_ROOT: &str = "/run/epia-test";
+
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Pins left by an agent that was killed, and the handover socket.
+        for dir in [
+            self.pin_dir(),
+            PathBuf::from(HANDOVER_ROOT).join(&self.name),
+        ] {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("cleanup: {}: {e}", dir.display());
+            }
+        }
         if let Err(e) = run("ip", &["netns", "del", &self.name]) {
             eprintln!("cleanup: {e:#}");
         }

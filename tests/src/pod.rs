@@ -50,8 +50,12 @@ pub fn sdk_credentials<'a>(
     full_uri: &str,
     token_file: &Path,
 ) -> &'a mut Command {
-    cmd.arg("sdk-credentials")
-        .env_clear()
+    sdk_env(cmd.arg("sdk-credentials"), full_uri, token_file)
+}
+
+/// Gives `cmd` exactly the environment the webhook gives a pod's SDK.
+pub fn sdk_env<'a>(cmd: &'a mut Command, full_uri: &str, token_file: &Path) -> &'a mut Command {
+    cmd.env_clear()
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
         .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
         .env("AWS_EC2_METADATA_DISABLED", "true")

@@ -40,12 +40,16 @@ struct Fixture {
 fn fixture(extra_listeners: &[SocketAddr]) -> Result<Fixture> {
     let tree = CgroupTree::new()?;
     let node = Node::with_agent_addresses()?;
-    let attribution = Arc::new(Attribution::attach(&AttachOptions {
-        cgroup: tree.root().to_owned(),
-        addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
-        port: 80,
-        probe_port: 0,
-    })?);
+    let attribution = Arc::new(
+        Attribution::attach(&AttachOptions {
+            cgroup: tree.root().to_owned(),
+            addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
+            port: 80,
+            probe_port: 0,
+            pin_dir: None,
+        })?
+        .0,
+    );
     let mut listen: Vec<SocketAddr> = vec![(AGENT_V4, 80).into(), (AGENT_V6, 80).into()];
     listen.extend_from_slice(extra_listeners);
     let server = ProbeServer::start(&node.netns, &listen, attribution.clone())?;
@@ -318,7 +322,9 @@ fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> R
                     addresses: vec![AGENT_V4.into()],
                     port: 80,
                     probe_port: 0,
+                    pin_dir: None,
                 })
+                .map(|(attribution, _)| attribution)
                 .with_context(|| format!("{what}: attaching ours"))
             };
             let attach_theirs = || {

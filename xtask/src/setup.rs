@@ -56,6 +56,7 @@ pub fn setup() -> Result<()> {
     ensure_bpf_linker()?;
     ensure_manifest_validator()?;
     ensure_cargo_fuzz()?;
+    ensure_bpffs()?;
     eprintln!(
         "setup: eBPF toolchain ready (Debian rustc-web + bpf-linker {BPF_LINKER_VERSION}, LLVM {LLVM_MAJOR})"
     );
@@ -185,6 +186,26 @@ fn ensure_manifest_validator() -> Result<()> {
         "--disable-pip-version-check",
         &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
     ]))
+}
+
+/// bpffs at /sys/fs/bpf, as every Kubernetes node's systemd mounts it: the
+/// agent pins its kernel programs there so they outlive a restart, and the
+/// upgrade tests prove it. (Only root can mount; without root the
+/// privileged tests do not run anyway.)
+fn ensure_bpffs() -> Result<()> {
+    const BPFFS: &str = "/sys/fs/bpf";
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, target, kind) = (fields.next(), fields.next(), fields.next());
+        target == Some(BPFFS) && kind == Some("bpf")
+    });
+    // SAFETY: geteuid has no preconditions.
+    if mounted || unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    eprintln!("setup: mounting bpffs at {BPFFS}");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
 
 fn find_libllvm() -> Result<PathBuf> {

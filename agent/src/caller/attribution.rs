@@ -16,13 +16,18 @@ use std::{
 
 pub use agent_ebpf::Stamp;
 
-use crate::caller::syn::SavedSyn;
+use crate::caller::{pins, syn::SavedSyn};
 
-use agent_ebpf::{CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord};
+use agent_ebpf::{
+    CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord, STAMP_KEY_MAP, StampKey,
+};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{Array, HashMap, Map, MapData, MapError},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError},
+    },
 };
 use thiserror::Error;
 
@@ -132,6 +137,14 @@ pub enum AttributionError {
     StampMismatch,
     #[error("generating the stamp key failed: {0}")]
     Random(#[source] io::Error),
+    #[error("program {name}: its attachment cannot be held as a link: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error(transparent)]
+    Pins(#[from] pins::PinsError),
 }
 
 /// What to attribute and where.
@@ -145,34 +158,122 @@ pub struct AttachOptions {
     pub port: u16,
     /// The probe port on loopback, attributed too (0: not).
     pub probe_port: u16,
+    /// A bpffs directory where the attached programs and their maps are
+    /// pinned, so they outlive the process: an agent that restarts (crash,
+    /// upgrade) adopts them and attributes connections opened before it
+    /// started. `None`: they are detached when the agent exits.
+    pub pin_dir: Option<PathBuf>,
 }
 
-/// Loaded and attached programs. Dropping it detaches them.
+/// How the programs came to be attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Provenance {
+    /// Loaded and attached by this process, not pinned.
+    Loaded,
+    /// Loaded and attached by this process and pinned as `generation`;
+    /// `replaced`: older generations found in the pin directory and
+    /// removed (a different program build or configuration).
+    Pinned {
+        generation: String,
+        replaced: Vec<String>,
+    },
+    /// Already attached by a previous agent of the same build and
+    /// configuration, and adopted as they are.
+    Adopted { generation: String },
+}
+
+/// Attached programs and the view of their maps the agent needs. Dropping it
+/// detaches them unless they are pinned.
 pub struct Attribution {
     /// Locked for the get-and-delete of one lookup.
     connections: std::sync::Mutex<HashMap<MapData, u64, ConnRecord>>,
-    mac_key: [u64; 2],
-    // Owns the programs and their links; declared last so it drops last.
-    _ebpf: Ebpf,
+    mac_key: StampKey,
+    pins: Option<pins::Generation>,
+    // Own the programs and their links when they are not pinned (dropping
+    // them detaches); declared last so they drop last.
+    _links: Vec<FdLink>,
+    _ebpf: Option<Ebpf>,
 }
 
 impl Attribution {
-    /// Loads the embedded object configured for `options` and attaches it.
-    pub fn attach(options: &AttachOptions) -> Result<Attribution, AttributionError> {
+    /// Adopts the programs a previous agent pinned for the same build and
+    /// configuration, or loads the embedded object configured for `options`
+    /// and attaches it (pinning it when `options.pin_dir` says where).
+    pub fn attach(options: &AttachOptions) -> Result<(Attribution, Provenance), AttributionError> {
         raise_memlock_limit()?;
         let mut config = Config::new(&options.addresses, options.port)
             .map_err(|_| AttributionError::TooManyAddresses)?;
         config.probe_port = u32::from(options.probe_port);
-        config.mac_key = random_key().map_err(AttributionError::Random)?;
+        let Some(pin_dir) = &options.pin_dir else {
+            return Ok((Self::load(options, &config, None)?, Provenance::Loaded));
+        };
+        let generation = pins::Generation::new(
+            pin_dir,
+            EBPF_OBJECT,
+            &format!("{config:?} {}", options.cgroup.display()),
+        )?;
+        if let Some(adopted) = Self::adopt(&generation)? {
+            let name = generation.name().to_owned();
+            return Ok((adopted, Provenance::Adopted { generation: name }));
+        }
+        let attribution = Self::load(options, &config, Some(generation.clone()))?;
+        let replaced = generation.remove_others()?;
+        Ok((
+            attribution,
+            Provenance::Pinned {
+                generation: generation.name().to_owned(),
+                replaced,
+            },
+        ))
+    }
+
+    /// The previous agent's programs, if all of `generation`'s pins exist.
+    fn adopt(generation: &pins::Generation) -> Result<Option<Attribution>, AttributionError> {
+        if !generation.complete() {
+            return Ok(None);
+        }
+        let open = |name: &'static str| {
+            MapData::from_pin(generation.path(name))
+                .and_then(Map::from_map_data)
+                .map_err(AttributionError::Map)
+        };
+        let connections =
+            HashMap::try_from(open(CONNECTIONS_MAP)?).map_err(AttributionError::Map)?;
+        let keys: Array<MapData, StampKey> =
+            Array::try_from(open(STAMP_KEY_MAP)?).map_err(AttributionError::Map)?;
+        let mac_key = keys.get(&0, 0).map_err(AttributionError::Map)?;
+        Ok(Some(Attribution {
+            connections: std::sync::Mutex::new(connections),
+            mac_key,
+            pins: Some(generation.clone()),
+            _links: Vec::new(),
+            _ebpf: None,
+        }))
+    }
+
+    fn load(
+        options: &AttachOptions,
+        config: &Config,
+        pins: Option<pins::Generation>,
+    ) -> Result<Attribution, AttributionError> {
         let mut ebpf = EbpfLoader::new()
-            .override_global(CONFIG_SYMBOL, &config, true)
+            .override_global(CONFIG_SYMBOL, config, true)
             .load(EBPF_OBJECT)
             .map_err(AttributionError::Load)?;
+        // The key is in place before any program can stamp with it.
+        let mac_key = random_key().map_err(AttributionError::Random)?;
+        let mut keys: Array<&mut MapData, StampKey> = Array::try_from(
+            ebpf.map_mut(STAMP_KEY_MAP)
+                .ok_or(AttributionError::MissingMap(STAMP_KEY_MAP))?,
+        )
+        .map_err(AttributionError::Map)?;
+        keys.set(0, mac_key, 0).map_err(AttributionError::Map)?;
 
         let cgroup = File::open(&options.cgroup).map_err(|source| AttributionError::Cgroup {
             path: options.cgroup.clone(),
             source,
         })?;
+        let mut links = Vec::new();
         // Single: AllowMultiple is EINVAL here, and links coexist anyway.
         macro_rules! load_and_attach {
             ($ty:ty, $name:expr) => {{
@@ -181,28 +282,58 @@ impl Attribution {
                 program
                     .load()
                     .map_err(|source| AttributionError::Program { name, source })?;
-                program
+                let link = program
                     .attach(&cgroup, CgroupAttachMode::Single)
+                    .and_then(|id| program.take_link(id))
                     .map_err(|source| AttributionError::Attach {
                         name,
                         path: options.cgroup.clone(),
                         source,
                     })?;
+                let link = FdLink::try_from(link)
+                    .map_err(|source| AttributionError::Link { name, source })?;
+                links.push((name, link));
             }};
         }
         load_and_attach!(CgroupSockAddr, CONNECT4);
         load_and_attach!(CgroupSockAddr, CONNECT6);
         load_and_attach!(SockOps, SOCK_OPS);
 
+        let links = match &pins {
+            Some(generation) => {
+                let map = |name| ebpf.map(name).ok_or(AttributionError::MissingMap(name));
+                let maps = [
+                    (CONNECTIONS_MAP, map(CONNECTIONS_MAP)?),
+                    (STAMP_KEY_MAP, map(STAMP_KEY_MAP)?),
+                ];
+                generation.pin(&maps, links)?;
+                // The pins hold the links now.
+                Vec::new()
+            }
+            None => links.into_iter().map(|(_, link)| link).collect(),
+        };
         let map = ebpf
             .take_map(CONNECTIONS_MAP)
             .ok_or(AttributionError::MissingMap(CONNECTIONS_MAP))?;
         let connections = HashMap::try_from(map).map_err(AttributionError::Map)?;
         Ok(Attribution {
             connections: std::sync::Mutex::new(connections),
-            mac_key: config.mac_key,
-            _ebpf: ebpf,
+            mac_key,
+            pins,
+            _links: links,
+            _ebpf: Some(ebpf),
         })
+    }
+
+    /// Removes this generation's pins, detaching the programs once this
+    /// process lets go of them: for an agent that stops with no successor
+    /// (uninstalled, or replaced without a handover), so nothing of it
+    /// stays attached to the node. A no-op when not pinned.
+    pub fn unpin(&self) -> Result<(), AttributionError> {
+        match &self.pins {
+            Some(generation) => generation.remove().map_err(AttributionError::Pins),
+            None => Ok(()),
+        }
     }
 
     /// How many connection records the kernel holds: connections opened
@@ -249,7 +380,7 @@ impl OpenerLookup for Attribution {
 }
 
 /// 128 random bits from the kernel for the stamp MAC.
-fn random_key() -> io::Result<[u64; 2]> {
+fn random_key() -> io::Result<StampKey> {
     let mut bytes = [0u8; 16];
     let mut filled = 0;
     while filled < bytes.len() {

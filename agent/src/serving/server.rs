@@ -79,18 +79,29 @@ pub fn bind(addr: SocketAddr, save_syns: bool) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Binds every host; failures are returned, not fatal (one address family
-/// missing must not take the other down).
-pub fn bind_all(
+/// A listening socket inherited from the agent this one took over from,
+/// made ready for this agent's accept loop.
+pub fn adopt(listener: std::net::TcpListener, save_syns: bool) -> io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    if save_syns {
+        syn::save_syns(&listener)?;
+    }
+    TcpListener::from_std(listener)
+}
+
+/// Opens every host with `open` (bind, or adopt an inherited socket);
+/// failures are returned, not fatal (one address family missing must not
+/// take the other down).
+pub fn open_all(
     hosts: &[IpAddr],
     port: u16,
-    save_syns: bool,
+    mut open: impl FnMut(SocketAddr) -> io::Result<TcpListener>,
 ) -> (Vec<TcpListener>, Vec<(SocketAddr, io::Error)>) {
     let mut bound = Vec::new();
     let mut failed = Vec::new();
     for host in hosts {
         let addr = SocketAddr::new(*host, port);
-        match bind(addr, save_syns) {
+        match open(addr) {
             Ok(l) => bound.push(l),
             Err(e) => failed.push((addr, e)),
         }
@@ -98,7 +109,17 @@ pub fn bind_all(
     (bound, failed)
 }
 
-/// Accepts on `listener` until `stop` flips. Accepting never waits: each
+/// Whether the listeners accept: `Paused` once a successor agent accepts on
+/// the same sockets (this agent then only finishes its connections, each
+/// answered with `Connection: close`), `Stop` at shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepting {
+    Yes,
+    Paused,
+    Stop,
+}
+
+/// Accepts on `listener` while `accepting` says so, until it says `Stop`. Accepting never waits: each
 /// connection gets its own task, which reads the SYN's stamp and asks
 /// `admit` for the connection's context (who is calling, its place in the
 /// budget); `None` closes the connection at once. Admitted connections are
@@ -108,7 +129,7 @@ pub async fn serve<A, C, H, F>(
     listener: TcpListener,
     limits: HttpLimits,
     graceful: Arc<GracefulShutdown>,
-    mut stop: watch::Receiver<bool>,
+    mut accepting: watch::Receiver<Accepting>,
     admit: A,
     handle: H,
 ) where
@@ -129,8 +150,21 @@ pub async fn serve<A, C, H, F>(
     // Asked once: a listener that keeps no SYNs has none to read.
     let saves_syns = syn::saves_syns(&listener);
     loop {
+        let now = *accepting.borrow_and_update();
+        match now {
+            Accepting::Yes => {}
+            Accepting::Stop => return,
+            Accepting::Paused => {
+                // The socket stays open (the successor accepts on it), and
+                // this agent takes it back if the successor goes.
+                if accepting.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         let (stream, peer) = tokio::select! {
-            _ = stop.changed() => return,
+            _ = accepting.changed() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -143,6 +177,7 @@ pub async fn serve<A, C, H, F>(
         };
         let (builder, admit, handle) = (builder.clone(), admit.clone(), handle.clone());
         let (watcher, first_request) = (graceful.watcher(), limits.first_request_timeout);
+        let draining = accepting.clone();
         tokio::spawn(async move {
             let Ok(local) = stream.local_addr() else {
                 return;
@@ -183,7 +218,21 @@ pub async fn serve<A, C, H, F>(
             let context = Arc::new(context);
             let service = service_fn(move |req| {
                 let response = handle(context.clone(), req);
-                async move { Ok::<_, Infallible>(response.await) }
+                let draining = draining.clone();
+                async move {
+                    let mut response = response.await;
+                    // Handed over: this answer is the connection's last, so
+                    // the client opens its next one to the successor. (An
+                    // idle connection is left to its client or to the
+                    // shutdown grace: closing it now could race a request.)
+                    if *draining.borrow() != Accepting::Yes {
+                        response.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {

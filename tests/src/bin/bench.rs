@@ -123,7 +123,9 @@ fn run() -> Result<()> {
         addresses: vec![AGENT_V4.into(), AGENT_V6.into()],
         port: 80,
         probe_port: 0,
-    })?;
+        pin_dir: None,
+    })?
+    .0;
     let with_other = best(|| connect_ns(cgroup, &net.netns, other))?;
     let with_ours = best(|| connect_ns(cgroup, &net.netns, ours))?;
     drop(attached);

@@ -321,3 +321,48 @@ pub fn socket_get(addr: &str, token_file: &str, kind: &str) -> Result<(), String
     println!("{status}");
     Ok(())
 }
+
+/// `squat ADDR`: what a root process on the node tries to receive the
+/// agent's connections — bind ADDR's port on ADDR itself and on the
+/// wildcard address, plainly, with `SO_REUSEADDR` and with `SO_REUSEPORT`
+/// (joining a reuseport group) — and listen. Prints, per attempt, `"bound"`
+/// or the error kind it got.
+pub fn squat(addr: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let wildcard = SocketAddr::new(
+        match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        },
+        addr.port(),
+    );
+    let mut outcomes = serde_json::Map::new();
+    for (name, target, reuseaddr, reuseport) in [
+        ("plain", addr, false, false),
+        ("reuseaddr", addr, true, false),
+        ("reuseport", addr, false, true),
+        ("reuseaddr+reuseport", addr, true, true),
+        ("wildcard-reuseaddr", wildcard, true, false),
+        ("wildcard-reuseport", wildcard, false, true),
+    ] {
+        let attempt = (|| -> std::io::Result<Socket> {
+            let socket = Socket::new(
+                Domain::for_address(target),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
+            socket.set_reuse_address(reuseaddr)?;
+            socket.set_reuse_port(reuseport)?;
+            socket.bind(&target.into())?;
+            socket.listen(16)?;
+            Ok(socket)
+        })();
+        let outcome = match attempt {
+            Ok(_) => "bound".to_owned(),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        outcomes.insert(name.to_owned(), outcome.into());
+    }
+    println!("{}", serde_json::Value::Object(outcomes));
+    Ok(())
+}

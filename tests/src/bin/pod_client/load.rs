@@ -169,3 +169,94 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Result<u16, String> {
     reader.read_exact(&mut body).map_err(|e| e.to_string())?;
     Ok(status)
 }
+
+/// `sdk-load SECONDS fresh|shared`: the real SDK's container credentials
+/// provider, configured by the webhook's environment, fetching credentials
+/// back to back for SECONDS — `fresh`: a new provider (so a new connection)
+/// per fetch; `shared`: one provider, whose HTTP client keeps its
+/// connection alive between fetches. Every failed fetch is counted by its
+/// error (what a pod's first AWS call would have failed with).
+pub fn sdk_load(seconds: &str, mode: &str) -> Result<(), String> {
+    use aws_config::ecs::EcsCredentialsProvider;
+    use aws_credential_types::provider::ProvideCredentials as _;
+
+    let seconds: f64 = parse(seconds)?;
+    let fresh = match mode {
+        "fresh" => true,
+        "shared" => false,
+        other => {
+            return Err(format!(
+                "sdk-load: mode {other:?} is neither fresh nor shared"
+            ));
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let until = Instant::now() + Duration::from_secs_f64(seconds);
+        let mut shared = EcsCredentialsProvider::builder().build();
+        let mut tally = Tally::default();
+        while Instant::now() < until {
+            if fresh {
+                shared = EcsCredentialsProvider::builder().build();
+            }
+            let started = Instant::now();
+            let outcome = shared
+                .provide_credentials()
+                .await
+                .map(|_| 200)
+                .map_err(|e| {
+                    let text =
+                        aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+                    text.chars().take(160).collect::<String>()
+                });
+            tally.record(started.elapsed(), outcome);
+        }
+        println!("{}", tally.into_json());
+        Ok(())
+    })
+}
+
+/// `outage ADDR TOKEN_FILE SECONDS`: credential requests back to back (a
+/// new connection each) until one fails and a later one is served again,
+/// for at most SECONDS. Prints `served` after its first 200 (so the caller
+/// knows it runs), then `{"outage_ms": …}`: from the first failed request to
+/// the next one served — what a pod sees of an agent restart.
+pub fn outage(addr: &str, token_file: &str, seconds: &str) -> Result<(), String> {
+    let addr: SocketAddr = parse(addr)?;
+    let seconds: f64 = parse(seconds)?;
+    let token = token(token_file)?;
+    let host = harness::http::host_header(addr);
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut said_served = false;
+    let mut first_failure = None;
+    while Instant::now() < until {
+        let served = harness::http::request(
+            addr,
+            "GET",
+            "/v1/credentials",
+            &[("Host", &host), ("Authorization", &token)],
+        )
+        .is_ok_and(|r| r.status == 200);
+        match (served, first_failure) {
+            (true, None) if !said_served => {
+                println!("served");
+                said_served = true;
+            }
+            (true, Some(failed)) => {
+                let outage: Duration = Instant::now() - failed;
+                println!(
+                    "{}",
+                    serde_json::json!({ "outage_ms": outage.as_secs_f64() * 1000.0 })
+                );
+                return Ok(());
+            }
+            (false, None) if said_served => first_failure = Some(Instant::now()),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    println!("{}", serde_json::json!({ "outage_ms": null }));
+    Ok(())
+}

@@ -11,9 +11,12 @@
 //!   requests; prints how many got each status.
 //! * `pod-client connect-bench ADDR COUNT`: COUNT connect/close; prints ns.
 //! * `pod-client http-load ADDR PATH TOKEN_FILE SECONDS`,
-//!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`: see `load`.
+//!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`,
+//!   `pod-client outage ADDR TOKEN_FILE SECONDS`,
+//!   `pod-client sdk-load SECONDS fresh|shared` (the SDK's provider, with the
+//!   environment of `sdk-credentials`): see `load`.
 //! * `pod-client as-user UID CGROUP SUBCOMMAND…`, `userns-spray …`,
-//!   `userns-hold …`, `hold …`, `socket-get …`: what a hostile process
+//!   `userns-hold …`, `hold …`, `socket-get …`, `squat …`: what a hostile process
 //!   does; see `hostile`.
 
 mod hostile;
@@ -47,6 +50,11 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, addr, count] if cmd == "connect-bench" => connect_bench(addr, count),
         [cmd, addr, path, token_file, seconds] if cmd == "http-load" => {
             load::http_load(addr, path, token_file, seconds)
+        }
+        [cmd, seconds, mode] if cmd == "sdk-load" => load::sdk_load(seconds, mode),
+        [cmd, addr] if cmd == "squat" => hostile::squat(addr),
+        [cmd, addr, token_file, seconds] if cmd == "outage" => {
+            load::outage(addr, token_file, seconds)
         }
         [cmd, addr, token_file, count, pause] if cmd == "keepalive" => {
             load::keepalive(addr, token_file, count, pause)

@@ -1,0 +1,121 @@
+//! The starting agent's side: if an agent serves on this node, take its
+//! listening sockets instead of binding new ones, and tell it when this
+//! agent accepts on them.
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use crate::handover::wire::{self, Message, WireError};
+
+/// How long the serving agent may take to answer the hello.
+const ANSWER: Duration = Duration::from_secs(10);
+
+/// The listening sockets taken from the serving agent, and the connection
+/// to it (it keeps accepting until told this agent serves).
+pub struct Inherited {
+    listeners: Vec<(SocketAddr, TcpListener)>,
+    predecessor: UnixStream,
+    pid: i32,
+}
+
+/// Asks the agent serving at `path` for its listeners. `Ok(None)`: no agent
+/// serves there (first start, or the previous one died).
+pub fn take_over(path: &Path) -> Result<Option<Inherited>, WireError> {
+    let stream = match UnixStream::connect(path) {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pid = wire::require_root_peer(&stream)?;
+    wire::send(
+        &stream,
+        &Message::Hello {
+            version: wire::VERSION,
+        },
+        &[],
+    )?;
+    let (addresses, fds) = match wire::receive(&stream, Some(ANSWER))? {
+        (Message::Listeners { addresses }, fds) => (addresses, fds),
+        (other, _) => return Err(WireError::Unexpected(other)),
+    };
+    if fds.len() != addresses.len() {
+        return Err(WireError::Descriptors(fds.len(), addresses.len()));
+    }
+    let mut listeners = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let listener = TcpListener::from(fd);
+        // The kernel's word for what the socket is, not the message's.
+        let addr = listener.local_addr()?;
+        listeners.push((addr, listener));
+    }
+    Ok(Some(Inherited {
+        listeners,
+        predecessor: stream,
+        pid,
+    }))
+}
+
+impl Inherited {
+    /// The inherited listener bound to `addr`, if any.
+    pub fn take(&mut self, addr: SocketAddr) -> Option<TcpListener> {
+        let at = self.listeners.iter().position(|(a, _)| *a == addr)?;
+        Some(self.listeners.swap_remove(at).1)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Tells the previous agent that this one accepts now; listeners not
+    /// taken (an address this agent no longer serves) are closed here and
+    /// go when the previous agent exits.
+    pub fn serving(self) -> Result<Predecessor, WireError> {
+        wire::send(&self.predecessor, &Message::Serving, &[])?;
+        Ok(Predecessor {
+            stream: self.predecessor,
+        })
+    }
+}
+
+/// The agent this one took over from, while it finishes its connections.
+/// Dropping this closes the connection: if it still runs, it takes that for
+/// this agent's death and accepts again.
+pub struct Predecessor {
+    stream: UnixStream,
+}
+
+impl Predecessor {
+    /// Whether the previous agent still runs (its end of the connection is
+    /// open).
+    pub fn is_alive(&self) -> bool {
+        let mut byte = [0u8; 1];
+        // SAFETY: a peek of at most one byte into a local buffer.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Says this agent passed the listeners on to a successor, so the
+    /// predecessor must not take them back when this agent exits.
+    pub fn handed_on(&self) {
+        let _ = wire::send(&self.stream, &Message::HandedOn, &[]);
+    }
+}

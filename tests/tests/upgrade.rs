@@ -1,0 +1,269 @@
+//! Upgrades and crashes, with the real agent binary, the real SDK in pods
+//! and the real kernel: a new agent takes the listening sockets and the
+//! pinned kernel programs from the one serving, so an upgrade fails no
+//! request and refuses no one; a killed agent's successor adopts the
+//! programs, so only the seconds without a listener are lost.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use harness::{
+    agent_proc::AgentProcess, cluster::Who, netns::Netns, pod::sdk_env, served::Served,
+    topology::AGENT_V4, wait::wait_for,
+};
+use serde_json::Value;
+
+const NODE: &str = "node-up";
+const V4_URI: &str = "http://169.254.170.23/v1/credentials";
+/// Every pod fetches as fast as it can: no rate limit may answer 429.
+const UNLIMITED: [&str; 2] = ["--pod-rate-limit=0", "--max-request-rate=0"];
+
+/// The real SDK fetching credentials for `seconds` from `who`'s pod
+/// (`fresh`: a new connection per fetch; `shared`: one kept alive).
+fn sdk_load(env: &Served, who: Who, seconds: u32, mode: &str) -> Result<Child> {
+    let (cgroup, netns) = env.placement(who);
+    let file = env.token_file(&env.own_token(who)?)?;
+    let mut cmd = env.pod_client(cgroup, netns)?;
+    sdk_env(&mut cmd, V4_URI, &file)
+        .args(["sdk-load", &seconds.to_string(), mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn pod-client sdk-load")
+}
+
+fn tally(child: Child, what: &str) -> Result<Value> {
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{what}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("{what}: output {stdout:?}"))
+}
+
+/// Credential requests `agent` has audited (its own log, one line each).
+fn served_by(agent: &AgentProcess) -> usize {
+    agent
+        .logs()
+        .lines()
+        .filter(|l| l.contains("credential request"))
+        .count()
+}
+
+/// The loads every test here runs: pods A (own netns) and B (hostNetwork),
+/// each with a new connection per fetch and with one kept alive.
+fn loads(env: &Served, seconds: u32) -> Result<Vec<(String, Child)>> {
+    let mut loads = Vec::new();
+    for who in [Who::A, Who::B] {
+        for mode in ["fresh", "shared"] {
+            loads.push((
+                format!("{who:?} {mode}"),
+                sdk_load(env, who, seconds, mode)?,
+            ));
+        }
+    }
+    Ok(loads)
+}
+
+fn still_running(loads: &mut [(String, Child)]) -> Result<()> {
+    for (what, child) in loads {
+        ensure!(
+            child.try_wait()?.is_none(),
+            "load {what} ended before the last agent change: lengthen it"
+        );
+    }
+    Ok(())
+}
+
+/// `pod-client squat` as root in `cgroup` on the node: every way to bind
+/// the served address and port, and what each got.
+fn squat(env: &Served, cgroup: &Path, netns: &Netns) -> Result<Value> {
+    let target = SocketAddr::from((AGENT_V4, 80)).to_string();
+    let out = env
+        .pod_client(cgroup, netns)?
+        .args(["squat", &target])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "squat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<()> {
+    harness::require_privilege!();
+    let mut env = Served::start(NODE, "enforce", &UNLIMITED)?;
+    let intruder = env.tree.create("system.slice/squatter.service")?;
+    let mut loads = loads(&env, 40)?;
+    let mut handovers = Vec::new();
+    for round in 0..5 {
+        let before = served_by(&env.agent);
+        wait_for(
+            "the serving agent to serve",
+            Duration::from_secs(30),
+            || Ok(served_by(&env.agent) > before),
+        )?;
+        let started = Instant::now();
+        let args = env.agent_args("enforce", &UNLIMITED);
+        // Its readiness probe would be answered by the serving agent too:
+        // it is ready when it says it took over.
+        let mut successor = AgentProcess::spawn(&env.node.netns, &args, None)?;
+        successor.wait_for_log(
+            "took over from the agent serving on this node",
+            Duration::from_secs(60),
+        )?;
+        let ready = started.elapsed();
+        ensure!(
+            successor.logs().contains("kernel programs adopted"),
+            "round {round}: the successor did not adopt the programs:\n{}",
+            successor.logs()
+        );
+        // Both agents run: nobody else can bind the port, either way.
+        let squatted = squat(&env, &intruder, &env.node.netns)?;
+        for (attempt, outcome) in squatted.as_object().context("squat output")? {
+            ensure!(
+                outcome != "bound",
+                "round {round}: a root process bound {attempt}: {squatted}"
+            );
+        }
+        let mut predecessor = std::mem::replace(&mut env.agent, successor);
+        predecessor.terminate(Duration::from_secs(30))?;
+        let after = served_by(&env.agent);
+        wait_for("the successor to serve", Duration::from_secs(30), || {
+            Ok(served_by(&env.agent) > after)
+        })?;
+        handovers.push(ready);
+    }
+    still_running(&mut loads)?;
+    for (what, child) in loads {
+        let tally = tally(child, &what)?;
+        let statuses = tally["statuses"].as_object().context("statuses")?;
+        ensure!(
+            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
+            "{what}: {tally}"
+        );
+        ensure!(
+            tally["errors"].as_object().is_some_and(|e| e.is_empty()),
+            "{what} failed requests across handovers: {tally}"
+        );
+    }
+    let refused: Vec<Value> = env
+        .audit()?
+        .into_iter()
+        .filter(|e| e["decision"] != "allow")
+        .collect();
+    ensure!(refused.is_empty(), "refused across handovers: {refused:?}");
+    let squatted = squat(&env, &intruder, &env.node.netns)?;
+    for (attempt, outcome) in squatted.as_object().context("squat output")? {
+        ensure!(
+            outcome != "bound",
+            "after the handovers, a root process bound {attempt}: {squatted}"
+        );
+    }
+    eprintln!("successor start → ready, per handover: {handovers:?}");
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
+    harness::require_privilege!();
+    let mut env = Served::start(NODE, "enforce", &UNLIMITED)?;
+    let mut loads = loads(&env, 40)?;
+    let target = SocketAddr::from((AGENT_V4, 80)).to_string();
+    let token = env.token_file(&env.own_token(Who::A)?)?;
+    let mut windows = Vec::new();
+    for round in 0..5 {
+        let before = served_by(&env.agent);
+        wait_for("the agent to serve", Duration::from_secs(30), || {
+            Ok(served_by(&env.agent) > before)
+        })?;
+        // Pod A's view: from its first failed request to its next served.
+        let (cgroup, netns) = env.placement(Who::A);
+        let mut watcher = env
+            .pod_client(cgroup, netns)?
+            .args(["outage", &target, &token.to_string_lossy(), "60"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(watcher.stdout.as_mut().context("stdout")?),
+            &mut first,
+        )?;
+        ensure!(first.trim() == "served", "outage watcher: {first:?}");
+        env.agent.kill()?;
+        // What the kubelet does: start the container again at once.
+        let args = env.agent_args("enforce", &UNLIMITED);
+        env.agent = AgentProcess::spawn(&env.node.netns, &args, None)?;
+        let seen = tally(watcher, "outage watcher")?;
+        let outage = seen["outage_ms"].as_f64().context("no outage seen")?;
+        windows.push(Duration::from_secs_f64(outage / 1000.0));
+        ensure!(
+            env.agent.logs().contains("kernel programs adopted"),
+            "round {round}: the restarted agent did not adopt the programs:\n{}",
+            env.agent.logs()
+        );
+    }
+    still_running(&mut loads)?;
+    for (what, child) in loads {
+        let tally = tally(child, &what)?;
+        let statuses = tally["statuses"].as_object().context("statuses")?;
+        // The SDK's own retries ride out part of each window; what they
+        // cannot is counted, never a refusal.
+        ensure!(
+            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
+            "{what}: {tally}"
+        );
+        eprintln!("{what} across 5 crashes: {tally}");
+    }
+    let refused: Vec<Value> = env
+        .audit()?
+        .into_iter()
+        .filter(|e| e["decision"] != "allow")
+        .collect();
+    ensure!(refused.is_empty(), "refused across crashes: {refused:?}");
+    windows.sort();
+    eprintln!(
+        "crash window (SIGKILL → served again), median of 5: {:?} (all: {windows:?})",
+        windows[2]
+    );
+    Ok(())
+}
+
+#[test]
+fn init_with_an_agent_serving_changes_nothing() -> Result<()> {
+    harness::require_privilege!();
+    let env = Served::start(NODE, "enforce", &[])?;
+    let links = || -> Result<Vec<u8>> {
+        let mut state = Vec::new();
+        for what in ["link", "addr", "route"] {
+            let out = env
+                .node
+                .netns
+                .command("ip")?
+                .args(["-j", what, "show"])
+                .output()?;
+            ensure!(out.status.success(), "ip {what}");
+            state.extend(out.stdout);
+        }
+        Ok(state)
+    };
+    let before = links()?;
+    harness::agent_proc::init_node(&env.node.netns)?;
+    ensure!(
+        links()? == before,
+        "init changed the node's links, addresses or routes while an agent served"
+    );
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    Ok(())
+}
