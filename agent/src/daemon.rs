@@ -21,7 +21,7 @@ use crate::{
     capabilities,
     config::{AttributionMode, ModeInForce, ServerArgs},
     credentials::{CacheOptions, CredentialCache},
-    handover::{self, giving::HandedOver, taking::Predecessor},
+    handover::{self, taking::Predecessor},
     hygiene::PodRegistry,
     link::Netlink,
     node_credentials::RotatingSharedCredentials,
@@ -243,9 +243,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let handed_over = match args.handover_socket() {
+    let offer = match args.handover_socket() {
         Some(path) => match handover::giving::offer(path.to_owned(), offered, accepting.clone()) {
-            Ok(handed_over) => Some(handed_over),
+            Ok(offer) => Some(offer),
             Err(e) => {
                 warn!(error = %e, path = %path.display(), "cannot offer a handover: the next agent will bind its own listeners once this one is gone");
                 None
@@ -257,11 +257,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     info!(grace = ?args.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
     accepting.send_replace(Accepting::Stop);
-    let succeeded = handed_over.as_ref().is_some_and(HandedOver::get);
+    // Settled before anything else: a successor in the middle of taking
+    // over finishes, and from here on none can.
+    let succeeded = match offer {
+        Some(offer) => tokio::task::spawn_blocking(move || offer.close())
+            .await
+            .unwrap_or(false),
+        None => false,
+    };
+    refresher.abort();
+    housekeeping.abort();
+    while tasks.join_next().await.is_some() {}
+    let graceful = Arc::try_unwrap(graceful)
+        .map_err(|_| anyhow::anyhow!("listeners still hold the shutdown handle"))?;
+    match tokio::time::timeout(args.shutdown_grace, graceful.shutdown()).await {
+        Ok(()) => info!("all connections finished"),
+        Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
+    }
     match (&predecessor, succeeded) {
         (Some(predecessor), true) => predecessor.handed_on(),
         // No agent takes over from us and none is left to take back: the
-        // programs go with us (an uninstall leaves nothing attached).
+        // programs go with us (an uninstall leaves nothing attached). Last,
+        // once every connection this agent accepted has been answered.
         (predecessor, false) if !predecessor.as_ref().is_some_and(Predecessor::is_alive) => {
             if let Some(attribution) = &attribution {
                 match attribution.unpin() {
@@ -271,15 +288,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
         _ => {}
-    }
-    refresher.abort();
-    housekeeping.abort();
-    while tasks.join_next().await.is_some() {}
-    let graceful = Arc::try_unwrap(graceful)
-        .map_err(|_| anyhow::anyhow!("listeners still hold the shutdown handle"))?;
-    match tokio::time::timeout(args.shutdown_grace, graceful.shutdown()).await {
-        Ok(()) => info!("all connections finished"),
-        Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
     Ok(())
 }

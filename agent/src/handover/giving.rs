@@ -13,10 +13,7 @@ use std::{
         unix::{fs::PermissionsExt as _, net::UnixListener},
     },
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -33,14 +30,58 @@ use crate::{
 const SUCCESSOR_START: Duration = Duration::from_secs(60);
 const HELLO: Duration = Duration::from_secs(5);
 
-/// Whether this agent handed its listeners to a successor that is still
-/// serving them (so its kernel programs must stay pinned when it exits).
-#[derive(Clone, Default)]
-pub struct HandedOver(Arc<AtomicBool>);
+/// Where the offer stands. Shutdown and a handover in progress must agree:
+/// an agent that stops must know whether a successor now relies on its
+/// pinned kernel programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Open,
+    Giving,
+    HandedOver,
+    Closed,
+}
 
-impl HandedOver {
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+/// The offer's state, shared by the handover thread and shutdown.
+#[derive(Clone)]
+pub struct Offer(Arc<(Mutex<Phase>, Condvar)>);
+
+impl Offer {
+    fn new() -> Offer {
+        Offer(Arc::new((Mutex::new(Phase::Open), Condvar::new())))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Phase> {
+        // A plain enum cannot be left half-written by a panic.
+        self.0.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.lock() = phase;
+        self.0.1.notify_all();
+    }
+
+    /// Starts a handover unless shutdown closed the offer.
+    fn begin(&self) -> bool {
+        let mut phase = self.lock();
+        if *phase == Phase::Closed {
+            return false;
+        }
+        *phase = Phase::Giving;
+        true
+    }
+
+    /// Closes the offer at shutdown, first letting a handover in progress
+    /// finish (bounded); returns whether a successor serves the listeners.
+    pub fn close(&self) -> bool {
+        let guard = self.lock();
+        let (mut phase, _) = self
+            .0
+            .1
+            .wait_timeout_while(guard, SUCCESSOR_START, |p| *p == Phase::Giving)
+            .unwrap_or_else(PoisonError::into_inner);
+        let handed_over = *phase == Phase::HandedOver;
+        *phase = Phase::Closed;
+        handed_over
     }
 }
 
@@ -50,14 +91,14 @@ pub fn offer(
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
-) -> io::Result<HandedOver> {
-    let handed_over = HandedOver::default();
+) -> io::Result<Offer> {
+    let offer = Offer::new();
     let socket = bind_private(&path)?;
-    let state = handed_over.clone();
+    let state = offer.clone();
     std::thread::Builder::new()
         .name("handover".into())
         .spawn(move || give_forever(socket, &path, &listeners, &accepting, &state))?;
-    Ok(handed_over)
+    Ok(offer)
 }
 
 fn give_forever(
@@ -65,7 +106,7 @@ fn give_forever(
     path: &Path,
     listeners: &[(SocketAddr, OwnedFd)],
     accepting: &watch::Sender<Accepting>,
-    handed_over: &HandedOver,
+    offer: &Offer,
 ) {
     let addresses: Vec<String> = listeners.iter().map(|(a, _)| a.to_string()).collect();
     let fds: Vec<RawFd> = listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
@@ -78,18 +119,22 @@ fn give_forever(
                 continue;
             }
         };
+        if !offer.begin() {
+            // Shutting down: the successor binds once this agent is gone.
+            return;
+        }
         let pid = match give(&stream, &addresses, &fds) {
             Ok(pid) => pid,
             Err(e) => {
+                offer.set(Phase::Open);
                 warn!(error = %e, "a handover attempt failed; still serving");
                 continue;
             }
         };
-        if *accepting.borrow() == Accepting::Stop {
-            return;
+        if *accepting.borrow() != Accepting::Stop {
+            accepting.send_replace(Accepting::Paused);
         }
-        handed_over.0.store(true, Ordering::SeqCst);
-        accepting.send_replace(Accepting::Paused);
+        offer.set(Phase::HandedOver);
         info!(
             successor_pid = pid,
             "handed the listeners over; no longer accepting, finishing this agent's connections"
@@ -102,9 +147,11 @@ fn give_forever(
                 );
                 return;
             }
-            _ if *accepting.borrow() == Accepting::Stop => return,
             _ => {
-                handed_over.0.store(false, Ordering::SeqCst);
+                if !offer.begin() {
+                    return;
+                }
+                offer.set(Phase::Open);
                 accepting.send_replace(Accepting::Yes);
                 warn!(
                     successor_pid = pid,
