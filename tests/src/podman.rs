@@ -207,6 +207,9 @@ pub struct Placement<'a> {
     pub seccomp_root: &'a Path,
     /// Values for the container's `valueFrom` env entries, by name.
     pub downward: &'a [(&'a str, &'a str)],
+    /// Other hostPaths the test gives the container a private stand-in
+    /// for (the node's bpffs directory, the handover directory), by path.
+    pub host_paths: &'a [(&'a str, PathBuf)],
 }
 
 /// `podman run` flags for the manifest's `container` of `pod_spec`: its
@@ -282,10 +285,14 @@ pub fn run_flags(pod_spec: &Value, container: &Value, at: &Placement) -> Result<
         let host = volume["hostPath"]["path"]
             .as_str()
             .with_context(|| format!("volume {name} is not a hostPath"))?;
-        let host = if host == "/sys/fs/cgroup" {
-            at.cgroup2_mount.to_owned()
-        } else {
-            PathBuf::from(host)
+        let host = match at.host_paths.iter().find(|(path, _)| *path == host) {
+            _ if host == "/sys/fs/cgroup" => at.cgroup2_mount.to_owned(),
+            Some((_, stand_in)) => {
+                std::fs::create_dir_all(stand_in)
+                    .with_context(|| format!("create {}", stand_in.display()))?;
+                stand_in.clone()
+            }
+            None => PathBuf::from(host),
         };
         let mut spec = format!(
             "{}:{}",

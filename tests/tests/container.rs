@@ -65,11 +65,27 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     let cgroup2 = cluster.tree.mount().to_owned();
     let seccomp_root = repo().join("deploy");
     let downward = [("NODE_NAME", NODE)];
+    // The node's bpffs and handover directories, private to this test (and
+    // removed with its node namespace).
+    let host_paths = [
+        ("/sys/fs/bpf", cluster.node.netns.pin_dir()),
+        (
+            "/run/eks-pod-identity-agent",
+            cluster
+                .node
+                .netns
+                .handover_socket()
+                .parent()
+                .context("handover dir")?
+                .to_owned(),
+        ),
+    ];
     let at = Placement {
         netns_path: &netns_path,
         cgroup2_mount: &cgroup2,
         seccomp_root: &seccomp_root,
         downward: &downward,
+        host_paths: &host_paths,
     };
 
     // The init container: the link and the addresses.
@@ -198,25 +214,60 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
             .contains(r#"pod_identity_attribution_mode{mode="enforce"} 1"#)
     );
 
-    // SIGTERM: a clean exit within the grace period.
+    // A surge update as the DaemonSet rolls one: a second server container
+    // from the same manifest starts beside the first, takes its listening
+    // sockets and adopts its pinned kernel programs; then the first gets
+    // SIGTERM and exits cleanly within the grace period; pods are served
+    // by the second, which stops as cleanly.
     let grace = pod_spec["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap_or(30);
-    let asked = Instant::now();
-    let out = podman::podman()
-        .args(["stop", "-t", &grace.to_string(), &container.name])
-        .output()?;
-    ensure!(out.status.success(), "podman stop failed");
-    let took = asked.elapsed();
-    let exit = podman::podman()
-        .args(["inspect", "-f", "{{.State.ExitCode}}", &container.name])
-        .output()?;
-    let code = String::from_utf8_lossy(&exit.stdout).trim().to_owned();
+    let stop = |container: &Container| -> Result<()> {
+        let asked = Instant::now();
+        let out = podman::podman()
+            .args(["stop", "-t", &grace.to_string(), &container.name])
+            .output()?;
+        ensure!(out.status.success(), "podman stop failed");
+        let took = asked.elapsed();
+        let exit = podman::podman()
+            .args(["inspect", "-f", "{{.State.ExitCode}}", &container.name])
+            .output()?;
+        let code = String::from_utf8_lossy(&exit.stdout).trim().to_owned();
+        ensure!(
+            code == "0" && took < Duration::from_secs(grace),
+            "SIGTERM: exit {code} after {took:?}\n{}",
+            container.logs()
+        );
+        Ok(())
+    };
+    let successor = Container::new("epia-agent-next-");
+    start(server, &successor, &[])?;
+    wait_for(
+        "the new container to take over",
+        Duration::from_secs(60),
+        || {
+            Ok(successor
+                .logs()
+                .contains("took over from the agent serving on this node"))
+        },
+    )
+    .with_context(|| format!("new container logs:\n{}", successor.logs()))?;
     ensure!(
-        code == "0" && took < Duration::from_secs(grace),
-        "SIGTERM: exit {code} after {took:?}\n{}",
-        container.logs()
+        successor.logs().contains("kernel programs adopted"),
+        "the new container did not adopt the pinned programs:\n{}",
+        successor.logs()
     );
+    stop(&container)?;
+    for who in [Who::A, Who::B] {
+        let out = sdk(who, &cluster.own_token(who)?)?;
+        ensure!(
+            out.status.success(),
+            "pod {who:?} after the update: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            successor.logs()
+        );
+    }
+    stop(&successor)?;
 
     // What must fail, fails, naming why: each capability removed in turn …
     for cap in podman::strings(&server["securityContext"]["capabilities"]["add"]) {

@@ -124,6 +124,34 @@ fn manifest_flags_are_flags_the_binary_accepts() -> Result<()> {
             server["resources"]["limits"]["memory"].is_null(),
             "{name}: a memory limit can OOM-kill a node-critical agent"
         );
+        // A surge update: the new pod must fit beside the old one, so no
+        // container declares a port (hostNetwork turns them into host
+        // ports, which the scheduler will not give twice).
+        let strategy = &ds["spec"]["updateStrategy"];
+        assert_eq!(strategy["type"], "RollingUpdate", "{name}");
+        assert_eq!(
+            strategy["rollingUpdate"]["maxUnavailable"].as_u64(),
+            Some(0),
+            "{name}"
+        );
+        assert!(
+            !strategy["rollingUpdate"]["maxSurge"].is_null(),
+            "{name}: maxSurge"
+        );
+        for kind in ["initContainers", "containers"] {
+            for c in pod_spec(&ds)[kind].as_sequence().into_iter().flatten() {
+                assert!(c["ports"].is_null(), "{name}: {kind} declares ports");
+            }
+        }
+        let mounts: Vec<&str> = server["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["mountPath"].as_str())
+            .collect();
+        for needed in ["/sys/fs/bpf", "/run/eks-pod-identity-agent"] {
+            assert!(mounts.contains(&needed), "{name}: {needed} not mounted");
+        }
         let hybrid = name.contains("hybrid");
         assert_eq!(
             args_of(server)
@@ -140,17 +168,15 @@ fn manifest_flags_are_flags_the_binary_accepts() -> Result<()> {
     assert_eq!(spec["priorityClassName"], "system-node-critical");
     let server = container(&ds, "containers");
     let args = args_of(server);
-    for (flag, port_name) in [
-        ("--probe-port=2703", "probes"),
-        ("--metrics-port=2705", "metrics"),
-    ] {
+    for flag in ["--probe-port=2703", "--metrics-port=2705"] {
         assert!(args.iter().any(|a| a == flag), "{flag} missing");
-        let port = flag.rsplit('=').next().unwrap_or_default().parse::<u64>()?;
-        let declared = server["ports"]
-            .as_sequence()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == port_name))
-            .and_then(|p| p["containerPort"].as_u64());
-        assert_eq!(declared, Some(port), "{port_name} port");
+    }
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            server[probe]["httpGet"]["port"].as_u64(),
+            Some(2703),
+            "{probe}"
+        );
     }
     for c in [container(&ds, "initContainers"), server] {
         let sc = &c["securityContext"];
