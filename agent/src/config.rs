@@ -219,6 +219,12 @@ pub struct ServerArgs {
     #[arg(long, default_value = "/run/eks-pod-identity-agent/handover.sock")]
     pub handover_socket: std::path::PathBuf,
 
+    /// On SIGTERM before a successor took over: keep serving this long for
+    /// one to take the listeners (with their queued connections) before
+    /// stopping. 0: stop at once.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub successor_wait: std::time::Duration,
+
     /// Also append audit events (JSON lines) to this file.
     #[arg(long)]
     pub audit_log: Option<std::path::PathBuf>,

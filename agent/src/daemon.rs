@@ -1,7 +1,13 @@
 //! `server`: wires the modules together and runs until SIGTERM/SIGINT.
 //! The application's edge, so errors here are anyhow with context.
 
-use std::{net::SocketAddr, os::fd::AsFd as _, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd as _,
+    path::Path,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -21,7 +27,10 @@ use crate::{
     capabilities,
     config::{AttributionMode, ModeInForce, ServerArgs},
     credentials::{CacheOptions, CredentialCache},
-    handover::{self, taking::Predecessor},
+    handover::{
+        self,
+        taking::{Predecessor, WithPredecessor},
+    },
     hygiene::PodRegistry,
     link::Netlink,
     node_credentials::RotatingSharedCredentials,
@@ -56,17 +65,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     // The programs are attached before anything listens: a connection
     // accepted earlier would carry no stamp and be refused as unattributed.
+    // Filled once this agent serves, if it took over from another.
+    let predecessor: Arc<OnceLock<Predecessor>> = Arc::default();
     let Attached {
         verification,
         identifier,
         attribution,
         detail: attribution_detail,
-    } = verification(&args, &metrics)?;
+    } = verification(&args, &metrics, &predecessor)?;
     let attributed = verification.is_some();
     // Programs first, then the listeners: taken from the agent serving on
     // this node if there is one (no connection refused while we change
     // places), else bound here.
     let mut inherited = take_over(&args);
+    if inherited.is_none() {
+        // No agent serves: nothing of an older build of the programs
+        // needs to stay attached.
+        retire_other_generations(attribution.as_deref());
+    }
     let mut open =
         |addr: SocketAddr, save_syns: bool| match inherited.as_mut().and_then(|i| i.take(addr)) {
             Some(listener) => server::adopt(listener, save_syns),
@@ -223,38 +239,60 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
     let housekeeping = tokio::spawn(pod_housekeeping(state.clone(), args.pod_gc_interval));
     info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
-    let predecessor = match inherited {
-        Some(inherited) => {
-            let pid = inherited.pid();
-            match inherited.serving() {
-                Ok(predecessor) => {
-                    info!(
-                        predecessor_pid = pid,
-                        "took over from the agent serving on this node"
-                    );
-                    Some(predecessor)
-                }
-                // It stays in its accept loop too: both serve, nothing lost.
+    if let Some(inherited) = inherited {
+        let pid = inherited.pid();
+        match inherited.serving() {
+            Ok(taken) => {
+                info!(
+                    predecessor_pid = pid,
+                    "took over from the agent serving on this node"
+                );
+                let _ = predecessor.set(taken);
+                // Both builds of the programs stay attached a moment, so
+                // every connect() in flight is known to ours too; then
+                // the older ones go (the previous agent vouches for what
+                // they stamped while it runs).
+                let attribution = attribution.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(GENERATION_OVERLAP).await;
+                    retire_other_generations(attribution.as_deref());
+                });
+            }
+            // It stays in its accept loop too: both serve, nothing lost.
+            Err(e) => {
+                warn!(error = %e, predecessor_pid = pid, "could not tell the previous agent we serve");
+            }
+        }
+    }
+    let own_programs = attribution.clone().map(|a| -> Arc<dyn OpenerLookup> { a });
+    let offer = match args.handover_socket() {
+        Some(path) => {
+            match handover::giving::offer(path.to_owned(), offered, accepting.clone(), own_programs)
+            {
+                Ok(offer) => Some(offer),
                 Err(e) => {
-                    warn!(error = %e, predecessor_pid = pid, "could not tell the previous agent we serve");
+                    warn!(error = %e, path = %path.display(), "cannot offer a handover: the next agent will bind its own listeners once this one is gone");
                     None
                 }
             }
         }
         None => None,
     };
-    let offer = match args.handover_socket() {
-        Some(path) => match handover::giving::offer(path.to_owned(), offered, accepting.clone()) {
-            Ok(offer) => Some(offer),
-            Err(e) => {
-                warn!(error = %e, path = %path.display(), "cannot offer a handover: the next agent will bind its own listeners once this one is gone");
-                None
-            }
-        },
-        None => None,
-    };
 
     wait_for_signal().await?;
+    // Stopped before a successor took over (the kubelet does not wait for
+    // one): keep serving a moment, so a successor starting now takes the
+    // listeners with their queued connections instead of finding them gone.
+    if let Some(offer) = offer.clone()
+        && !args.successor_wait.is_zero()
+    {
+        let wait = args.successor_wait;
+        info!(
+            ?wait,
+            "stopping: serving until a successor takes over, or for --successor-wait"
+        );
+        let _ = tokio::task::spawn_blocking(move || offer.wait_for_successor(wait)).await;
+    }
     info!(grace = ?args.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
     accepting.send_replace(Accepting::Stop);
     // Settled before anything else: a successor in the middle of taking
@@ -274,12 +312,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Ok(()) => info!("all connections finished"),
         Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
-    match (&predecessor, succeeded) {
+    match (predecessor.get(), succeeded) {
         (Some(predecessor), true) => predecessor.handed_on(),
         // No agent takes over from us and none is left to take back: the
         // programs go with us (an uninstall leaves nothing attached). Last,
         // once every connection this agent accepted has been answered.
-        (predecessor, false) if !predecessor.as_ref().is_some_and(Predecessor::is_alive) => {
+        (predecessor, false) if !predecessor.is_some_and(Predecessor::is_alive) => {
             if let Some(attribution) = &attribution {
                 match attribution.unpin() {
                     Ok(()) => info!("no successor: kernel programs unpinned"),
@@ -383,7 +421,11 @@ fn take_over(args: &ServerArgs) -> Option<handover::taking::Inherited> {
 
 /// Attaches the kernel programs as `--attribution` asks. `auto` degrades to
 /// off, loudly; `enforce` and `audit` refuse to start without them.
-fn verification(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Attached> {
+fn verification(
+    args: &ServerArgs,
+    metrics: &Arc<Metrics>,
+    predecessor: &Arc<OnceLock<Predecessor>>,
+) -> anyhow::Result<Attached> {
     if args.attribution == AttributionMode::Off {
         metrics.set_attribution_mode(ModeInForce::Off);
         return Ok(Attached::off("attribution: off (--attribution off)".into()));
@@ -430,7 +472,10 @@ fn verification(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Att
     let mode = mode.label();
     info!(mode, cgroup_root = %root.display(), "caller attribution attached");
     let attribution = Arc::new(attribution);
-    let lookup: Arc<dyn OpenerLookup> = attribution.clone();
+    let lookup: Arc<dyn OpenerLookup> = Arc::new(WithPredecessor {
+        own: attribution.clone(),
+        predecessor: predecessor.clone(),
+    });
     Ok(Attached {
         verification: Some(Verification {
             enforce,
@@ -489,10 +534,9 @@ fn attach(
     };
     match provenance {
         Provenance::Loaded => info!("kernel programs loaded (not pinned)"),
-        Provenance::Pinned {
-            generation,
-            replaced,
-        } => info!(generation, ?replaced, "kernel programs loaded and pinned"),
+        Provenance::Pinned { generation, others } => {
+            info!(generation, ?others, "kernel programs loaded and pinned")
+        }
         Provenance::Adopted { generation } => {
             info!(
                 generation,
@@ -501,6 +545,22 @@ fn attach(
         }
     }
     Ok((attribution, resolver, layout, root))
+}
+
+/// How long an older build of the kernel programs stays attached beside
+/// this agent's after it took over: long enough for every connect() that
+/// ran under the older build alone to have sent its SYN.
+const GENERATION_OVERLAP: Duration = Duration::from_secs(1);
+
+/// Unpins the kernel programs of other builds or configurations.
+fn retire_other_generations(attribution: Option<&Attribution>) {
+    match attribution.map(Attribution::retire_others) {
+        Some(Ok(retired)) if !retired.is_empty() => {
+            info!(?retired, "older kernel programs detached")
+        }
+        Some(Err(e)) => warn!(error = %e, "detaching older kernel programs failed"),
+        _ => {}
+    }
 }
 
 /// Every `every`: evicts cached credentials of pods that are gone (never

@@ -89,6 +89,10 @@ impl AgentProcess {
         if !given("--handover-socket") {
             cmd.arg("--handover-socket").arg(netns.handover_socket());
         }
+        // A stopped agent waits for no successor unless the test says so.
+        if !given("--successor-wait") {
+            cmd.args(["--successor-wait", "0s"]);
+        }
         cmd.env_clear()
             .envs(AGENT_ENV.iter().copied())
             .envs(env.iter().copied())
@@ -177,9 +181,14 @@ impl AgentProcess {
 
     /// SIGTERM, then wait for the exit (bounded).
     pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
+        self.sigterm();
+        self.wait_exit(within)
+    }
+
+    /// SIGTERM, without waiting: what the kubelet sends to stop a pod.
+    pub fn sigterm(&self) {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.wait_exit(within)
     }
 }
 

@@ -20,8 +20,13 @@ use serde_json::Value;
 
 const NODE: &str = "node-up";
 const V4_URI: &str = "http://169.254.170.23/v1/credentials";
-/// Every pod fetches as fast as it can: no rate limit may answer 429.
-const UNLIMITED: [&str; 2] = ["--pod-rate-limit=0", "--max-request-rate=0"];
+/// Every pod fetches as fast as it can: no rate limit may answer 429. A
+/// stopped agent serves until a successor takes over (up to 20 s).
+const ARGS: [&str; 3] = [
+    "--pod-rate-limit=0",
+    "--max-request-rate=0",
+    "--successor-wait=20s",
+];
 
 /// The real SDK fetching credentials for `seconds` from `who`'s pod
 /// (`fresh`: a new connection per fetch; `shared`: one kept alive).
@@ -102,7 +107,7 @@ fn squat(env: &Served, cgroup: &Path, netns: &Netns) -> Result<Value> {
 #[test]
 fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<()> {
     harness::require_privilege!();
-    let mut env = Served::start(NODE, "enforce", &UNLIMITED)?;
+    let mut env = Served::start(NODE, "enforce", &ARGS)?;
     let intruder = env.tree.create("system.slice/squatter.service")?;
     let mut loads = loads(&env, 40)?;
     let mut handovers = Vec::new();
@@ -113,8 +118,19 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
             Duration::from_secs(30),
             || Ok(served_by(&env.agent) > before),
         )?;
+        // Odd rounds: the kubelet stops the serving agent before the new
+        // one has connected (it does not wait for one); the old one serves
+        // on until its successor takes over.
+        let stopped_first = round % 2 == 1;
+        if stopped_first {
+            env.agent.sigterm();
+            env.agent.wait_for_log(
+                "serving until a successor takes over",
+                Duration::from_secs(30),
+            )?;
+        }
         let started = Instant::now();
-        let args = env.agent_args("enforce", &UNLIMITED);
+        let args = env.agent_args("enforce", &ARGS);
         // Its readiness probe would be answered by the serving agent too:
         // it is ready when it says it took over.
         let mut successor = AgentProcess::spawn(&env.node.netns, &args, None)?;
@@ -137,7 +153,11 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
             );
         }
         let mut predecessor = std::mem::replace(&mut env.agent, successor);
-        predecessor.terminate(Duration::from_secs(30))?;
+        if stopped_first {
+            predecessor.wait_exit(Duration::from_secs(30))?;
+        } else {
+            predecessor.terminate(Duration::from_secs(30))?;
+        }
         let after = served_by(&env.agent);
         wait_for("the successor to serve", Duration::from_secs(30), || {
             Ok(served_by(&env.agent) > after)
@@ -177,7 +197,7 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
 #[test]
 fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
     harness::require_privilege!();
-    let mut env = Served::start(NODE, "enforce", &UNLIMITED)?;
+    let mut env = Served::start(NODE, "enforce", &ARGS)?;
     let mut loads = loads(&env, 40)?;
     let target = SocketAddr::from((AGENT_V4, 80)).to_string();
     let token = env.token_file(&env.own_token(Who::A)?)?;
@@ -202,7 +222,7 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
         ensure!(first.trim() == "served", "outage watcher: {first:?}");
         env.agent.kill()?;
         // What the kubelet does: start the container again at once.
-        let args = env.agent_args("enforce", &UNLIMITED);
+        let args = env.agent_args("enforce", &ARGS);
         env.agent = AgentProcess::spawn(&env.node.netns, &args, None)?;
         let seen = tally(watcher, "outage watcher")?;
         let outage = seen["outage_ms"].as_f64().context("no outage seen")?;

@@ -41,7 +41,7 @@ const SOCK_OPS: &str = "sock_ops";
 
 /// The process that opened a connection, as the kernel saw it at `connect()`
 /// (the *caller*, resolved to a pod or not, is `policy::Caller`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Opener {
     /// cgroup v2 id (kernfs inode of the caller's cgroup directory).
     pub cgroup_id: u64,
@@ -135,6 +135,8 @@ pub enum AttributionError {
     ForgedStamp,
     #[error("the connection's stamp names a record of another connection")]
     StampMismatch,
+    #[error("the previous agent could not vouch for the connection's stamp: {0}")]
+    Predecessor(String),
     #[error("generating the stamp key failed: {0}")]
     Random(#[source] io::Error),
     #[error("program {name}: its attachment cannot be held as a link: {source}")]
@@ -171,11 +173,12 @@ pub enum Provenance {
     /// Loaded and attached by this process, not pinned.
     Loaded,
     /// Loaded and attached by this process and pinned as `generation`;
-    /// `replaced`: older generations found in the pin directory and
-    /// removed (a different program build or configuration).
+    /// `others`: generations of another program build or configuration
+    /// still pinned (still attached) beside it, until
+    /// [`Attribution::retire_others`].
     Pinned {
         generation: String,
-        replaced: Vec<String>,
+        others: Vec<String>,
     },
     /// Already attached by a previous agent of the same build and
     /// configuration, and adopted as they are.
@@ -217,12 +220,11 @@ impl Attribution {
             return Ok((adopted, Provenance::Adopted { generation: name }));
         }
         let attribution = Self::load(options, &config, Some(generation.clone()))?;
-        let replaced = generation.remove_others()?;
         Ok((
             attribution,
             Provenance::Pinned {
                 generation: generation.name().to_owned(),
-                replaced,
+                others: generation.others()?,
             },
         ))
     }
@@ -323,6 +325,17 @@ impl Attribution {
             _links: links,
             _ebpf: Some(ebpf),
         })
+    }
+
+    /// Unpins every other generation, detaching its programs (once no
+    /// process holds them): called at once when no previous agent runs,
+    /// and after a moment of overlap when one does — while both are
+    /// attached, every connect() is known to both, so none falls between.
+    pub fn retire_others(&self) -> Result<Vec<String>, AttributionError> {
+        match &self.pins {
+            Some(generation) => Ok(generation.remove_others()?),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Removes this generation's pins, detaching the programs once this

@@ -141,6 +141,20 @@ impl Generation {
         pinned
     }
 
+    /// The other generations in the pin directory.
+    pub fn others(&self) -> Result<Vec<String>, PinsError> {
+        let entries = fs::read_dir(&self.dir).map_err(|source| PinsError::Io {
+            what: "listing",
+            path: self.dir.clone(),
+            source,
+        })?;
+        Ok(entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| *name != self.name)
+            .collect())
+    }
+
     /// Removes every other generation in the pin directory (an older build
     /// or configuration, or staging left by a crash); returns their names.
     /// Unpinning detaches their programs once no process holds them.

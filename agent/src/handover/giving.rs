@@ -10,7 +10,10 @@ use std::{
     net::SocketAddr,
     os::{
         fd::{AsRawFd as _, OwnedFd, RawFd},
-        unix::{fs::PermissionsExt as _, net::UnixListener},
+        unix::{
+            fs::PermissionsExt as _,
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
@@ -21,6 +24,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
+    caller::{
+        attribution::{Accepted, OpenerLookup, Stamp},
+        syn::SavedSyn,
+    },
     handover::wire::{self, Message, WireError},
     serving::server::Accepting,
 };
@@ -70,6 +77,17 @@ impl Offer {
         true
     }
 
+    /// Waits (bounded) until a successor has taken the listeners.
+    pub fn wait_for_successor(&self, within: Duration) -> bool {
+        let guard = self.lock();
+        let (phase, _) = self
+            .0
+            .1
+            .wait_timeout_while(guard, within, |p| *p != Phase::HandedOver)
+            .unwrap_or_else(PoisonError::into_inner);
+        *phase == Phase::HandedOver
+    }
+
     /// Closes the offer at shutdown, first letting a handover in progress
     /// finish (bounded); returns whether a successor serves the listeners.
     pub fn close(&self) -> bool {
@@ -86,96 +104,144 @@ impl Offer {
 }
 
 /// Offers `listeners` on the Unix socket `path` (created root-only) for as
-/// long as the process runs, on a thread of its own.
+/// long as the process runs, on a thread of its own. `lookup`: this agent's
+/// kernel programs, which vouch for the connections they stamped while a
+/// successor runs another build of them.
 pub fn offer(
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
+    lookup: Option<Arc<dyn OpenerLookup>>,
 ) -> io::Result<Offer> {
     let offer = Offer::new();
     let socket = bind_private(&path)?;
-    let state = offer.clone();
+    let giver = Giver {
+        addresses: listeners.iter().map(|(a, _)| a.to_string()).collect(),
+        listeners,
+        path,
+        accepting,
+        offer: offer.clone(),
+        lookup,
+    };
     std::thread::Builder::new()
         .name("handover".into())
-        .spawn(move || give_forever(socket, &path, &listeners, &accepting, &state))?;
+        .spawn(move || giver.give_forever(socket))?;
     Ok(offer)
 }
 
-fn give_forever(
-    mut socket: UnixListener,
-    path: &Path,
-    listeners: &[(SocketAddr, OwnedFd)],
-    accepting: &watch::Sender<Accepting>,
-    offer: &Offer,
-) {
-    let addresses: Vec<String> = listeners.iter().map(|(a, _)| a.to_string()).collect();
-    let fds: Vec<RawFd> = listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-    loop {
-        let stream = match socket.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(error = %e, "handover socket: accept failed");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+/// What the handover thread works with.
+struct Giver {
+    path: PathBuf,
+    listeners: Vec<(SocketAddr, OwnedFd)>,
+    addresses: Vec<String>,
+    accepting: watch::Sender<Accepting>,
+    offer: Offer,
+    lookup: Option<Arc<dyn OpenerLookup>>,
+}
+
+impl Giver {
+    fn give_forever(&self, mut socket: UnixListener) {
+        let fds: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|(_, fd)| fd.as_raw_fd())
+            .collect();
+        loop {
+            let stream = match socket.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "handover socket: accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if !self.offer.begin() {
+                // Shutting down: the successor binds once this agent is gone.
+                return;
             }
-        };
-        if !offer.begin() {
-            // Shutting down: the successor binds once this agent is gone.
-            return;
-        }
-        let pid = match give(&stream, &addresses, &fds) {
-            Ok(pid) => pid,
-            Err(e) => {
-                offer.set(Phase::Open);
-                warn!(error = %e, "a handover attempt failed; still serving");
-                continue;
+            let pid = match give(&stream, &self.addresses, &fds) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    self.offer.set(Phase::Open);
+                    warn!(error = %e, "a handover attempt failed; still serving");
+                    continue;
+                }
+            };
+            if *self.accepting.borrow() != Accepting::Stop {
+                self.accepting.send_replace(Accepting::Paused);
             }
-        };
-        if *accepting.borrow() != Accepting::Stop {
-            accepting.send_replace(Accepting::Paused);
-        }
-        offer.set(Phase::HandedOver);
-        info!(
-            successor_pid = pid,
-            "handed the listeners over; no longer accepting, finishing this agent's connections"
-        );
-        match wire::wait_for_close(&stream) {
-            Some(Message::HandedOn) => {
+            self.offer.set(Phase::HandedOver);
+            info!(
+                successor_pid = pid,
+                "handed the listeners over; no longer accepting, finishing this agent's connections"
+            );
+            if self.answer_lookups(&stream) == Some(Message::HandedOn) {
                 info!(
                     successor_pid = pid,
                     "the successor handed the listeners on; waiting to be stopped"
                 );
                 return;
             }
-            _ => {
-                if !offer.begin() {
+            if !self.offer.begin() {
+                return;
+            }
+            self.offer.set(Phase::Open);
+            self.accepting.send_replace(Accepting::Yes);
+            warn!(
+                successor_pid = pid,
+                "the successor is gone before this agent was stopped; serving again"
+            );
+            // The successor put its own socket at the path: ours again.
+            match bind_private(&self.path) {
+                Ok(fresh) => socket = fresh,
+                Err(e) => {
+                    warn!(error = %e, path = %self.path.display(), "cannot offer a handover any more");
                     return;
                 }
-                offer.set(Phase::Open);
-                accepting.send_replace(Accepting::Yes);
-                warn!(
-                    successor_pid = pid,
-                    "the successor is gone before this agent was stopped; serving again"
-                );
-                // The successor put its own socket at the path: ours again.
-                match bind_private(path) {
-                    Ok(fresh) => socket = fresh,
-                    Err(e) => {
-                        warn!(error = %e, path = %path.display(), "cannot offer a handover any more");
-                        return;
+            }
+        }
+    }
+
+    /// Answers the successor's lookups until it says `HandedOn` (returned)
+    /// or its end closes (`None`: it is gone).
+    fn answer_lookups(&self, stream: &UnixStream) -> Option<Message> {
+        loop {
+            match wire::receive(stream, None) {
+                Ok((
+                    Message::Lookup {
+                        id,
+                        mac,
+                        peer,
+                        local,
+                    },
+                    _,
+                )) => {
+                    let conn = Accepted {
+                        peer,
+                        local,
+                        syn: SavedSyn::Kept(Some(Stamp { id, mac })),
+                    };
+                    let (opener, refused) = match self.lookup.as_ref().map(|l| l.opener(&conn)) {
+                        Some(Ok(opener)) => (opener, None),
+                        Some(Err(e)) => (None, Some(e.to_string())),
+                        None => (None, None),
+                    };
+                    if wire::send(stream, &Message::Opened { opener, refused }, &[]).is_err() {
+                        return None;
                     }
                 }
+                Ok((Message::HandedOn, _)) => return Some(Message::HandedOn),
+                Ok((other, _)) => {
+                    warn!(message = ?other, "unexpected message from the successor; ignored");
+                }
+                Err(_) => return None,
             }
         }
     }
 }
 
 /// One handover: hello, the listeners, the successor's word that it serves.
-fn give(
-    stream: &std::os::unix::net::UnixStream,
-    addresses: &[String],
-    fds: &[RawFd],
-) -> Result<i32, WireError> {
+fn give(stream: &UnixStream, addresses: &[String], fds: &[RawFd]) -> Result<i32, WireError> {
     let pid = wire::require_root_peer(stream)?;
     match wire::receive(stream, Some(HELLO))? {
         (Message::Hello { version }, _) if version == wire::VERSION => {}

@@ -7,10 +7,17 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::net::UnixStream,
     path::Path,
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
     time::Duration,
 };
 
-use crate::handover::wire::{self, Message, WireError};
+use crate::{
+    caller::{
+        attribution::{Accepted, AttributionError, Opener, OpenerLookup},
+        syn::SavedSyn,
+    },
+    handover::wire::{self, Message, WireError},
+};
 
 /// How long the serving agent may take to answer the hello.
 const ANSWER: Duration = Duration::from_secs(10);
@@ -84,7 +91,7 @@ impl Inherited {
     pub fn serving(self) -> Result<Predecessor, WireError> {
         wire::send(&self.predecessor, &Message::Serving, &[])?;
         Ok(Predecessor {
-            stream: self.predecessor,
+            stream: Mutex::new(self.predecessor),
         })
     }
 }
@@ -93,10 +100,53 @@ impl Inherited {
 /// Dropping this closes the connection: if it still runs, it takes that for
 /// this agent's death and accepts again.
 pub struct Predecessor {
-    stream: UnixStream,
+    /// One exchange at a time: lookups are request–answer pairs.
+    stream: Mutex<UnixStream>,
 }
 
+/// How long a lookup may wait for the previous agent's answer.
+const LOOKUP: Duration = Duration::from_millis(500);
+
 impl Predecessor {
+    fn stream(&self) -> MutexGuard<'_, UnixStream> {
+        // A socket handle is not left inconsistent by a panic elsewhere.
+        self.stream.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the previous agent who opened `conn`, whose stamp only its
+    /// kernel programs can vouch for (it checks the MAC under its own key).
+    pub fn opener(&self, conn: &Accepted) -> Result<Option<Opener>, AttributionError> {
+        let SavedSyn::Kept(Some(stamp)) = conn.syn else {
+            return Ok(None);
+        };
+        let stream = self.stream();
+        let lookup = Message::Lookup {
+            id: stamp.id,
+            mac: stamp.mac,
+            peer: conn.peer,
+            local: conn.local,
+        };
+        let failed = |e: WireError| AttributionError::Predecessor(e.to_string());
+        wire::send(&stream, &lookup, &[]).map_err(failed)?;
+        match wire::receive(&stream, Some(LOOKUP)).map_err(failed)? {
+            (
+                Message::Opened {
+                    opener: Some(opener),
+                    ..
+                },
+                _,
+            ) => Ok(Some(opener)),
+            (
+                Message::Opened {
+                    refused: Some(why), ..
+                },
+                _,
+            ) => Err(AttributionError::Predecessor(why)),
+            (Message::Opened { .. }, _) => Ok(None),
+            (other, _) => Err(failed(WireError::Unexpected(other))),
+        }
+    }
+
     /// Whether the previous agent still runs (its end of the connection is
     /// open).
     pub fn is_alive(&self) -> bool {
@@ -104,7 +154,7 @@ impl Predecessor {
         // SAFETY: a peek of at most one byte into a local buffer.
         let n = unsafe {
             libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                std::os::fd::AsRawFd::as_raw_fd(&*self.stream()),
                 byte.as_mut_ptr().cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -116,6 +166,26 @@ impl Predecessor {
     /// Says this agent passed the listeners on to a successor, so the
     /// predecessor must not take them back when this agent exits.
     pub fn handed_on(&self) {
-        let _ = wire::send(&self.stream, &Message::HandedOn, &[]);
+        let _ = wire::send(&self.stream(), &Message::HandedOn, &[]);
+    }
+}
+
+/// This agent's kernel programs first; for a stamp they did not make, the
+/// previous agent's, while it runs (another build of the programs stamped
+/// the connections opened before this agent's were attached).
+pub struct WithPredecessor {
+    pub own: Arc<dyn OpenerLookup>,
+    pub predecessor: Arc<OnceLock<Predecessor>>,
+}
+
+impl OpenerLookup for WithPredecessor {
+    fn opener(&self, conn: &Accepted) -> Result<Option<Opener>, AttributionError> {
+        match self.own.opener(conn) {
+            Err(AttributionError::ForgedStamp) => match self.predecessor.get() {
+                Some(predecessor) => predecessor.opener(conn),
+                None => Err(AttributionError::ForgedStamp),
+            },
+            other => other,
+        }
     }
 }

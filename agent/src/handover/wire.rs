@@ -4,7 +4,8 @@
 //! receives every pod's token).
 
 use std::{
-    io::{self, IoSlice, IoSliceMut, Read as _, Write as _},
+    io::{self, IoSlice, IoSliceMut, Write as _},
+    net::SocketAddr,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
         unix::net::UnixStream,
@@ -18,6 +19,8 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::caller::attribution::Opener;
+
 /// The protocol's version; a peer speaking another is refused (the old
 /// agent keeps serving, the new one binds when the old one is gone).
 pub const VERSION: u32 = 1;
@@ -26,16 +29,33 @@ pub const VERSION: u32 = 1;
 /// the probe and the metrics port.
 pub const MAX_FDS: usize = 16;
 
-/// One message each way, in order: the successor's `Hello`, the serving
-/// agent's `Listeners` (with the sockets attached), the successor's
-/// `Serving` once it accepts on them; later, from the successor, `HandedOn`
-/// if it passes the listeners to a successor of its own before it exits.
+/// The messages, in order: the successor's `Hello`, the serving agent's
+/// `Listeners` (with the sockets attached), the successor's `Serving` once
+/// it accepts on them. Then, while the previous agent finishes: the
+/// successor's `Lookup`s, each answered `Opened` — for connections stamped
+/// by the previous agent's kernel programs when the successor runs another
+/// build of them — and, last, `HandedOn` if the successor passes the
+/// listeners to a successor of its own before it exits.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Message {
-    Hello { version: u32 },
-    Listeners { addresses: Vec<String> },
+    Hello {
+        version: u32,
+    },
+    Listeners {
+        addresses: Vec<String>,
+    },
     Serving,
+    Lookup {
+        id: u64,
+        mac: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
+    Opened {
+        opener: Option<Opener>,
+        refused: Option<String>,
+    },
     HandedOn,
 }
 
@@ -135,20 +155,6 @@ pub fn receive(
     }
     let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
     Ok((serde_json::from_slice(&line[..end])?, fds))
-}
-
-/// Blocks until the peer closes the connection (or sends a message, which
-/// is returned).
-pub fn wait_for_close(stream: &UnixStream) -> Option<Message> {
-    let _ = stream.set_read_timeout(None);
-    match receive(stream, None) {
-        Ok((message, _)) => Some(message),
-        Err(_) => {
-            let mut rest = [0u8; 1];
-            let _ = (&*stream).read(&mut rest);
-            None
-        }
-    }
 }
 
 #[cfg(test)]
