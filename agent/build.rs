@@ -46,10 +46,17 @@ fn main() -> anyhow::Result<()> {
         unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,agent_ebpf") };
     }
 
+    // The test-only ABI variant reaches the kernel programs too.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_ABI_VARIANT").is_some() {
+        &["abi-variant"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "agent-ebpf",
             root_dir: ebpf_dir,
+            features,
             ..Default::default()
         }],
         toolchain,

@@ -194,7 +194,13 @@ pub struct ConnRecord {
     pub owner: ConnOwner,
     pub key: ConnKey,
     pub _pad: u32,
+    /// Only in the `abi-variant` test build: another layout of the maps.
+    #[cfg(feature = "abi-variant")]
+    pub _variant: u64,
 }
+
+/// Bytes the `abi-variant` test build adds to [`ConnRecord`].
+const VARIANT_BYTES: usize = if cfg!(feature = "abi-variant") { 8 } else { 0 };
 
 /// What the kernel keeps with each client socket it attributed: the owner
 /// from `connect()`, and once the source port is bound, the id under which
@@ -385,9 +391,9 @@ mod pod {
 // No implicit padding anywhere: a padded key would hash uninitialised bytes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 36);
 const _: () = assert!(core::mem::size_of::<ConnOwner>() == 32);
-const _: () = assert!(core::mem::size_of::<ConnRecord>() == 32 + 36 + 4);
+const _: () = assert!(core::mem::size_of::<ConnRecord>() == 32 + 36 + 4 + VARIANT_BYTES);
 const _: () = assert!(core::mem::size_of::<Stamp>() == 16);
-const _: () = assert!(core::mem::size_of::<SocketOwner>() == 72 + 16 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<SocketOwner>() == 72 + VARIANT_BYTES + 16 + 8 + 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16);
 
 #[cfg(test)]

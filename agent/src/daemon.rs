@@ -90,6 +90,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         };
     let (listeners, failed) =
         server::open_all(&args.bind_hosts, args.port, |addr| open(addr, attributed));
+    let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
+    let probe_listener = open(probe_addr, attributed).with_context(|| {
+        format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
+    })?;
+    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
+    let metrics_listener = open(metrics_addr, false)
+        .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
+    // Every listener taken: the previous agent, if any, is in place before
+    // the first accept, to vouch for what its programs stamped.
+    if let Some(inherited) = inherited {
+        let _ = predecessor.set(inherited.into_predecessor());
+    }
     let mut unbound = Vec::new();
     for (addr, err) in &failed {
         error!(%addr, error = %err, "cannot serve on this address; continuing with the others");
@@ -195,18 +207,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             move |conn, req| handler::handle(handling.clone(), conn, req),
         ));
     }
-    let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
-    let probe_listener = open(probe_addr, attributed).with_context(|| {
-        format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
-    })?;
     let probe_state = Arc::new(ProbeState {
         bound: bound.clone(),
         unbound,
         details: vec![attribution_detail],
     });
-    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
-    let metrics_listener = open(metrics_addr, false)
-        .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
     keep(&probe_listener);
     keep(&metrics_listener);
     // Probes and metrics have few legitimate clients (the kubelet, a
@@ -239,15 +244,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
     let housekeeping = tokio::spawn(pod_housekeeping(state.clone(), args.pod_gc_interval));
     info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
-    if let Some(inherited) = inherited {
-        let pid = inherited.pid();
-        match inherited.serving() {
-            Ok(taken) => {
+    if let Some(previous) = predecessor.get() {
+        let pid = previous.pid();
+        match previous.serving() {
+            Ok(()) => {
                 info!(
                     predecessor_pid = pid,
                     "took over from the agent serving on this node"
                 );
-                let _ = predecessor.set(taken);
                 // Both builds of the programs stay attached a moment, so
                 // every connect() in flight is known to ours too; then
                 // the older ones go (the previous agent vouches for what

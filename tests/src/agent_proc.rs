@@ -72,10 +72,22 @@ impl AgentProcess {
         caps: Option<&[String]>,
         env: &[(&str, &str)],
     ) -> Result<AgentProcess> {
+        Self::spawn_binary(&agent_binary()?, netns, args, caps, env)
+    }
+
+    /// Starts `binary` (another build of the agent) as the server, without
+    /// waiting.
+    pub fn spawn_binary(
+        binary: &std::path::Path,
+        netns: &Netns,
+        args: &[String],
+        caps: Option<&[String]>,
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
         let log =
             std::env::temp_dir().join(format!("epia-agent-{}.log", crate::names::unique_id()));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = netns.command(agent_binary()?)?;
+        let mut cmd = netns.command(binary)?;
         cmd.arg("server").args(args);
         // The node's pin directory and handover socket, unless the test
         // chose its own.

@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::AgentProcess, cluster::Who, netns::Netns, pod::sdk_env, served::Served,
-    topology::AGENT_V4, wait::wait_for,
+    agent_bin::built_binary, agent_proc::AgentProcess, cluster::Who, netns::Netns, pod::sdk_env,
+    served::Served, topology::AGENT_V4, wait::wait_for,
 };
 use serde_json::Value;
 
@@ -191,6 +191,69 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
         );
     }
     eprintln!("successor start → ready, per handover: {handovers:?}");
+    Ok(())
+}
+
+#[test]
+fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
+    harness::require_privilege!();
+    // Built by `cargo xtask test`: the agent with another map layout.
+    let variant = built_binary("eks-pod-identity-agent-abi-variant")?;
+    let default = harness::agent_bin::agent_binary()?;
+    let mut env = Served::start(NODE, "enforce", &ARGS)?;
+    let mut loads = loads(&env, 30)?;
+    // There and back: default → variant → default, each a new generation.
+    for (round, binary) in [&variant, &default].into_iter().enumerate() {
+        let before = served_by(&env.agent);
+        wait_for(
+            "the serving agent to serve",
+            Duration::from_secs(30),
+            || Ok(served_by(&env.agent) > before),
+        )?;
+        let args = env.agent_args("enforce", &ARGS);
+        let mut successor = AgentProcess::spawn_binary(binary, &env.node.netns, &args, None, &[])?;
+        successor.wait_for_log(
+            "took over from the agent serving on this node",
+            Duration::from_secs(60),
+        )?;
+        successor.wait_for_log("older kernel programs detached", Duration::from_secs(30))?;
+        ensure!(
+            successor
+                .logs()
+                .contains("kernel programs loaded and pinned"),
+            "round {round}: another ABI must load its own programs:\n{}",
+            successor.logs()
+        );
+        let mut predecessor = std::mem::replace(&mut env.agent, successor);
+        predecessor.terminate(Duration::from_secs(30))?;
+        let after = served_by(&env.agent);
+        wait_for("the successor to serve", Duration::from_secs(30), || {
+            Ok(served_by(&env.agent) > after)
+        })?;
+    }
+    still_running(&mut loads)?;
+    let refused: Vec<Value> = env
+        .audit()?
+        .into_iter()
+        .filter(|e| e["decision"] != "allow")
+        .collect();
+    ensure!(
+        refused.is_empty(),
+        "refused across the ABI change: {refused:?}"
+    );
+
+    for (what, child) in loads {
+        let tally = tally(child, &what)?;
+        let statuses = tally["statuses"].as_object().context("statuses")?;
+        ensure!(
+            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
+            "{what}: {tally}"
+        );
+        ensure!(
+            tally["errors"].as_object().is_some_and(|e| e.is_empty()),
+            "{what} failed requests across the ABI change: {tally}"
+        );
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use crate::cmd::{require_root, run, workspace_root};
 pub fn bench() -> Result<()> {
     crate::setup::setup()?;
     require_root("the benchmark")?;
-    crate::demo::build_binaries(true)?;
+    crate::build::build_binaries(true, false)?;
     run(&mut std::process::Command::new(
         workspace_root()?.join("target/release/bench"),
     ))

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask bench | demo | fuzz | setup | test`.
 
 mod bench;
+mod build;
 mod cmd;
 mod demo;
 mod fuzz;

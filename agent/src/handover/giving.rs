@@ -10,14 +10,11 @@ use std::{
     net::SocketAddr,
     os::{
         fd::{AsRawFd as _, OwnedFd, RawFd},
-        unix::{
-            fs::PermissionsExt as _,
-            net::{UnixListener, UnixStream},
-        },
+        unix::fs::PermissionsExt as _,
     },
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -28,7 +25,7 @@ use crate::{
         attribution::{Accepted, OpenerLookup, Stamp},
         syn::SavedSyn,
     },
-    handover::wire::{self, Message, WireError},
+    handover::wire::{Channel, Listener, Message, WireError},
     serving::server::Accepting,
 };
 
@@ -139,8 +136,21 @@ struct Giver {
     lookup: Option<Arc<dyn OpenerLookup>>,
 }
 
+/// How a conversation with the successor ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// It accepts on the listeners now.
+    Serving,
+    /// It passed the listeners on to its own successor.
+    HandedOn,
+    /// Its end closed: it is gone.
+    Gone,
+    /// It did not say it serves in time.
+    TimedOut,
+}
+
 impl Giver {
-    fn give_forever(&self, mut socket: UnixListener) {
+    fn give_forever(&self, mut socket: Listener) {
         let fds: Vec<RawFd> = self
             .listeners
             .iter()
@@ -148,7 +158,7 @@ impl Giver {
             .collect();
         loop {
             let stream = match socket.accept() {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(e) => {
                     warn!(error = %e, "handover socket: accept failed");
                     std::thread::sleep(Duration::from_millis(100));
@@ -159,8 +169,24 @@ impl Giver {
                 // Shutting down: the successor binds once this agent is gone.
                 return;
             }
-            let pid = match give(&stream, &self.addresses, &fds) {
-                Ok(pid) => pid,
+            let mut vouched = 0;
+            // It may ask about connections before it says it serves: it
+            // accepts on the listeners from the moment it has them.
+            let given = give(&stream, &self.addresses, &fds).map(|pid| {
+                let deadline = Instant::now() + SUCCESSOR_START;
+                (pid, self.converse(&stream, Some(deadline), &mut vouched))
+            });
+            let pid = match given {
+                Ok((pid, Ended::Serving)) => pid,
+                Ok((pid, ended)) => {
+                    self.offer.set(Phase::Open);
+                    warn!(
+                        successor_pid = pid,
+                        ?ended,
+                        "the successor took the listeners but did not say it serves; still serving"
+                    );
+                    continue;
+                }
                 Err(e) => {
                     self.offer.set(Phase::Open);
                     warn!(error = %e, "a handover attempt failed; still serving");
@@ -175,7 +201,14 @@ impl Giver {
                 successor_pid = pid,
                 "handed the listeners over; no longer accepting, finishing this agent's connections"
             );
-            if self.answer_lookups(&stream) == Some(Message::HandedOn) {
+            let ended = self.converse(&stream, None, &mut vouched);
+            if vouched > 0 {
+                info!(
+                    vouched,
+                    "vouched for connections this agent's kernel programs stamped"
+                );
+            }
+            if ended == Ended::HandedOn {
                 info!(
                     successor_pid = pid,
                     "the successor handed the listeners on; waiting to be stopped"
@@ -202,11 +235,18 @@ impl Giver {
         }
     }
 
-    /// Answers the successor's lookups until it says `HandedOn` (returned)
-    /// or its end closes (`None`: it is gone).
-    fn answer_lookups(&self, stream: &UnixStream) -> Option<Message> {
+    /// Answers the successor's lookups until it says it serves or hands
+    /// on, goes, or (with a deadline) takes too long.
+    fn converse(&self, stream: &Channel, deadline: Option<Instant>, vouched: &mut u64) -> Ended {
         loop {
-            match wire::receive(stream, None) {
+            let wait = match deadline {
+                Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Ended::TimedOut,
+                },
+                None => None,
+            };
+            match stream.receive(wait) {
                 Ok((
                     Message::Lookup {
                         id,
@@ -222,48 +262,66 @@ impl Giver {
                         syn: SavedSyn::Kept(Some(Stamp { id, mac })),
                     };
                     let (opener, refused) = match self.lookup.as_ref().map(|l| l.opener(&conn)) {
-                        Some(Ok(opener)) => (opener, None),
+                        Some(Ok(opener)) => {
+                            *vouched += u64::from(opener.is_some());
+                            (opener, None)
+                        }
                         Some(Err(e)) => (None, Some(e.to_string())),
                         None => (None, None),
                     };
-                    if wire::send(stream, &Message::Opened { opener, refused }, &[]).is_err() {
-                        return None;
+                    if stream
+                        .send(
+                            &Message::Opened {
+                                id,
+                                opener,
+                                refused,
+                            },
+                            &[],
+                        )
+                        .is_err()
+                    {
+                        return Ended::Gone;
                     }
                 }
-                Ok((Message::HandedOn, _)) => return Some(Message::HandedOn),
+                Ok((Message::Serving, _)) => return Ended::Serving,
+                Ok((Message::HandedOn, _)) => return Ended::HandedOn,
                 Ok((other, _)) => {
                     warn!(message = ?other, "unexpected message from the successor; ignored");
                 }
-                Err(_) => return None,
+                Err(WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ended::TimedOut;
+                }
+                Err(_) => return Ended::Gone,
             }
         }
     }
 }
 
-/// One handover: hello, the listeners, the successor's word that it serves.
-fn give(stream: &UnixStream, addresses: &[String], fds: &[RawFd]) -> Result<i32, WireError> {
-    let pid = wire::require_root_peer(stream)?;
-    match wire::receive(stream, Some(HELLO))? {
-        (Message::Hello { version }, _) if version == wire::VERSION => {}
+/// The start of a handover: the successor's hello, then the listeners.
+fn give(stream: &Channel, addresses: &[String], fds: &[RawFd]) -> Result<i32, WireError> {
+    let pid = stream.require_root_peer()?;
+    match stream.receive(Some(HELLO))? {
+        (Message::Hello { version }, _) if version == crate::handover::wire::VERSION => {}
         (Message::Hello { version }, _) => return Err(WireError::Version(version)),
         (other, _) => return Err(WireError::Unexpected(other)),
     }
-    wire::send(
-        stream,
+    stream.send(
         &Message::Listeners {
             addresses: addresses.to_vec(),
         },
         fds,
     )?;
-    match wire::receive(stream, Some(SUCCESSOR_START))? {
-        (Message::Serving, _) => Ok(pid),
-        (other, _) => Err(WireError::Unexpected(other)),
-    }
+    Ok(pid)
 }
 
 /// Binds the Unix socket at `path`, replacing whatever is there, in a
 /// directory only root can enter; the socket itself is root's alone.
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
+fn bind_private(path: &Path) -> io::Result<Listener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -273,7 +331,7 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let socket = UnixListener::bind(path)?;
+    let socket = Listener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(socket)
 }

@@ -5,10 +5,9 @@
 use std::{
     io,
     net::{SocketAddr, TcpListener},
-    os::unix::net::UnixStream,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -16,7 +15,7 @@ use crate::{
         attribution::{Accepted, AttributionError, Opener, OpenerLookup},
         syn::SavedSyn,
     },
-    handover::wire::{self, Message, WireError},
+    handover::wire::{self, Channel, Message, WireError},
 };
 
 /// How long the serving agent may take to answer the hello.
@@ -26,14 +25,14 @@ const ANSWER: Duration = Duration::from_secs(10);
 /// to it (it keeps accepting until told this agent serves).
 pub struct Inherited {
     listeners: Vec<(SocketAddr, TcpListener)>,
-    predecessor: UnixStream,
+    predecessor: Channel,
     pid: i32,
 }
 
 /// Asks the agent serving at `path` for its listeners. `Ok(None)`: no agent
 /// serves there (first start, or the previous one died).
 pub fn take_over(path: &Path) -> Result<Option<Inherited>, WireError> {
-    let stream = match UnixStream::connect(path) {
+    let stream = match Channel::connect(path) {
         Ok(stream) => stream,
         Err(e)
             if matches!(
@@ -45,15 +44,14 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, WireError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let pid = wire::require_root_peer(&stream)?;
-    wire::send(
-        &stream,
+    let pid = stream.require_root_peer()?;
+    stream.send(
         &Message::Hello {
             version: wire::VERSION,
         },
         &[],
     )?;
-    let (addresses, fds) = match wire::receive(&stream, Some(ANSWER))? {
+    let (addresses, fds) = match stream.receive(Some(ANSWER))? {
         (Message::Listeners { addresses }, fds) => (addresses, fds),
         (other, _) => return Err(WireError::Unexpected(other)),
     };
@@ -85,14 +83,15 @@ impl Inherited {
         self.pid
     }
 
-    /// Tells the previous agent that this one accepts now; listeners not
-    /// taken (an address this agent no longer serves) are closed here and
-    /// go when the previous agent exits.
-    pub fn serving(self) -> Result<Predecessor, WireError> {
-        wire::send(&self.predecessor, &Message::Serving, &[])?;
-        Ok(Predecessor {
+    /// The previous agent, once the listeners this agent serves are taken
+    /// (any other — an address this agent no longer serves — is closed
+    /// here, and goes when the previous agent exits). In place before this
+    /// agent accepts: it vouches for connections its programs stamped.
+    pub fn into_predecessor(self) -> Predecessor {
+        Predecessor {
             stream: Mutex::new(self.predecessor),
-        })
+            pid: self.pid,
+        }
     }
 }
 
@@ -101,14 +100,25 @@ impl Inherited {
 /// this agent's death and accepts again.
 pub struct Predecessor {
     /// One exchange at a time: lookups are request–answer pairs.
-    stream: Mutex<UnixStream>,
+    stream: Mutex<Channel>,
+    pid: i32,
 }
 
 /// How long a lookup may wait for the previous agent's answer.
 const LOOKUP: Duration = Duration::from_millis(500);
 
 impl Predecessor {
-    fn stream(&self) -> MutexGuard<'_, UnixStream> {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Tells the previous agent that this one accepts now: it stops
+    /// accepting and finishes its own connections.
+    pub fn serving(&self) -> Result<(), WireError> {
+        self.stream().send(&Message::Serving, &[])
+    }
+
+    fn stream(&self) -> MutexGuard<'_, Channel> {
         // A socket handle is not left inconsistent by a panic elsewhere.
         self.stream.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -127,46 +137,45 @@ impl Predecessor {
             local: conn.local,
         };
         let failed = |e: WireError| AttributionError::Predecessor(e.to_string());
-        wire::send(&stream, &lookup, &[]).map_err(failed)?;
-        match wire::receive(&stream, Some(LOOKUP)).map_err(failed)? {
-            (
-                Message::Opened {
-                    opener: Some(opener),
-                    ..
-                },
-                _,
-            ) => Ok(Some(opener)),
-            (
-                Message::Opened {
-                    refused: Some(why), ..
-                },
-                _,
-            ) => Err(AttributionError::Predecessor(why)),
-            (Message::Opened { .. }, _) => Ok(None),
-            (other, _) => Err(failed(WireError::Unexpected(other))),
+        stream.send(&lookup, &[]).map_err(failed)?;
+        let deadline = Instant::now() + LOOKUP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stream.receive(Some(left)).map_err(failed)? {
+                // A late answer to an earlier lookup that timed out: never
+                // taken for this connection's.
+                (Message::Opened { id, .. }, _) if id != stamp.id => continue,
+                (
+                    Message::Opened {
+                        opener: Some(opener),
+                        ..
+                    },
+                    _,
+                ) => return Ok(Some(opener)),
+                (
+                    Message::Opened {
+                        refused: Some(why), ..
+                    },
+                    _,
+                ) => {
+                    return Err(AttributionError::Predecessor(why));
+                }
+                (Message::Opened { .. }, _) => return Ok(None),
+                (other, _) => return Err(failed(WireError::Unexpected(other))),
+            }
         }
     }
 
     /// Whether the previous agent still runs (its end of the connection is
     /// open).
     pub fn is_alive(&self) -> bool {
-        let mut byte = [0u8; 1];
-        // SAFETY: a peek of at most one byte into a local buffer.
-        let n = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&*self.stream()),
-                byte.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+        self.stream().is_open()
     }
 
     /// Says this agent passed the listeners on to a successor, so the
     /// predecessor must not take them back when this agent exits.
     pub fn handed_on(&self) {
-        let _ = wire::send(&self.stream(), &Message::HandedOn, &[]);
+        let _ = self.stream().send(&Message::HandedOn, &[]);
     }
 }
 

@@ -1,20 +1,23 @@
-//! The handover socket's wire: newline-delimited JSON messages over a Unix
-//! stream socket, listening sockets passed as `SCM_RIGHTS`, and the peer's
+//! The handover socket's wire: one JSON message per record of a Unix
+//! `SOCK_SEQPACKET` socket, listening sockets passed as `SCM_RIGHTS`, and the peer's
 //! credentials checked on both ends (root only: whoever holds the listeners
 //! receives every pod's token).
 
 use std::{
-    io::{self, IoSlice, IoSliceMut, Write as _},
+    io::{self, IoSlice, IoSliceMut},
     net::SocketAddr,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-        unix::net::UnixStream,
-    },
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
     time::Duration,
 };
 
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, getsockopt, recvmsg, sendmsg, sockopt,
+use nix::sys::{
+    socket::{
+        AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+        UnixAddr, accept4, bind, connect, getsockopt, listen, recv, recvmsg, sendmsg, setsockopt,
+        socket, socketpair, sockopt,
+    },
+    time::TimeVal,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -53,6 +56,8 @@ pub enum Message {
         local: SocketAddr,
     },
     Opened {
+        /// The stamp id asked about: an answer is never taken for another.
+        id: u64,
         opener: Option<Opener>,
         refused: Option<String>,
     },
@@ -77,61 +82,112 @@ pub enum WireError {
     Descriptors(usize, usize),
 }
 
-/// Refuses any peer that is not root; returns its pid.
-pub fn require_root_peer(stream: &UnixStream) -> Result<i32, WireError> {
-    let cred = getsockopt(stream, sockopt::PeerCredentials).map_err(io::Error::from)?;
-    if cred.uid() != 0 {
-        return Err(WireError::NotRoot {
-            uid: cred.uid(),
-            pid: cred.pid(),
-        });
-    }
-    Ok(cred.pid())
-}
+/// Largest message (a few hundred bytes in practice).
+const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Sends `message`, with `fds` attached when there are any.
-pub fn send(stream: &UnixStream, message: &Message, fds: &[RawFd]) -> Result<(), WireError> {
-    let mut line = serde_json::to_vec(message)?;
-    line.push(b'\n');
-    if fds.is_empty() {
-        (&*stream).write_all(&line)?;
-        return Ok(());
-    }
-    let rights = [ControlMessage::ScmRights(fds)];
-    let sent = sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&line)],
-        &rights,
-        MsgFlags::MSG_NOSIGNAL,
+/// One end of a handover connection: a `SOCK_SEQPACKET` Unix socket, so
+/// every message is one record (no framing to get wrong) and arrives with
+/// the descriptors sent with it.
+pub struct Channel(OwnedFd);
+
+/// The serving agent's listening handover socket.
+pub struct Listener(OwnedFd);
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
         None,
-    )
-    .map_err(io::Error::from)?;
-    // The descriptors travel with the first byte; the rest is plain data.
-    (&*stream).write_all(&line[sent..])?;
-    Ok(())
+    )?)
 }
 
-/// Receives one message and any descriptors sent with it, waiting at most
-/// `timeout` (`None`: until the peer writes or closes).
-pub fn receive(
-    stream: &UnixStream,
-    timeout: Option<Duration>,
-) -> Result<(Message, Vec<OwnedFd>), WireError> {
-    stream.set_read_timeout(timeout)?;
-    let mut line = Vec::new();
-    let mut fds = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !line.contains(&b'\n') {
+impl Listener {
+    /// Listens at `path` (which must not exist).
+    pub fn bind(path: &Path) -> io::Result<Listener> {
+        let fd = seqpacket()?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        listen(&fd, Backlog::new(16)?)?;
+        Ok(Listener(fd))
+    }
+
+    /// The next successor to connect (blocks).
+    pub fn accept(&self) -> io::Result<Channel> {
+        let fd = accept4(self.0.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        Ok(Channel(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
+impl Channel {
+    /// Connects to the serving agent at `path`.
+    pub fn connect(path: &Path) -> io::Result<Channel> {
+        let fd = seqpacket()?;
+        connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        Ok(Channel(fd))
+    }
+
+    /// Two connected ends (tests).
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        Ok((Channel(a), Channel(b)))
+    }
+
+    /// Refuses any peer that is not root; returns its pid.
+    pub fn require_root_peer(&self) -> Result<i32, WireError> {
+        let cred = getsockopt(&self.0, sockopt::PeerCredentials).map_err(io::Error::from)?;
+        if cred.uid() != 0 {
+            return Err(WireError::NotRoot {
+                uid: cred.uid(),
+                pid: cred.pid(),
+            });
+        }
+        Ok(cred.pid())
+    }
+
+    /// Sends `message`, with `fds` attached when there are any.
+    pub fn send(&self, message: &Message, fds: &[RawFd]) -> Result<(), WireError> {
+        let bytes = serde_json::to_vec(message)?;
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+        sendmsg::<()>(
+            self.0.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        Ok(())
+    }
+
+    /// Receives one message and the descriptors sent with it, waiting at
+    /// most `timeout` (`None`: until the peer writes or closes).
+    pub fn receive(&self, timeout: Option<Duration>) -> Result<(Message, Vec<OwnedFd>), WireError> {
+        let wait = TimeVal::from(libc::timeval {
+            tv_sec: timeout.map_or(0, |t| t.as_secs() as libc::time_t),
+            // Zero means "forever" to the kernel: a zero timeout is 1 µs.
+            tv_usec: timeout.map_or(0, |t| {
+                (t.subsec_micros() as libc::suseconds_t).max(i64::from(t.is_zero()) as _)
+            }),
+        });
+        setsockopt(&self.0, sockopt::ReceiveTimeout, &wait).map_err(io::Error::from)?;
+        let mut buffer = vec![0u8; MAX_MESSAGE];
         let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let mut iov = [IoSliceMut::new(&mut buffer)];
         let received = recvmsg::<()>(
-            stream.as_raw_fd(),
+            self.0.as_raw_fd(),
             &mut iov,
             Some(&mut space),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
         .map_err(io::Error::from)?;
-        let read = received.bytes;
+        let mut fds = Vec::new();
         for cmsg in received.cmsgs().map_err(io::Error::from)? {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 // SAFETY: the kernel just installed these descriptors in
@@ -142,19 +198,31 @@ pub fn receive(
                 );
             }
         }
+        let (read, truncated) = (received.bytes, received.flags.contains(MsgFlags::MSG_TRUNC));
         if read == 0 {
             return Err(WireError::Closed);
         }
-        line.extend_from_slice(&chunk[..read]);
-        if line.len() > 64 * 1024 {
+        if truncated {
             return Err(WireError::Io(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "handover message too long",
             )));
         }
+        Ok((serde_json::from_slice(&buffer[..read])?, fds))
     }
-    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
-    Ok((serde_json::from_slice(&line[..end])?, fds))
+
+    /// Whether the peer's end is still open.
+    pub fn is_open(&self) -> bool {
+        let mut byte = [0u8; 1];
+        match recv(
+            self.0.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => n > 0,
+            Err(e) => e == nix::errno::Errno::EAGAIN,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -165,24 +233,18 @@ mod tests {
 
     #[test]
     fn messages_and_descriptors_cross_a_socket_pair() {
-        let (a, b) = UnixStream::pair().expect("pair");
+        let (a, b) = Channel::pair().expect("pair");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        send(
-            &a,
-            &Message::Listeners {
-                addresses: vec![addr.to_string()],
-            },
-            &[listener.as_fd().as_raw_fd()],
-        )
-        .expect("send");
-        let (message, fds) = receive(&b, Some(Duration::from_secs(5))).expect("receive");
-        assert_eq!(
-            message,
-            Message::Listeners {
-                addresses: vec![addr.to_string()]
-            }
-        );
+        let listeners = Message::Listeners {
+            addresses: vec![addr.to_string()],
+        };
+        a.send(&listeners, &[listener.as_fd().as_raw_fd()])
+            .expect("send");
+        // Two records back to back stay two messages.
+        a.send(&Message::Serving, &[]).expect("send");
+        let (message, fds) = b.receive(Some(Duration::from_secs(5))).expect("receive");
+        assert_eq!(message, listeners);
         assert_eq!(fds.len(), 1);
         let received = std::net::TcpListener::from(fds.into_iter().next().expect("fd"));
         assert_eq!(
@@ -190,25 +252,31 @@ mod tests {
             addr,
             "the same socket"
         );
-        send(&b, &Message::Serving, &[]).expect("send");
-        assert_eq!(
-            receive(&a, Some(Duration::from_secs(5)))
-                .expect("receive")
-                .0,
-            Message::Serving
-        );
+        let (message, fds) = b.receive(Some(Duration::from_secs(5))).expect("receive");
+        assert_eq!((message, fds.len()), (Message::Serving, 0));
+        assert!(a.is_open());
         drop(b);
+        assert!(!a.is_open());
         assert!(matches!(
-            receive(&a, Some(Duration::from_secs(5))),
+            a.receive(Some(Duration::from_secs(5))),
             Err(WireError::Closed)
         ));
     }
 
     #[test]
+    fn a_receive_that_times_out_says_so() {
+        let (a, _b) = Channel::pair().expect("pair");
+        match a.receive(Some(Duration::from_millis(20))) {
+            Err(WireError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn the_peer_of_a_root_process_is_root() {
-        let (a, _b) = UnixStream::pair().expect("pair");
+        let (a, _b) = Channel::pair().expect("pair");
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        assert_eq!(require_root_peer(&a).is_ok(), root);
+        assert_eq!(a.require_root_peer().is_ok(), root);
     }
 }
