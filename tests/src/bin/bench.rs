@@ -7,10 +7,15 @@
 //! 2. connect() to the agent's address: without vs with (the recording path).
 //! 3. A credential request served from cache: agent with `--attribution off`
 //!    vs `enforce` (kernel lookup + cgroup resolution + checks per request).
+//! 4. Upgrade windows (absolute, median of 5): a handover — the successor's
+//!    start until it took over, and what a pod requesting back to back saw
+//!    (nothing, if it works) — and a crash — SIGKILL and an immediate
+//!    restart, from the pod's first failed request to its next served.
 
 use std::{
+    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
-    process::ExitCode,
+    process::{Child, ExitCode, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -215,7 +220,81 @@ fn run() -> Result<()> {
     println!(
         "\n(each request is a new connection: connect + HTTP + answer; enforce adds the kernel map\nlookup, open_by_handle_at + readlink, path parsing and the checks)"
     );
+    upgrade_windows(&cluster, &token_file)
+}
+
+const UPGRADE_ROUNDS: usize = 5;
+
+/// Section 4: handovers and crashes of an enforcing agent while pod A
+/// requests credentials back to back (`pod-client outage`).
+fn upgrade_windows(cluster: &Cluster, token_file: &std::path::Path) -> Result<()> {
+    let args = cluster.agent_args(
+        "enforce",
+        &["--pod-rate-limit", "0", "--max-request-rate", "0"],
+    );
+    let target = SocketAddr::from((AGENT_V4, 80)).to_string();
+    let (cgroup, netns) = (&cluster.cg_a, &cluster.net_a.netns);
+    // A watcher: says `served` once the agent answers, then reports the
+    // outage it saw (`null`: none within its time).
+    let watch = |seconds: &str| -> Result<Child> {
+        let mut child = pod_command(&built_binary("pod-client")?, cgroup, netns)?
+            .args(["outage", &target, &token_file.to_string_lossy(), seconds])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut first = String::new();
+        BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut first)?;
+        ensure!(first.trim() == "served", "outage watcher: {first:?}");
+        Ok(child)
+    };
+    let outage = |child: Child| -> Result<Option<f64>> {
+        let out = child.wait_with_output()?;
+        let seen: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(seen["outage_ms"].as_f64())
+    };
+    let mut agent = AgentProcess::start(&cluster.node.netns, &args)?;
+    let (mut takeovers, mut seen) = (Vec::new(), Vec::new());
+    for _ in 0..UPGRADE_ROUNDS {
+        let watcher = watch("2")?;
+        let started = Instant::now();
+        let mut successor = AgentProcess::spawn(&cluster.node.netns, &args, None)?;
+        successor.wait_for_log(
+            "took over from the agent serving on this node",
+            Duration::from_secs(60),
+        )?;
+        takeovers.push(started.elapsed().as_secs_f64() * 1e3);
+        agent.terminate(Duration::from_secs(30))?;
+        agent = successor;
+        seen.push(outage(watcher)?);
+    }
+    let mut crashes = Vec::new();
+    for _ in 0..UPGRADE_ROUNDS {
+        let watcher = watch("60")?;
+        agent.kill()?;
+        agent = AgentProcess::spawn(&cluster.node.netns, &args, None)?;
+        crashes.push(outage(watcher)?.context("the crash was not seen")?);
+    }
+    drop(agent);
+    let refused: Vec<&Option<f64>> = seen.iter().filter(|o| o.is_some()).collect();
+    println!(
+        "\nupgrade windows, median of {UPGRADE_ROUNDS} (absolute; enforce; pod A requesting back to back)"
+    );
+    println!(
+        "{:<48} {:>8.1} ms   (pod saw an outage in {} of {UPGRADE_ROUNDS})",
+        "handover: successor start → taken over",
+        median(&mut takeovers),
+        refused.len()
+    );
+    println!(
+        "{:<48} {:>8.1} ms",
+        "crash: SIGKILL + restart, pod's outage",
+        median(&mut crashes)
+    );
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn row(what: &str, baseline: f64, measured: f64, unit: &str, scale: f64) {
