@@ -25,6 +25,11 @@ pub const CONNECTIONS_MAP: &str = "CONNECTIONS";
 pub const STAMP_KEY_MAP: &str = "STAMP_KEY";
 /// SipHash-2-4 key for the stamp's MAC; random per load of the programs.
 pub type StampKey = [u64; 2];
+/// Array map (one `u32` at index 0): non-zero while the agent that loaded
+/// these programs serves. Zero makes `connect4`/`connect6` leave new
+/// connections to another build of the programs (the successor's), so one
+/// stamp per SYN is made by the programs of the agent that accepts it.
+pub const ACTIVE_MAP: &str = "ACTIVE";
 /// Capacity of [`CONNECTIONS_MAP`]: live connections to the served
 /// endpoints, node-wide. Entries are inserted only under a fresh random id
 /// (never overwriting) and deleted only by the socket that inserted them,

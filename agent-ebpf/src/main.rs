@@ -81,6 +81,10 @@ static CONNECTIONS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Set by the agent: see `agent_ebpf::ACTIVE_MAP`.
+#[btf_map]
+static ACTIVE: Array<u32, 1> = Array::new();
+
 /// Written by the agent before the programs are attached; all zero (a
 /// known key, so stamps any agent would refuse) only if it was not.
 #[btf_map]
@@ -169,9 +173,13 @@ fn ours(port: Port, addr: &RawAddr) -> bool {
 }
 
 /// Records the caller in the socket's storage. Only called for our
-/// destination, so the helper calls are off the hot path.
+/// destination, so the helper calls are off the hot path. Not while another
+/// build of the programs serves (see `ACTIVE`).
 #[inline(always)]
 fn remember_owner(ctx: &SockAddrContext) {
+    if ACTIVE.get(0).is_none_or(|active| *active == 0) {
+        return;
+    }
     // SAFETY: plain helpers, valid in sock_addr programs.
     let (cgroup_id, pid_tgid, uid) = unsafe {
         (

@@ -77,12 +77,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Programs first, then the listeners: taken from the agent serving on
     // this node if there is one (no connection refused while we change
     // places), else bound here.
-    let mut inherited = take_over(&args);
-    if inherited.is_none() {
-        // No agent serves: nothing of an older build of the programs
-        // needs to stay attached.
-        retire_other_generations(attribution.as_deref());
-    }
+    let mut inherited = match take_over(&args, attribution.as_deref()) {
+        Ok(inherited) => inherited,
+        // An agent answers but the handover failed: leave everything of it
+        // in place (it keeps serving); binding below fails while it runs.
+        Err(e) => {
+            warn!(error = %e, "the agent serving on this node did not hand over; binding our own listeners");
+            None
+        }
+    };
+    // Programs of agents that are gone (a crash) go; those of a live agent
+    // are held by it and stay.
+    retire_other_generations(attribution.as_deref());
     let mut open =
         |addr: SocketAddr, save_syns: bool| match inherited.as_mut().and_then(|i| i.take(addr)) {
             Some(listener) => server::adopt(listener, save_syns),
@@ -242,7 +248,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         },
     ));
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
-    let housekeeping = tokio::spawn(pod_housekeeping(state.clone(), args.pod_gc_interval));
+    let housekeeping = tokio::spawn(pod_housekeeping(
+        state.clone(),
+        attribution.clone(),
+        args.pod_gc_interval,
+    ));
     info!(cluster_name = args.cluster_name, listeners = ?bound, probe = %probe_addr, metrics = %metrics_addr, "serving");
     if let Some(previous) = predecessor.get() {
         let pid = previous.pid();
@@ -252,15 +262,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     predecessor_pid = pid,
                     "took over from the agent serving on this node"
                 );
-                // Both builds of the programs stay attached a moment, so
-                // every connect() in flight is known to ours too; then
-                // the older ones go (the previous agent vouches for what
-                // they stamped while it runs).
-                let attribution = attribution.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(GENERATION_OVERLAP).await;
-                    retire_other_generations(attribution.as_deref());
-                });
             }
             // It stays in its accept loop too: both serve, nothing lost.
             Err(e) => {
@@ -268,11 +269,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let own_programs = attribution.clone().map(|a| -> Arc<dyn OpenerLookup> { a });
     let offer = match args.handover_socket() {
         Some(path) => {
-            match handover::giving::offer(path.to_owned(), offered, accepting.clone(), own_programs)
-            {
+            match handover::giving::offer(
+                path.to_owned(),
+                offered,
+                accepting.clone(),
+                attribution.clone(),
+            ) {
                 Ok(offer) => Some(offer),
                 Err(e) => {
                     warn!(error = %e, path = %path.display(), "cannot offer a handover: the next agent will bind its own listeners once this one is gone");
@@ -316,20 +320,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Ok(()) => info!("all connections finished"),
         Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
-    match (predecessor.get(), succeeded) {
-        (Some(predecessor), true) => predecessor.handed_on(),
-        // No agent takes over from us and none is left to take back: the
-        // programs go with us (an uninstall leaves nothing attached). Last,
-        // once every connection this agent accepted has been answered.
-        (predecessor, false) if !predecessor.is_some_and(Predecessor::is_alive) => {
-            if let Some(attribution) = &attribution {
-                match attribution.unpin() {
-                    Ok(()) => info!("no successor: kernel programs unpinned"),
-                    Err(e) => warn!(error = %e, "unpinning the kernel programs failed"),
-                }
-            }
+    if let (Some(predecessor), true) = (predecessor.get(), succeeded) {
+        predecessor.handed_on();
+    }
+    // Last, once every connection this agent accepted has been answered:
+    // its programs go unless another agent (a successor of the same build,
+    // or the predecessor) holds them, so an uninstall leaves nothing
+    // attached and an upgrade loses nothing.
+    if let Some(attribution) = &attribution {
+        match attribution.release() {
+            Ok(true) => info!("kernel programs unpinned: no other agent uses them"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "unpinning the kernel programs failed"),
         }
-        _ => {}
     }
     Ok(())
 }
@@ -410,17 +413,17 @@ impl Attached {
     }
 }
 
-/// The listeners of the agent serving on this node, if one does and hands
-/// them over; any failure leaves this agent binding its own.
-fn take_over(args: &ServerArgs) -> Option<handover::taking::Inherited> {
-    let path = args.handover_socket()?;
-    match handover::taking::take_over(path) {
-        Ok(inherited) => inherited,
-        Err(e) => {
-            warn!(error = %e, path = %path.display(), "no handover from the agent serving on this node; binding our own listeners");
-            None
-        }
-    }
+/// The listeners of the agent serving on this node: `Ok(None)` when none
+/// answers at the handover socket (or there is none), an error when one
+/// answers but does not hand over.
+fn take_over(
+    args: &ServerArgs,
+    attribution: Option<&Attribution>,
+) -> Result<Option<handover::taking::Inherited>, handover::wire::WireError> {
+    let Some(path) = args.handover_socket() else {
+        return Ok(None);
+    };
+    handover::taking::take_over(path, attribution.and_then(Attribution::generation))
 }
 
 /// Attaches the kernel programs as `--attribution` asks. `auto` degrades to
@@ -551,11 +554,6 @@ fn attach(
     Ok((attribution, resolver, layout, root))
 }
 
-/// How long an older build of the kernel programs stays attached beside
-/// this agent's after it took over: long enough for every connect() that
-/// ran under the older build alone to have sent its SYN.
-const GENERATION_OVERLAP: Duration = Duration::from_secs(1);
-
 /// Unpins the kernel programs of other builds or configurations.
 fn retire_other_generations(attribution: Option<&Attribution>) {
     match attribution.map(Attribution::retire_others) {
@@ -568,8 +566,13 @@ fn retire_other_generations(attribution: Option<&Attribution>) {
 }
 
 /// Every `every`: evicts cached credentials of pods that are gone (never
-/// refreshed again) and forgets idle clients' rate-limit buckets.
-async fn pod_housekeeping(state: Arc<AppState>, every: Duration) {
+/// refreshed again), forgets idle clients' rate-limit buckets, and detaches
+/// kernel programs left by agents that have exited.
+async fn pod_housekeeping(
+    state: Arc<AppState>,
+    attribution: Option<Arc<Attribution>>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -586,6 +589,8 @@ async fn pod_housekeeping(state: Arc<AppState>, every: Duration) {
         if let Some(limiter) = &state.limiter {
             limiter.forget_idle();
         }
+        // Programs of a previous agent that has exited since.
+        retire_other_generations(attribution.as_deref());
     }
 }
 

@@ -158,6 +158,13 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
         } else {
             predecessor.terminate(Duration::from_secs(30))?;
         }
+        // The programs it shares with its successor stay: the successor
+        // holds them.
+        ensure!(
+            !predecessor.logs().contains("kernel programs unpinned"),
+            "round {round}: the predecessor unpinned programs in use:\n{}",
+            predecessor.logs()
+        );
         let after = served_by(&env.agent);
         wait_for("the successor to serve", Duration::from_secs(30), || {
             Ok(served_by(&env.agent) > after)
@@ -216,7 +223,6 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
             "took over from the agent serving on this node",
             Duration::from_secs(60),
         )?;
-        successor.wait_for_log("older kernel programs detached", Duration::from_secs(30))?;
         ensure!(
             successor
                 .logs()
@@ -225,7 +231,15 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
             successor.logs()
         );
         let mut predecessor = std::mem::replace(&mut env.agent, successor);
+        // Its programs stop recording new connections once the successor's
+        // serve, and go when it exits: nobody else holds them.
+        predecessor.wait_for_log("kernel programs switched", Duration::from_secs(30))?;
         predecessor.terminate(Duration::from_secs(30))?;
+        let logs = predecessor.logs();
+        ensure!(
+            logs.contains("kernel programs unpinned"),
+            "round {round}: the predecessor's programs stayed:\n{logs}"
+        );
         let after = served_by(&env.agent);
         wait_for("the successor to serve", Duration::from_secs(30), || {
             Ok(served_by(&env.agent) > after)
@@ -240,6 +254,14 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
     ensure!(
         refused.is_empty(),
         "refused across the ABI change: {refused:?}"
+    );
+    let generations: Vec<_> = std::fs::read_dir(env.node.netns.pin_dir())?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(
+        generations.len() == 1,
+        "one generation pinned at the end, not {generations:?}"
     );
 
     for (what, child) in loads {

@@ -19,7 +19,8 @@ pub use agent_ebpf::Stamp;
 use crate::caller::{pins, syn::SavedSyn};
 
 use agent_ebpf::{
-    CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord, STAMP_KEY_MAP, StampKey,
+    ACTIVE_MAP, CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord,
+    STAMP_KEY_MAP, StampKey,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -191,7 +192,10 @@ pub struct Attribution {
     /// Locked for the get-and-delete of one lookup.
     connections: std::sync::Mutex<HashMap<MapData, u64, ConnRecord>>,
     mac_key: StampKey,
-    pins: Option<pins::Generation>,
+    /// The programs' switch (`agent_ebpf::ACTIVE_MAP`).
+    active: std::sync::Mutex<Array<MapData, u32>>,
+    /// The generation and this agent's hold on it, when pinned.
+    pins: Option<(pins::Generation, std::fs::File)>,
     // Own the programs and their links when they are not pinned (dropping
     // them detaches); declared last so they drop last.
     _links: Vec<FdLink>,
@@ -215,9 +219,17 @@ impl Attribution {
             EBPF_OBJECT,
             &format!("{config:?} {}", options.cgroup.display()),
         )?;
-        if let Some(adopted) = Self::adopt(&generation)? {
-            let name = generation.name().to_owned();
-            return Ok((adopted, Provenance::Adopted { generation: name }));
+        match Self::adopt(&generation) {
+            Ok(Some(adopted)) => {
+                let name = generation.name().to_owned();
+                return Ok((adopted, Provenance::Adopted { generation: name }));
+            }
+            Ok(None) => {}
+            // Pins that vanish or break while being adopted: load afresh
+            // rather than run without programs.
+            Err(e) => {
+                tracing::warn!(error = %e, "adopting the pinned kernel programs failed; loading them")
+            }
         }
         let attribution = Self::load(options, &config, Some(generation.clone()))?;
         Ok((
@@ -239,18 +251,28 @@ impl Attribution {
                 .and_then(Map::from_map_data)
                 .map_err(AttributionError::Map)
         };
+        // Held before anything is read: no other agent removes it now.
+        let hold = generation.hold()?;
+        if !generation.complete() {
+            return Ok(None);
+        }
         let connections =
             HashMap::try_from(open(CONNECTIONS_MAP)?).map_err(AttributionError::Map)?;
         let keys: Array<MapData, StampKey> =
             Array::try_from(open(STAMP_KEY_MAP)?).map_err(AttributionError::Map)?;
         let mac_key = keys.get(&0, 0).map_err(AttributionError::Map)?;
-        Ok(Some(Attribution {
+        let active = Array::try_from(open(ACTIVE_MAP)?).map_err(AttributionError::Map)?;
+        let attribution = Attribution {
             connections: std::sync::Mutex::new(connections),
             mac_key,
-            pins: Some(generation.clone()),
+            active: std::sync::Mutex::new(active),
+            pins: Some((generation.clone(), hold)),
             _links: Vec::new(),
             _ebpf: None,
-        }))
+        };
+        // Adopted from an agent that crashed while its successor served.
+        attribution.set_active(true)?;
+        Ok(Some(attribution))
     }
 
     fn load(
@@ -270,6 +292,12 @@ impl Attribution {
         )
         .map_err(AttributionError::Map)?;
         keys.set(0, mac_key, 0).map_err(AttributionError::Map)?;
+        let mut switch: Array<&mut MapData, u32> = Array::try_from(
+            ebpf.map_mut(ACTIVE_MAP)
+                .ok_or(AttributionError::MissingMap(ACTIVE_MAP))?,
+        )
+        .map_err(AttributionError::Map)?;
+        switch.set(0, 1, 0).map_err(AttributionError::Map)?;
 
         let cgroup = File::open(&options.cgroup).map_err(|source| AttributionError::Cgroup {
             path: options.cgroup.clone(),
@@ -307,6 +335,7 @@ impl Attribution {
                 let maps = [
                     (CONNECTIONS_MAP, map(CONNECTIONS_MAP)?),
                     (STAMP_KEY_MAP, map(STAMP_KEY_MAP)?),
+                    (ACTIVE_MAP, map(ACTIVE_MAP)?),
                 ];
                 generation.pin(&maps, links)?;
                 // The pins hold the links now.
@@ -314,38 +343,63 @@ impl Attribution {
             }
             None => links.into_iter().map(|(_, link)| link).collect(),
         };
-        let map = ebpf
-            .take_map(CONNECTIONS_MAP)
-            .ok_or(AttributionError::MissingMap(CONNECTIONS_MAP))?;
-        let connections = HashMap::try_from(map).map_err(AttributionError::Map)?;
+        let mut take = |name| {
+            ebpf.take_map(name)
+                .ok_or(AttributionError::MissingMap(name))
+        };
+        let connections =
+            HashMap::try_from(take(CONNECTIONS_MAP)?).map_err(AttributionError::Map)?;
+        let active = Array::try_from(take(ACTIVE_MAP)?).map_err(AttributionError::Map)?;
+        let pins = match pins {
+            Some(generation) => {
+                let hold = generation.hold()?;
+                Some((generation, hold))
+            }
+            None => None,
+        };
         Ok(Attribution {
             connections: std::sync::Mutex::new(connections),
             mac_key,
+            active: std::sync::Mutex::new(active),
             pins,
             _links: links,
             _ebpf: Some(ebpf),
         })
     }
 
-    /// Unpins every other generation, detaching its programs (once no
-    /// process holds them): called at once when no previous agent runs,
-    /// and after a moment of overlap when one does — while both are
-    /// attached, every connect() is known to both, so none falls between.
+    /// The generation's name, when pinned.
+    pub fn generation(&self) -> Option<&str> {
+        self.pins.as_ref().map(|(generation, _)| generation.name())
+    }
+
+    /// Switches the programs' recording of new connections on or off: off
+    /// while a successor running another build of them serves (its programs
+    /// stamp those connections), on again if it goes first.
+    pub fn set_active(&self, active: bool) -> Result<(), AttributionError> {
+        self.active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set(0, u32::from(active), 0)
+            .map_err(AttributionError::Map)
+    }
+
+    /// Unpins every other generation that no agent holds (left by agents
+    /// that are gone), detaching its programs.
     pub fn retire_others(&self) -> Result<Vec<String>, AttributionError> {
         match &self.pins {
-            Some(generation) => Ok(generation.remove_others()?),
+            Some((generation, _)) => Ok(generation.remove_others()?),
             None => Ok(Vec::new()),
         }
     }
 
-    /// Removes this generation's pins, detaching the programs once this
-    /// process lets go of them: for an agent that stops with no successor
-    /// (uninstalled, or replaced without a handover), so nothing of it
-    /// stays attached to the node. A no-op when not pinned.
-    pub fn unpin(&self) -> Result<(), AttributionError> {
+    /// Removes this generation's pins unless another agent holds them (a
+    /// successor of the same build adopted them), detaching the programs:
+    /// what an agent does last, so nothing of it stays attached to the
+    /// node once nobody uses it. Whether they were removed.
+    pub fn release(&self) -> Result<bool, AttributionError> {
         match &self.pins {
-            Some(generation) => generation.remove().map_err(AttributionError::Pins),
-            None => Ok(()),
+            Some((generation, hold)) => Ok(generation.remove_unless_held(hold)?),
+            None => Ok(false),
         }
     }
 

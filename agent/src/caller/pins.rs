@@ -5,13 +5,19 @@
 //! instead of reloading: connections opened while no agent ran, or under
 //! the previous one, are still attributed (docs/architecture.md §9).
 //!
-//! Layout: `<pin dir>/<generation>/{CONNECTIONS,STAMP_KEY,connect4,connect6,sock_ops}`.
+//! Layout: `<pin dir>/<generation>/{CONNECTIONS,STAMP_KEY,ACTIVE,connect4,connect6,sock_ops}`.
 //! A generation is written under a temporary name and renamed into place,
 //! so a directory with the generation's name is always complete.
+//!
+//! Every agent using a generation holds a shared `flock` on its directory
+//! for its whole life (the kernel drops it when the process dies, however
+//! it dies). A generation is removed only when an exclusive lock can be
+//! taken: never under an agent that adopted it.
 
 use std::{
     ffi::CString,
-    fs, io,
+    fs::{self, File},
+    io,
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
 };
@@ -24,7 +30,11 @@ use thiserror::Error;
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
 /// Every pin of a complete generation.
-const MAPS: [&str; 2] = [agent_ebpf::CONNECTIONS_MAP, agent_ebpf::STAMP_KEY_MAP];
+const MAPS: [&str; 3] = [
+    agent_ebpf::CONNECTIONS_MAP,
+    agent_ebpf::STAMP_KEY_MAP,
+    agent_ebpf::ACTIVE_MAP,
+];
 const LINKS: [&str; 3] = ["connect4", "connect6", "sock_ops"];
 
 #[derive(Debug, Error)]
@@ -40,6 +50,8 @@ pub enum PinsError {
         #[source]
         source: io::Error,
     },
+    #[error("{0} is held by another agent")]
+    Held(PathBuf),
     #[error("pinning {name} at {path}: {source}")]
     Pin {
         name: &'static str,
@@ -96,6 +108,23 @@ impl Generation {
             .all(|name| self.path(name).exists())
     }
 
+    /// Takes this agent's shared hold on the generation (see the module
+    /// doc); kept for the process's life.
+    pub fn hold(&self) -> Result<File, PinsError> {
+        let path = self.dir.join(&self.name);
+        let dir = File::open(&path).map_err(|source| PinsError::Io {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+        dir.lock_shared().map_err(|source| PinsError::Io {
+            what: "locking",
+            path,
+            source,
+        })?;
+        Ok(dir)
+    }
+
     /// Pins `maps` and `links` as this generation, atomically: under a
     /// temporary name first, renamed into place once all are pinned.
     pub fn pin(
@@ -103,12 +132,19 @@ impl Generation {
         maps: &[(&'static str, &Map)],
         links: Vec<(&'static str, FdLink)>,
     ) -> Result<(), PinsError> {
-        // bpffs refuses names with a dot: a prefix marks staging instead.
+        // bpffs refuses names with a dot: a prefix marks staging instead;
+        // locked while in use, so no other agent removes it.
         let staging = self
             .dir
-            .join(format!("staging-{}-{}", self.name, std::process::id()));
-        remove_tree(&staging)?;
+            .join(format!("staging-{}-{:016x}", self.name, fastrand::u64(..)));
         create_private_dir(&staging)?;
+        let _staging_lock = File::open(&staging)
+            .and_then(|dir| dir.lock().map(|()| dir))
+            .map_err(|source| PinsError::Io {
+                what: "locking",
+                path: staging.clone(),
+                source,
+            })?;
         let pinned = (|| {
             for (name, map) in maps {
                 let path = staging.join(name);
@@ -127,8 +163,11 @@ impl Generation {
             }
             let target = self.dir.join(&self.name);
             // A generation left by an agent that died while pinning it is
-            // incomplete (`complete()` said no): replace it.
-            remove_tree(&target)?;
+            // incomplete (`complete()` said no): replace it, unless an
+            // agent holds it.
+            if !remove_unheld(&target)? {
+                return Err(PinsError::Held(target.clone()));
+            }
             fs::rename(&staging, &target).map_err(|source| PinsError::Io {
                 what: "renaming the new generation into place",
                 path: target,
@@ -155,9 +194,10 @@ impl Generation {
             .collect())
     }
 
-    /// Removes every other generation in the pin directory (an older build
-    /// or configuration, or staging left by a crash); returns their names.
-    /// Unpinning detaches their programs once no process holds them.
+    /// Removes every other generation in the pin directory that no agent
+    /// holds (an older build or configuration whose agent is gone, staging
+    /// left by a crash); returns their names. Unpinning detaches their
+    /// programs.
     pub fn remove_others(&self) -> Result<Vec<String>, PinsError> {
         let entries = fs::read_dir(&self.dir).map_err(|source| PinsError::Io {
             what: "listing",
@@ -170,15 +210,27 @@ impl Generation {
             if name == self.name {
                 continue;
             }
-            remove_tree(&entry.path())?;
-            removed.push(name);
+            if remove_unheld(&entry.path())? {
+                removed.push(name);
+            }
         }
         Ok(removed)
     }
 
-    /// Removes this generation's pins.
-    pub fn remove(&self) -> Result<(), PinsError> {
-        remove_tree(&self.dir.join(&self.name))
+    /// Removes this generation's pins unless another agent holds it;
+    /// `held` is this agent's own hold (upgraded to exclusive, which fails
+    /// while anyone else holds it). Whether it was removed.
+    pub fn remove_unless_held(&self, held: &File) -> Result<bool, PinsError> {
+        let path = self.dir.join(&self.name);
+        match held.try_lock() {
+            Ok(()) => remove_tree(&path).map(|()| true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(source)) => Err(PinsError::Io {
+                what: "locking",
+                path,
+                source,
+            }),
+        }
     }
 }
 
@@ -206,6 +258,31 @@ fn create_private_dir(dir: &Path) -> Result<(), PinsError> {
             path: dir.to_owned(),
             source,
         })
+}
+
+/// Removes the generation (or staging) directory `dir` if no agent holds
+/// it; whether it is gone.
+fn remove_unheld(dir: &Path) -> Result<bool, PinsError> {
+    let handle = match File::open(dir) {
+        Ok(handle) => handle,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(source) => {
+            return Err(PinsError::Io {
+                what: "opening",
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    match handle.try_lock() {
+        Ok(()) => remove_tree(dir).map(|()| true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(source)) => Err(PinsError::Io {
+            what: "locking",
+            path: dir.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Unlinks a generation's pins and its directory (bpffs directories hold

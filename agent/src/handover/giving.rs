@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::{
     caller::{
-        attribution::{Accepted, OpenerLookup, Stamp},
+        attribution::{Accepted, Attribution, OpenerLookup as _, Stamp},
         syn::SavedSyn,
     },
     handover::wire::{Channel, Listener, Message, WireError},
@@ -31,7 +31,9 @@ use crate::{
 
 /// How long a successor may take between its hello and saying it serves
 /// (loading or adopting the kernel programs, starting its listeners).
-const SUCCESSOR_START: Duration = Duration::from_secs(60);
+/// Below the pod's termination grace, so a stopping agent is never killed
+/// waiting for one.
+const SUCCESSOR_START: Duration = Duration::from_secs(20);
 const HELLO: Duration = Duration::from_secs(5);
 
 /// Where the offer stands. Shutdown and a handover in progress must agree:
@@ -101,14 +103,14 @@ impl Offer {
 }
 
 /// Offers `listeners` on the Unix socket `path` (created root-only) for as
-/// long as the process runs, on a thread of its own. `lookup`: this agent's
+/// long as the process runs, on a thread of its own. `programs`: this agent's
 /// kernel programs, which vouch for the connections they stamped while a
 /// successor runs another build of them.
 pub fn offer(
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
-    lookup: Option<Arc<dyn OpenerLookup>>,
+    programs: Option<Arc<Attribution>>,
 ) -> io::Result<Offer> {
     let offer = Offer::new();
     let socket = bind_private(&path)?;
@@ -118,7 +120,7 @@ pub fn offer(
         path,
         accepting,
         offer: offer.clone(),
-        lookup,
+        programs,
     };
     std::thread::Builder::new()
         .name("handover".into())
@@ -133,7 +135,7 @@ struct Giver {
     addresses: Vec<String>,
     accepting: watch::Sender<Accepting>,
     offer: Offer,
-    lookup: Option<Arc<dyn OpenerLookup>>,
+    programs: Option<Arc<Attribution>>,
 }
 
 /// How a conversation with the successor ended.
@@ -172,13 +174,14 @@ impl Giver {
             let mut vouched = 0;
             // It may ask about connections before it says it serves: it
             // accepts on the listeners from the moment it has them.
-            let given = give(&stream, &self.addresses, &fds).map(|pid| {
+            let given = give(&stream, &self.addresses, &fds).map(|(pid, generation)| {
                 let deadline = Instant::now() + SUCCESSOR_START;
-                (pid, self.converse(&stream, Some(deadline), &mut vouched))
+                let ended = self.converse(&stream, Some(deadline), &mut vouched);
+                (pid, generation, ended)
             });
-            let pid = match given {
-                Ok((pid, Ended::Serving)) => pid,
-                Ok((pid, ended)) => {
+            let (pid, generation) = match given {
+                Ok((pid, generation, Ended::Serving)) => (pid, generation),
+                Ok((pid, _, ended)) => {
                     self.offer.set(Phase::Open);
                     warn!(
                         successor_pid = pid,
@@ -201,6 +204,14 @@ impl Giver {
                 successor_pid = pid,
                 "handed the listeners over; no longer accepting, finishing this agent's connections"
             );
+            // Its own build of the programs records new connections from
+            // now on; ours would only stamp them with a key it cannot check.
+            let shared = |own: &str| generation.as_deref() == Some(own);
+            if let Some(programs) = &self.programs
+                && !programs.generation().is_some_and(shared)
+            {
+                self.switch(programs, false);
+            }
             let ended = self.converse(&stream, None, &mut vouched);
             if vouched > 0 {
                 info!(
@@ -219,6 +230,11 @@ impl Giver {
                 return;
             }
             self.offer.set(Phase::Open);
+            if let Some(programs) = &self.programs {
+                self.switch(programs, true);
+                // The successor's programs, if nothing holds them any more.
+                let _ = programs.retire_others();
+            }
             self.accepting.send_replace(Accepting::Yes);
             warn!(
                 successor_pid = pid,
@@ -232,6 +248,13 @@ impl Giver {
                     return;
                 }
             }
+        }
+    }
+
+    fn switch(&self, programs: &Attribution, active: bool) {
+        match programs.set_active(active) {
+            Ok(()) => info!(active, "kernel programs switched"),
+            Err(e) => warn!(error = %e, active, "switching the kernel programs failed"),
         }
     }
 
@@ -261,7 +284,7 @@ impl Giver {
                         local,
                         syn: SavedSyn::Kept(Some(Stamp { id, mac })),
                     };
-                    let (opener, refused) = match self.lookup.as_ref().map(|l| l.opener(&conn)) {
+                    let (opener, refused) = match self.programs.as_ref().map(|l| l.opener(&conn)) {
                         Some(Ok(opener)) => {
                             *vouched += u64::from(opener.is_some());
                             (opener, None)
@@ -273,6 +296,9 @@ impl Giver {
                         .send(
                             &Message::Opened {
                                 id,
+                                mac,
+                                peer,
+                                local,
                                 opener,
                                 refused,
                             },
@@ -303,20 +329,31 @@ impl Giver {
 }
 
 /// The start of a handover: the successor's hello, then the listeners.
-fn give(stream: &Channel, addresses: &[String], fds: &[RawFd]) -> Result<i32, WireError> {
+/// Returns the successor's pid and generation of the kernel programs.
+fn give(
+    stream: &Channel,
+    addresses: &[String],
+    fds: &[RawFd],
+) -> Result<(i32, Option<String>), WireError> {
     let pid = stream.require_root_peer()?;
-    match stream.receive(Some(HELLO))? {
-        (Message::Hello { version }, _) if version == crate::handover::wire::VERSION => {}
-        (Message::Hello { version }, _) => return Err(WireError::Version(version)),
+    let generation = match stream.receive(Some(HELLO))? {
+        (
+            Message::Hello {
+                version,
+                generation,
+            },
+            _,
+        ) if version == crate::handover::wire::VERSION => generation,
+        (Message::Hello { version, .. }, _) => return Err(WireError::Version(version)),
         (other, _) => return Err(WireError::Unexpected(other)),
-    }
+    };
     stream.send(
         &Message::Listeners {
             addresses: addresses.to_vec(),
         },
         fds,
     )?;
-    Ok(pid)
+    Ok((pid, generation))
 }
 
 /// Binds the Unix socket at `path`, replacing whatever is there, in a

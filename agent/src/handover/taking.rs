@@ -6,7 +6,10 @@ use std::{
     io,
     net::{SocketAddr, TcpListener},
     path::Path,
-    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -29,9 +32,10 @@ pub struct Inherited {
     pid: i32,
 }
 
-/// Asks the agent serving at `path` for its listeners. `Ok(None)`: no agent
+/// Asks the agent serving at `path` for its listeners, saying which
+/// generation of the kernel programs this agent runs. `Ok(None)`: no agent
 /// serves there (first start, or the previous one died).
-pub fn take_over(path: &Path) -> Result<Option<Inherited>, WireError> {
+pub fn take_over(path: &Path, generation: Option<&str>) -> Result<Option<Inherited>, WireError> {
     let stream = match Channel::connect(path) {
         Ok(stream) => stream,
         Err(e)
@@ -48,6 +52,7 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, WireError> {
     stream.send(
         &Message::Hello {
             version: wire::VERSION,
+            generation: generation.map(str::to_owned),
         },
         &[],
     )?;
@@ -91,6 +96,7 @@ impl Inherited {
         Predecessor {
             stream: Mutex::new(self.predecessor),
             pid: self.pid,
+            desynchronised: AtomicBool::new(false),
         }
     }
 }
@@ -102,6 +108,8 @@ pub struct Predecessor {
     /// One exchange at a time: lookups are request–answer pairs.
     stream: Mutex<Channel>,
     pid: i32,
+    /// A lookup timed out: answers may be out of step, none is trusted.
+    desynchronised: AtomicBool,
 }
 
 /// How long a lookup may wait for the previous agent's answer.
@@ -129,6 +137,11 @@ impl Predecessor {
         let SavedSyn::Kept(Some(stamp)) = conn.syn else {
             return Ok(None);
         };
+        if self.desynchronised.load(Ordering::SeqCst) {
+            return Err(AttributionError::Predecessor(
+                "an earlier lookup went unanswered; no longer asked".into(),
+            ));
+        }
         let stream = self.stream();
         let lookup = Message::Lookup {
             id: stamp.id,
@@ -141,10 +154,26 @@ impl Predecessor {
         let deadline = Instant::now() + LOOKUP;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match stream.receive(Some(left)).map_err(failed)? {
-                // A late answer to an earlier lookup that timed out: never
-                // taken for this connection's.
-                (Message::Opened { id, .. }, _) if id != stamp.id => continue,
+            let answer = stream.receive(Some(left)).map_err(|e| {
+                // Unanswered: whatever arrives later could be taken for the
+                // next lookup's answer, so the channel is not used again.
+                self.desynchronised.store(true, Ordering::SeqCst);
+                failed(e)
+            })?;
+            match answer {
+                // Not this lookup's answer, whole: never taken for it.
+                (
+                    Message::Opened {
+                        id,
+                        mac,
+                        peer,
+                        local,
+                        ..
+                    },
+                    _,
+                ) if (id, mac, peer, local) != (stamp.id, stamp.mac, conn.peer, conn.local) => {
+                    continue;
+                }
                 (
                     Message::Opened {
                         opener: Some(opener),
@@ -191,7 +220,17 @@ impl OpenerLookup for WithPredecessor {
     fn opener(&self, conn: &Accepted) -> Result<Option<Opener>, AttributionError> {
         match self.own.opener(conn) {
             Err(AttributionError::ForgedStamp) => match self.predecessor.get() {
-                Some(predecessor) => predecessor.opener(conn),
+                // A blocking exchange (bounded): on a multi-threaded runtime
+                // the worker's other tasks move elsewhere meanwhile.
+                Some(predecessor) => match tokio::runtime::Handle::try_current() {
+                    Ok(runtime)
+                        if runtime.runtime_flavor()
+                            == tokio::runtime::RuntimeFlavor::MultiThread =>
+                    {
+                        tokio::task::block_in_place(|| predecessor.opener(conn))
+                    }
+                    _ => predecessor.opener(conn),
+                },
                 None => Err(AttributionError::ForgedStamp),
             },
             other => other,

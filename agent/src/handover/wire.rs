@@ -1,7 +1,7 @@
 //! The handover socket's wire: one JSON message per record of a Unix
 //! `SOCK_SEQPACKET` socket, listening sockets passed as `SCM_RIGHTS`, and the peer's
 //! credentials checked on both ends (root only: whoever holds the listeners
-//! receives every pod's token).
+//! receives every pod's token). The protocol: docs/architecture.md §9.
 
 use std::{
     io::{self, IoSlice, IoSliceMut},
@@ -44,6 +44,9 @@ pub const MAX_FDS: usize = 16;
 pub enum Message {
     Hello {
         version: u32,
+        /// The successor's generation of the kernel programs (`None`: not
+        /// pinned): the same as the serving agent's means shared programs.
+        generation: Option<String>,
     },
     Listeners {
         addresses: Vec<String>,
@@ -56,8 +59,12 @@ pub enum Message {
         local: SocketAddr,
     },
     Opened {
-        /// The stamp id asked about: an answer is never taken for another.
+        /// The lookup answered, echoed whole: an answer is never taken for
+        /// another connection's.
         id: u64,
+        mac: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
         opener: Option<Opener>,
         refused: Option<String>,
     },
