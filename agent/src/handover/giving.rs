@@ -345,7 +345,7 @@ fn give(
             _,
         ) if version == crate::handover::wire::VERSION => generation,
         (Message::Hello { version, .. }, _) => return Err(WireError::Version(version)),
-        (other, _) => return Err(WireError::Unexpected(other)),
+        (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
     stream.send(
         &Message::Listeners {

@@ -58,7 +58,7 @@ pub fn take_over(path: &Path, generation: Option<&str>) -> Result<Option<Inherit
     )?;
     let (addresses, fds) = match stream.receive(Some(ANSWER))? {
         (Message::Listeners { addresses }, fds) => (addresses, fds),
-        (other, _) => return Err(WireError::Unexpected(other)),
+        (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
     if fds.len() != addresses.len() {
         return Err(WireError::Descriptors(fds.len(), addresses.len()));
@@ -190,7 +190,7 @@ impl Predecessor {
                     return Err(AttributionError::Predecessor(why));
                 }
                 (Message::Opened { .. }, _) => return Ok(None),
-                (other, _) => return Err(failed(WireError::Unexpected(other))),
+                (other, _) => return Err(failed(WireError::Unexpected(Box::new(other)))),
             }
         }
     }

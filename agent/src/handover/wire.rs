@@ -78,7 +78,7 @@ pub enum WireError {
     #[error("handover peer is uid {uid} (pid {pid}), not root: refused")]
     NotRoot { uid: u32, pid: i32 },
     #[error("handover peer sent {0:?} where another message was due")]
-    Unexpected(Message),
+    Unexpected(Box<Message>),
     #[error("handover peer closed the connection")]
     Closed,
     #[error("handover message is not valid: {0}")]
