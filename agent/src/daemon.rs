@@ -423,7 +423,11 @@ fn take_over(
     let Some(path) = args.handover_socket() else {
         return Ok(None);
     };
-    handover::taking::take_over(path, attribution.and_then(Attribution::generation))
+    handover::taking::take_over(
+        path,
+        attribution.and_then(Attribution::generation),
+        args.pin_dir(),
+    )
 }
 
 /// Attaches the kernel programs as `--attribution` asks. `auto` degrades to

@@ -345,6 +345,54 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
 }
 
 #[test]
+fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result<()> {
+    harness::require_privilege!();
+    let mut env = Served::start(NODE, "enforce", &ARGS)?;
+    let intruder = env.tree.create("system.slice/impostor.service")?;
+    let socket = env.node.netns.handover_socket();
+    let impostor = |env: &Served, role: &str| -> Result<std::process::Child> {
+        Ok(env
+            .pod_client(&intruder, &env.node.netns)?
+            .args(["impostor", role, &socket.to_string_lossy()])
+            .stdout(Stdio::piped())
+            .spawn()?)
+    };
+    // Root, knowing the protocol, asks the serving agent for its listeners.
+    let taken = tally(impostor(&env, "take")?, "impostor take")?;
+    ensure!(
+        taken["descriptors"] == 0,
+        "a root process without the key got the listeners: {taken}"
+    );
+    env.agent
+        .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    // Root poses as the serving agent for the next agent to start.
+    env.agent.kill()?;
+    // The dead agent's socket file stays; the impostor's replaces it.
+    std::fs::remove_file(&socket)?;
+    let giver = impostor(&env, "give")?;
+    wait_for("the impostor to listen", Duration::from_secs(30), || {
+        Ok(socket.exists())
+    })?;
+    let args = env.agent_args("enforce", &ARGS);
+    env.agent = AgentProcess::start(&env.node.netns, &args)?;
+    env.agent
+        .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
+    let given = tally(giver, "impostor give")?;
+    ensure!(
+        !given["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Serving"),
+        "the agent served on an impostor's sockets: {given}"
+    );
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    Ok(())
+}
+
+#[test]
 fn init_with_an_agent_serving_changes_nothing() -> Result<()> {
     harness::require_privilege!();
     let env = Served::start(NODE, "enforce", &[])?;

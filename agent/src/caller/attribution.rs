@@ -367,6 +367,15 @@ impl Attribution {
         })
     }
 
+    /// The handover proof over `nonce` under this agent's stamp key — only
+    /// when pinned, the one case where a peer can read the key to check it
+    /// (see `handover::wire::prove`).
+    pub fn prove(&self, nonce: u64) -> Option<u64> {
+        self.pins
+            .as_ref()
+            .map(|_| crate::handover::wire::prove(&self.mac_key, nonce))
+    }
+
     /// The generation's name, when pinned.
     pub fn generation(&self) -> Option<&str> {
         self.pins.as_ref().map(|(generation, _)| generation.name())
@@ -444,6 +453,26 @@ impl OpenerLookup for Attribution {
             Err(other) => Err(AttributionError::Map(other)),
         }
     }
+}
+
+/// The stamp key of the generation `generation` pinned under `pin_dir`: what
+/// proves, at a handover, that the peer has the agent's privileges. The name
+/// comes from the peer, so it must be a generation name, nothing else.
+pub fn pinned_key(
+    pin_dir: &std::path::Path,
+    generation: &str,
+) -> Result<StampKey, AttributionError> {
+    if !pins::is_generation_name(generation) {
+        return Err(AttributionError::Pins(pins::PinsError::NotAGeneration(
+            generation.to_owned(),
+        )));
+    }
+    let path = pin_dir.join(generation).join(STAMP_KEY_MAP);
+    let map = MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .map_err(AttributionError::Map)?;
+    let keys: Array<MapData, StampKey> = Array::try_from(map).map_err(AttributionError::Map)?;
+    keys.get(&0, 0).map_err(AttributionError::Map)
 }
 
 /// 128 random bits from the kernel for the stamp MAC.

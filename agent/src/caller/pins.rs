@@ -50,6 +50,8 @@ pub enum PinsError {
         #[source]
         source: io::Error,
     },
+    #[error("{0:?} is not a generation name")]
+    NotAGeneration(String),
     #[error("{0} is held by another agent")]
     Held(PathBuf),
     #[error("pinning {name} at {path}: {source}")]
@@ -234,6 +236,12 @@ impl Generation {
     }
 }
 
+/// Whether `name` is what [`Generation::new`] names a generation: 16
+/// lowercase hex digits (so nothing a peer sends can name another path).
+pub fn is_generation_name(name: &str) -> bool {
+    name.len() == 16 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn on_bpffs(path: &Path) -> io::Result<bool> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -296,5 +304,25 @@ fn remove_tree(dir: &Path) -> Result<(), PinsError> {
             path: dir.to_owned(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_generation_names_name_a_generation() {
+        for (name, ok) in [
+            ("0123456789abcdef", true),
+            ("0123456789ABCDEF", false),
+            ("0123456789abcde", false),
+            ("0123456789abcdef0", false),
+            ("../../../../etc/x", false),
+            ("staging-0123456789abcdef-00", false),
+            ("", false),
+        ] {
+            assert_eq!(is_generation_name(name), ok, "{name:?}");
+        }
     }
 }

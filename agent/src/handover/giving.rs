@@ -25,7 +25,7 @@ use crate::{
         attribution::{Accepted, Attribution, OpenerLookup as _, Stamp},
         syn::SavedSyn,
     },
-    handover::wire::{Channel, Listener, Message, WireError},
+    handover::wire::{self, Channel, Listener, Message, WireError},
     serving::server::Accepting,
 };
 
@@ -174,11 +174,13 @@ impl Giver {
             let mut vouched = 0;
             // It may ask about connections before it says it serves: it
             // accepts on the listeners from the moment it has them.
-            let given = give(&stream, &self.addresses, &fds).map(|(pid, generation)| {
-                let deadline = Instant::now() + SUCCESSOR_START;
-                let ended = self.converse(&stream, Some(deadline), &mut vouched);
-                (pid, generation, ended)
-            });
+            let given = give(&stream, &self.addresses, &fds, self.programs.as_deref()).map(
+                |(pid, generation)| {
+                    let deadline = Instant::now() + SUCCESSOR_START;
+                    let ended = self.converse(&stream, Some(deadline), &mut vouched);
+                    (pid, generation, ended)
+                },
+            );
             let (pid, generation) = match given {
                 Ok((pid, generation, Ended::Serving)) => (pid, generation),
                 Ok((pid, _, ended)) => {
@@ -329,11 +331,15 @@ impl Giver {
 }
 
 /// The start of a handover: the successor's hello, then the listeners.
-/// Returns the successor's pid and generation of the kernel programs.
+/// Returns the successor's pid and generation of the kernel programs. When
+/// this agent's programs are pinned, the successor must prove it can read
+/// their key (the agent's own privileges, not just uid 0), and this agent
+/// proves the same to it.
 fn give(
     stream: &Channel,
     addresses: &[String],
     fds: &[RawFd],
+    programs: Option<&Attribution>,
 ) -> Result<(i32, Option<String>), WireError> {
     let pid = stream.require_root_peer()?;
     let generation = match stream.receive(Some(HELLO))? {
@@ -343,13 +349,34 @@ fn give(
                 generation,
             },
             _,
-        ) if version == crate::handover::wire::VERSION => generation,
+        ) if version == wire::VERSION => generation,
         (Message::Hello { version, .. }, _) => return Err(WireError::Version(version)),
+        (other, _) => return Err(WireError::Unexpected(Box::new(other))),
+    };
+    let challenge = wire::nonce();
+    stream.send(
+        &Message::Challenge {
+            nonce: challenge,
+            generation: programs
+                .and_then(Attribution::generation)
+                .map(str::to_owned),
+        },
+        &[],
+    )?;
+    let theirs = match stream.receive(Some(HELLO))? {
+        (Message::Proof { mac, nonce }, _) => {
+            let expected = programs.and_then(|p| p.prove(challenge));
+            if expected.is_some_and(|expected| expected != mac) {
+                return Err(WireError::BadProof);
+            }
+            nonce
+        }
         (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
     stream.send(
         &Message::Listeners {
             addresses: addresses.to_vec(),
+            proof: programs.and_then(|p| p.prove(theirs)),
         },
         fds,
     )?;

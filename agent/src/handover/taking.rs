@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     caller::{
-        attribution::{Accepted, AttributionError, Opener, OpenerLookup},
+        attribution::{Accepted, AttributionError, Opener, OpenerLookup, pinned_key},
         syn::SavedSyn,
     },
     handover::wire::{self, Channel, Message, WireError},
@@ -33,9 +33,16 @@ pub struct Inherited {
 }
 
 /// Asks the agent serving at `path` for its listeners, saying which
-/// generation of the kernel programs this agent runs. `Ok(None)`: no agent
-/// serves there (first start, or the previous one died).
-pub fn take_over(path: &Path, generation: Option<&str>) -> Result<Option<Inherited>, WireError> {
+/// generation of the kernel programs this agent runs (pinned under
+/// `pin_dir`). `Ok(None)`: no agent serves there (first start, or the
+/// previous one died). Each side proves it can read the serving agent's
+/// pinned stamp key; an agent whose own programs are pinned accepts no
+/// serving agent that cannot.
+pub fn take_over(
+    path: &Path,
+    generation: Option<&str>,
+    pin_dir: Option<&Path>,
+) -> Result<Option<Inherited>, WireError> {
     let stream = match Channel::connect(path) {
         Ok(stream) => stream,
         Err(e)
@@ -56,8 +63,36 @@ pub fn take_over(path: &Path, generation: Option<&str>) -> Result<Option<Inherit
         },
         &[],
     )?;
+    let (challenge, theirs) = match stream.receive(Some(ANSWER))? {
+        (Message::Challenge { nonce, generation }, _) => (nonce, generation),
+        (other, _) => return Err(WireError::Unexpected(Box::new(other))),
+    };
+    let key = match (theirs, pin_dir) {
+        (Some(theirs), Some(pin_dir)) => {
+            Some(pinned_key(pin_dir, &theirs).map_err(|_| WireError::BadProof)?)
+        }
+        // A genuine serving agent on a node where ours are pinned has
+        // pinned its own: one that says otherwise is refused.
+        _ if generation.is_some() => return Err(WireError::BadProof),
+        _ => None,
+    };
+    let ours = wire::nonce();
+    stream.send(
+        &Message::Proof {
+            mac: key.map_or(0, |key| wire::prove(&key, challenge)),
+            nonce: ours,
+        },
+        &[],
+    )?;
     let (addresses, fds) = match stream.receive(Some(ANSWER))? {
-        (Message::Listeners { addresses }, fds) => (addresses, fds),
+        (Message::Listeners { addresses, proof }, fds) => {
+            if let Some(key) = key
+                && proof != Some(wire::prove(&key, ours))
+            {
+                return Err(WireError::BadProof);
+            }
+            (addresses, fds)
+        }
         (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
     if fds.len() != addresses.len() {

@@ -48,8 +48,22 @@ pub enum Message {
         /// pinned): the same as the serving agent's means shared programs.
         generation: Option<String>,
     },
+    /// The serving agent's answer to `hello`: a nonce to prove with, and
+    /// the generation whose key proves it.
+    Challenge {
+        nonce: u64,
+        generation: Option<String>,
+    },
+    /// The successor's proof that it can read that key (the agent's own
+    /// privileges: bpffs and `CAP_BPF`), and a nonce for the serving agent.
+    Proof {
+        mac: u64,
+        nonce: u64,
+    },
     Listeners {
         addresses: Vec<String>,
+        /// The serving agent's proof over the successor's nonce.
+        proof: Option<u64>,
     },
     Serving,
     Lookup {
@@ -85,8 +99,32 @@ pub enum WireError {
     Malformed(#[from] serde_json::Error),
     #[error("handover peer speaks protocol {0}, this agent {VERSION}")]
     Version(u32),
+    #[error(
+        "handover peer could not prove it holds the kernel programs' key (root, but without the agent's bpffs and CAP_BPF): refused"
+    )]
+    BadProof,
     #[error("the listeners arrived without their sockets ({0} descriptors for {1} addresses)")]
     Descriptors(usize, usize),
+}
+
+/// The proof that a peer can read the stamp key of a pinned generation:
+/// SipHash-2-4 under that key over `nonce` and an all-zero 4-tuple, which no
+/// TCP connection has, so no stamp seen on the wire is ever a proof.
+pub fn prove(key: &agent_ebpf::StampKey, nonce: u64) -> u64 {
+    agent_ebpf::stamp_mac(key, nonce, &agent_ebpf::ConnKey::default())
+}
+
+/// A nonce from the kernel's generator.
+pub fn nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled == bytes.len() as isize {
+        u64::from_ne_bytes(bytes)
+    } else {
+        // Never a fixed value: fall back to a process-local generator.
+        fastrand::u64(..)
+    }
 }
 
 /// Largest message (a few hundred bytes in practice).
@@ -245,6 +283,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let listeners = Message::Listeners {
             addresses: vec![addr.to_string()],
+            proof: Some(prove(&[1, 2], 3)),
         };
         a.send(&listeners, &[listener.as_fd().as_raw_fd()])
             .expect("send");
@@ -268,6 +307,15 @@ mod tests {
             a.receive(Some(Duration::from_secs(5))),
             Err(WireError::Closed)
         ));
+    }
+
+    #[test]
+    fn a_proof_needs_the_key_and_answers_only_its_nonce() {
+        let key = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+        assert_eq!(prove(&key, 9), prove(&key, 9));
+        assert_ne!(prove(&key, 9), prove(&key, 10));
+        assert_ne!(prove(&key, 9), prove(&[key[0], key[1] ^ 1], 9));
+        assert_ne!(nonce(), nonce());
     }
 
     #[test]

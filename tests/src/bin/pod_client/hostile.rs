@@ -366,3 +366,79 @@ pub fn squat(addr: &str) -> Result<(), String> {
     println!("{}", serde_json::Value::Object(outcomes));
     Ok(())
 }
+
+/// `impostor take SOCKET`: a root process that knows the handover
+/// protocol but not the agent's key asks the serving agent for its
+/// listeners. Prints `{"descriptors": N, "outcome": "…"}`.
+///
+/// `impostor give SOCKET`: the same process poses as the serving agent at
+/// SOCKET for one successor, hands it a listener of its own with a proof it
+/// cannot make, and prints whether the successor said it serves.
+pub fn impostor(role: &str, socket: &str) -> Result<(), String> {
+    use agent::handover::wire::{Channel, Listener, Message, VERSION};
+
+    let path = std::path::Path::new(socket);
+    let wait = Some(Duration::from_secs(10));
+    let outcome = match role {
+        "take" => {
+            let channel = Channel::connect(path).map_err(|e| format!("connect {socket}: {e}"))?;
+            let step = || -> Result<usize, String> {
+                let hello = Message::Hello {
+                    version: VERSION,
+                    generation: None,
+                };
+                channel.send(&hello, &[]).map_err(|e| e.to_string())?;
+                let nonce = match channel.receive(wait).map_err(|e| e.to_string())? {
+                    (Message::Challenge { nonce, .. }, _) => nonce,
+                    (other, _) => return Err(format!("{other:?}")),
+                };
+                // Any MAC: without the key every one is a guess.
+                let proof = Message::Proof {
+                    mac: nonce.rotate_left(7) ^ 0x5a5a,
+                    nonce: 1,
+                };
+                channel.send(&proof, &[]).map_err(|e| e.to_string())?;
+                let (_, fds) = channel.receive(wait).map_err(|e| e.to_string())?;
+                Ok(fds.len())
+            };
+            match step() {
+                Ok(fds) => json!({ "descriptors": fds, "outcome": "listeners" }),
+                Err(e) => json!({ "descriptors": 0, "outcome": e }),
+            }
+        }
+        "give" => {
+            let _ = std::fs::remove_file(path);
+            let listener = Listener::bind(path).map_err(|e| format!("bind {socket}: {e}"))?;
+            let channel = listener.accept().map_err(|e| e.to_string())?;
+            let decoy = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            let step = || -> Result<String, String> {
+                channel.receive(wait).map_err(|e| e.to_string())?;
+                let challenge = Message::Challenge {
+                    nonce: 7,
+                    generation: Some("00000000000000aa".into()),
+                };
+                channel.send(&challenge, &[]).map_err(|e| e.to_string())?;
+                channel.receive(wait).map_err(|e| e.to_string())?;
+                let listeners = Message::Listeners {
+                    addresses: vec![decoy.local_addr().map_err(|e| e.to_string())?.to_string()],
+                    proof: Some(42),
+                };
+                use std::os::fd::AsRawFd as _;
+                channel
+                    .send(&listeners, &[decoy.as_raw_fd()])
+                    .map_err(|e| e.to_string())?;
+                match channel.receive(wait) {
+                    Ok((message, _)) => Ok(format!("{message:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match step() {
+                Ok(said) => json!({ "outcome": said }),
+                Err(e) => json!({ "outcome": e }),
+            }
+        }
+        other => return Err(format!("impostor: role {other:?} is neither take nor give")),
+    };
+    println!("{outcome}");
+    Ok(())
+}

@@ -16,7 +16,7 @@
 //!   `pod-client sdk-load SECONDS fresh|shared` (the SDK's provider, with the
 //!   environment of `sdk-credentials`): see `load`.
 //! * `pod-client as-user UID CGROUP SUBCOMMAND…`, `userns-spray …`,
-//!   `userns-hold …`, `hold …`, `socket-get …`, `squat …`: what a hostile process
+//!   `userns-hold …`, `hold …`, `socket-get …`, `squat …`, `impostor …`: what a hostile process
 //!   does; see `hostile`.
 
 mod hostile;
@@ -53,6 +53,7 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         [cmd, seconds, mode] if cmd == "sdk-load" => load::sdk_load(seconds, mode),
         [cmd, addr] if cmd == "squat" => hostile::squat(addr),
+        [cmd, role, socket] if cmd == "impostor" => hostile::impostor(role, socket),
         [cmd, addr, token_file, seconds] if cmd == "outage" => {
             load::outage(addr, token_file, seconds)
         }
