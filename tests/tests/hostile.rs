@@ -36,6 +36,9 @@ const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 /// `nobody`: an unprivileged user with no capability anywhere.
 const NOBODY: u32 = 65534;
 
+/// The DaemonSet's probe `timeoutSeconds`: past it the kubelet counts a
+/// failure.
+const PROBE_TIMEOUT_MS: f64 = 10_000.0;
 /// Without the request rate limits (per client and global), for tests
 /// whose victims fetch back to back: what they measure is the attack.
 const UNLIMITED: [&str; 2] = ["--pod-rate-limit=0", "--max-request-rate=0"];
@@ -458,12 +461,23 @@ fn ten_thousand_idle_connections_from_a_pod_and_a_user_starve_no_one() -> Result
             .collect::<Result<_>>()?;
         for (who, child) in loads {
             let tally = finish(child, what)?;
-            let p99 = tally["p99_ms"].as_f64().unwrap_or(f64::MAX);
             ensure!(
                 count(&tally, "200") == total(&tally) && total(&tally) > 20,
                 "{what}: {who} not served: {tally}"
             );
-            ensure!(p99 < 100.0, "{what}: {who} p99 {p99:.1} ms: {tally}");
+            ensure!(
+                tally["errors"].as_object().is_some_and(|e| e.is_empty()),
+                "{what}: {who} could not connect or was cut off: {tally}"
+            );
+            // Starved means answered later than the kubelet waits for a
+            // probe (the manifest's timeoutSeconds): a functional bound,
+            // not a performance goal (those live in `cargo xtask bench`).
+            let max = tally["max_ms"].as_f64().unwrap_or(f64::MAX);
+            ensure!(
+                max < PROBE_TIMEOUT_MS,
+                "{what}: {who} waited {max:.0} ms: {tally}"
+            );
+            eprintln!("{what}: {who} under the hogs: {tally}");
         }
         for (hog, child) in ["pod", "user"].into_iter().zip(hogs) {
             let held = finish(child, hog)?;

@@ -13,7 +13,7 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    caller::attribution::{Accepted, Opener, OpenerLookup},
+    caller::attribution::{Accepted, AttributionError, Opener, OpenerLookup},
     caller::cgroup::{CgroupError, CgroupResolver, PodLayout},
     caller::policy::{Caller, Unresolved},
     caller::syn::SavedSyn,
@@ -77,6 +77,14 @@ impl Identifier {
             };
         }
         let identified = match self.lookup.opener(conn) {
+            Err(AttributionError::Predecessor(why)) => {
+                self.metrics.attribution_lookup("unvouched");
+                tracing::debug!(why, "the previous agent could not vouch for a stamp");
+                Identified {
+                    caller: Caller::Unvouched,
+                    kernel: None,
+                }
+            }
             Err(e) => {
                 self.metrics.attribution_lookup("error");
                 Identified {

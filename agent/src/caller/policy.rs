@@ -32,6 +32,11 @@ pub enum Caller {
     /// listener's queue overflowed, as under a SYN flood), so its stamp is
     /// lost. Not the caller's doing: worth a retry.
     NoSynKept,
+    /// Stamped by the previous agent's programs (an upgrade to another
+    /// build of them is under way), and that agent could not vouch for it
+    /// any more (it exited, or did not answer). Not the caller's doing: a
+    /// retry opens a connection this agent's programs stamp.
+    Unvouched,
     /// A record exists but its cgroup could not be resolved (gone, or a
     /// path that must be refused, e.g. a pod-like cgroup nested in a pod).
     Unresolvable(Unresolved),
@@ -78,6 +83,7 @@ impl Eq for Unresolved {}
 pub enum Violation {
     CallerNotAPod(String),
     SynNotKept,
+    Unvouched,
     CallerDelegated(String),
     TokenNotPodBound,
     PodMismatch {
@@ -103,7 +109,7 @@ impl Violation {
     /// be told apart through no act of its own and a retry may succeed.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            Violation::SynNotKept => http::StatusCode::SERVICE_UNAVAILABLE,
+            Violation::SynNotKept | Violation::Unvouched => http::StatusCode::SERVICE_UNAVAILABLE,
             _ => http::StatusCode::FORBIDDEN,
         }
     }
@@ -113,6 +119,7 @@ impl Violation {
         match self {
             Violation::CallerNotAPod(_) => "caller-not-a-pod",
             Violation::SynNotKept => "syn-not-kept",
+            Violation::Unvouched => "previous-agent-gone",
             Violation::CallerDelegated(_) => "caller-cgroup-delegated",
             Violation::TokenNotPodBound => "token-not-pod-bound",
             Violation::PodMismatch { .. } => "pod-mismatch",
@@ -134,6 +141,10 @@ impl fmt::Display for Violation {
             Violation::SynNotKept => write!(
                 f,
                 "caller check failed: the connection could not be attributed (the kernel kept no SYN: the listener's queue overflowed); retry"
+            ),
+            Violation::Unvouched => write!(
+                f,
+                "caller check failed: the connection was stamped by the previous agent, which can no longer vouch for it (an upgrade is under way); retry"
             ),
             Violation::CallerDelegated(why) => write!(
                 f,
@@ -181,6 +192,7 @@ pub fn before_upstream(
             return Err(Violation::CallerNotAPod(format!("cgroup /{cgroup_path}")));
         }
         Caller::NoSynKept => return Err(Violation::SynNotKept),
+        Caller::Unvouched => return Err(Violation::Unvouched),
         Caller::Unattributed => {
             return Err(Violation::CallerNotAPod(
                 "connection not attributed by the kernel".into(),
@@ -347,6 +359,13 @@ mod tests {
                 claims(Some(POD), SUB, None),
                 None,
                 Some("syn-not-kept"),
+            ),
+            (
+                "stamped by a previous agent that is gone",
+                Caller::Unvouched,
+                claims(Some(POD), SUB, None),
+                None,
+                Some("previous-agent-gone"),
             ),
             (
                 "unbound token",

@@ -699,6 +699,14 @@ mod tests {
                 ..Row::default()
             },
             Row {
+                what: "stamped by a previous agent that is gone",
+                caller: policy::Caller::Unvouched,
+                status: 503,
+                reason: "previous-agent-gone",
+                decision: "deny",
+                ..Row::default()
+            },
+            Row {
                 what: "audit mode serves a replay",
                 mode: Some(false),
                 caller: pod_caller(OTHER),
