@@ -15,7 +15,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 
 use crate::netns::Netns;
 
@@ -59,4 +59,18 @@ pub fn sdk_env<'a>(cmd: &'a mut Command, full_uri: &str, token_file: &Path) -> &
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri)
         .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file)
         .env("AWS_EC2_METADATA_DISABLED", "true")
+}
+
+/// Waits for a `pod-client` and parses the last line it printed as JSON
+/// (its tally or answer); its failure, with what it said, is the error.
+pub fn finish(child: std::process::Child, what: &str) -> Result<serde_json::Value> {
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{what}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("{what}: output {stdout:?}"))
 }

@@ -83,6 +83,15 @@ impl Served {
             .collect()
     }
 
+    /// Audit events of requests not served (any decision but `allow`).
+    pub fn refused(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .audit()?
+            .into_iter()
+            .filter(|e| e["decision"] != "allow")
+            .collect())
+    }
+
     pub fn last_audit(&self) -> Result<Value> {
         self.audit()?.pop().context("no audit event")
     }

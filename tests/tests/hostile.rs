@@ -24,7 +24,7 @@ use harness::{
     cgroups::{Driver, PodSpec},
     cluster::Who,
     netns::Netns,
-    pod::sdk_credentials,
+    pod::{finish, sdk_credentials},
     served::Served,
     topology::AGENT_V4,
     wait::wait_for,
@@ -168,19 +168,6 @@ fn spawn(env: &Served, cgroup: &Path, netns: &Netns, args: &[&str]) -> Result<Ch
         .stderr(Stdio::piped())
         .spawn()
         .context("spawn pod-client")
-}
-
-/// Waits for a `pod-client` and parses its last stdout line as JSON.
-fn finish(child: Child, what: &str) -> Result<Value> {
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{what}: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).with_context(|| format!("{what}: output {stdout:?}"))
 }
 
 /// Waits for a `pod-client hold` to say it has opened its first fill
@@ -540,11 +527,7 @@ fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
             "pod {who:?} got refusals across restarts: {tally}"
         );
     }
-    let denied: Vec<Value> = env
-        .audit()?
-        .into_iter()
-        .filter(|e| e["decision"] != "allow")
-        .collect();
+    let denied = env.refused()?;
     ensure!(denied.is_empty(), "refused across restarts: {denied:?}");
     Ok(())
 }

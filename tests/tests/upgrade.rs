@@ -13,8 +13,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_bin::built_binary, agent_proc::AgentProcess, cluster::Who, netns::Netns, pod::sdk_env,
-    served::Served, topology::AGENT_V4, wait::wait_for,
+    agent_bin::built_binary,
+    agent_proc::AgentProcess,
+    cluster::Who,
+    netns::Netns,
+    pod::{finish, sdk_env},
+    served::Served,
+    topology::AGENT_V4,
+    wait::wait_for,
 };
 use serde_json::Value;
 
@@ -42,18 +48,6 @@ fn sdk_load(env: &Served, who: Who, seconds: u32, mode: &str) -> Result<Child> {
         .context("spawn pod-client sdk-load")
 }
 
-fn tally(child: Child, what: &str) -> Result<Value> {
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{what}: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .with_context(|| format!("{what}: output {stdout:?}"))
-}
-
 /// Credential requests `agent` has audited (its own log, one line each).
 fn served_by(agent: &AgentProcess) -> usize {
     agent
@@ -61,6 +55,14 @@ fn served_by(agent: &AgentProcess) -> usize {
         .lines()
         .filter(|l| l.contains("credential request"))
         .count()
+}
+
+/// Waits until `agent` has audited one more credential request than now.
+fn serves_more(agent: &AgentProcess, what: &str) -> Result<()> {
+    let before = served_by(agent);
+    wait_for(what, Duration::from_secs(30), || {
+        Ok(served_by(agent) > before)
+    })
 }
 
 /// The loads every test here runs: pods A (own netns) and B (hostNetwork),
@@ -76,6 +78,34 @@ fn loads(env: &Served, seconds: u32) -> Result<Vec<(String, Child)>> {
         }
     }
     Ok(loads)
+}
+
+/// Whether a load may count failed fetches (connection refused while no
+/// agent listens, after the SDK's retries).
+#[derive(PartialEq)]
+enum Failures {
+    None,
+    Allowed,
+}
+
+/// Every load got credentials and nothing but 200 (no refusal, no retry
+/// answer); with `Failures::None`, no fetch failed either.
+fn served(loads: Vec<(String, Child)>, across: &str, failures: Failures) -> Result<()> {
+    for (what, child) in loads {
+        let tally = finish(child, &what)?;
+        let statuses = tally["statuses"].as_object().context("statuses")?;
+        ensure!(
+            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
+            "{what} across {across}: {tally}"
+        );
+        ensure!(
+            failures == Failures::Allowed
+                || tally["errors"].as_object().is_some_and(|e| e.is_empty()),
+            "{what} failed requests across {across}: {tally}"
+        );
+        eprintln!("{what} across {across}: {tally}");
+    }
+    Ok(())
 }
 
 fn still_running(loads: &mut [(String, Child)]) -> Result<()> {
@@ -112,12 +142,7 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
     let mut loads = loads(&env, 40)?;
     let mut handovers = Vec::new();
     for round in 0..5 {
-        let before = served_by(&env.agent);
-        wait_for(
-            "the serving agent to serve",
-            Duration::from_secs(30),
-            || Ok(served_by(&env.agent) > before),
-        )?;
+        serves_more(&env.agent, "the serving agent to serve")?;
         // Odd rounds: the kubelet stops the serving agent before the new
         // one has connected (it does not wait for one); the old one serves
         // on until its successor takes over.
@@ -165,30 +190,12 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
             "round {round}: the predecessor unpinned programs in use:\n{}",
             predecessor.logs()
         );
-        let after = served_by(&env.agent);
-        wait_for("the successor to serve", Duration::from_secs(30), || {
-            Ok(served_by(&env.agent) > after)
-        })?;
+        serves_more(&env.agent, "the successor to serve")?;
         handovers.push(ready);
     }
     still_running(&mut loads)?;
-    for (what, child) in loads {
-        let tally = tally(child, &what)?;
-        let statuses = tally["statuses"].as_object().context("statuses")?;
-        ensure!(
-            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
-            "{what}: {tally}"
-        );
-        ensure!(
-            tally["errors"].as_object().is_some_and(|e| e.is_empty()),
-            "{what} failed requests across handovers: {tally}"
-        );
-    }
-    let refused: Vec<Value> = env
-        .audit()?
-        .into_iter()
-        .filter(|e| e["decision"] != "allow")
-        .collect();
+    served(loads, "handovers", Failures::None)?;
+    let refused = env.refused()?;
     ensure!(refused.is_empty(), "refused across handovers: {refused:?}");
     let squatted = squat(&env, &intruder, &env.node.netns)?;
     for (attempt, outcome) in squatted.as_object().context("squat output")? {
@@ -211,12 +218,7 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
     let mut loads = loads(&env, 30)?;
     // There and back: default → variant → default, each a new generation.
     for (round, binary) in [&variant, &default].into_iter().enumerate() {
-        let before = served_by(&env.agent);
-        wait_for(
-            "the serving agent to serve",
-            Duration::from_secs(30),
-            || Ok(served_by(&env.agent) > before),
-        )?;
+        serves_more(&env.agent, "the serving agent to serve")?;
         let args = env.agent_args("enforce", &ARGS);
         let mut successor = AgentProcess::spawn_binary(binary, &env.node.netns, &args, None, &[])?;
         successor.wait_for_log(
@@ -240,17 +242,10 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
             logs.contains("kernel programs unpinned"),
             "round {round}: the predecessor's programs stayed:\n{logs}"
         );
-        let after = served_by(&env.agent);
-        wait_for("the successor to serve", Duration::from_secs(30), || {
-            Ok(served_by(&env.agent) > after)
-        })?;
+        serves_more(&env.agent, "the successor to serve")?;
     }
     still_running(&mut loads)?;
-    let refused: Vec<Value> = env
-        .audit()?
-        .into_iter()
-        .filter(|e| e["decision"] != "allow")
-        .collect();
+    let refused = env.refused()?;
     ensure!(
         refused.is_empty(),
         "refused across the ABI change: {refused:?}"
@@ -264,18 +259,7 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
         "one generation pinned at the end, not {generations:?}"
     );
 
-    for (what, child) in loads {
-        let tally = tally(child, &what)?;
-        let statuses = tally["statuses"].as_object().context("statuses")?;
-        ensure!(
-            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
-            "{what}: {tally}"
-        );
-        ensure!(
-            tally["errors"].as_object().is_some_and(|e| e.is_empty()),
-            "{what} failed requests across the ABI change: {tally}"
-        );
-    }
+    served(loads, "the ABI change", Failures::None)?;
     Ok(())
 }
 
@@ -288,10 +272,7 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
     let token = env.token_file(&env.own_token(Who::A)?)?;
     let mut windows = Vec::new();
     for round in 0..5 {
-        let before = served_by(&env.agent);
-        wait_for("the agent to serve", Duration::from_secs(30), || {
-            Ok(served_by(&env.agent) > before)
-        })?;
+        serves_more(&env.agent, "the agent to serve")?;
         // Pod A's view: from its first failed request to its next served.
         let (cgroup, netns) = env.placement(Who::A);
         let mut watcher = env
@@ -309,7 +290,7 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
         // What the kubelet does: start the container again at once.
         let args = env.agent_args("enforce", &ARGS);
         env.agent = AgentProcess::spawn(&env.node.netns, &args, None)?;
-        let seen = tally(watcher, "outage watcher")?;
+        let seen = finish(watcher, "outage watcher")?;
         let outage = seen["outage_ms"].as_f64().context("no outage seen")?;
         windows.push(Duration::from_secs_f64(outage / 1000.0));
         ensure!(
@@ -319,22 +300,10 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
         );
     }
     still_running(&mut loads)?;
-    for (what, child) in loads {
-        let tally = tally(child, &what)?;
-        let statuses = tally["statuses"].as_object().context("statuses")?;
-        // The SDK's own retries ride out part of each window; what they
-        // cannot is counted, never a refusal.
-        ensure!(
-            statuses.keys().all(|s| s == "200") && statuses.contains_key("200"),
-            "{what}: {tally}"
-        );
-        eprintln!("{what} across 5 crashes: {tally}");
-    }
-    let refused: Vec<Value> = env
-        .audit()?
-        .into_iter()
-        .filter(|e| e["decision"] != "allow")
-        .collect();
+    // The SDK's own retries ride out part of each window; what they cannot
+    // is counted (and printed), never a refusal.
+    served(loads, "5 crashes", Failures::Allowed)?;
+    let refused = env.refused()?;
     ensure!(refused.is_empty(), "refused across crashes: {refused:?}");
     windows.sort();
     eprintln!(
@@ -358,7 +327,7 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
             .spawn()?)
     };
     // Root, knowing the protocol, asks the serving agent for its listeners.
-    let taken = tally(impostor(&env, "take")?, "impostor take")?;
+    let taken = finish(impostor(&env, "take")?, "impostor take")?;
     ensure!(
         taken["descriptors"] == 0,
         "a root process without the key got the listeners: {taken}"
@@ -379,7 +348,7 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     env.agent = AgentProcess::start(&env.node.netns, &args)?;
     env.agent
         .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
-    let given = tally(giver, "impostor give")?;
+    let given = finish(giver, "impostor give")?;
     ensure!(
         !given["outcome"]
             .as_str()
