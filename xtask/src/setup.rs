@@ -32,6 +32,10 @@ const APT_PACKAGES: &[&str] = &[
     // this kernel generation's hybrid cgroup layout).
     "podman",
     "runc",
+    // `cargo xtask bench`: the cached credential path against a static file
+    // server (nginx) under the same load generator (wrk).
+    "nginx-light",
+    "wrk",
 ];
 const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
 const BPF_LINKER_VERSION: &str = "0.13.0";

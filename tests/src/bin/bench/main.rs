@@ -11,6 +11,10 @@
 //!    start until it took over, and what a pod requesting back to back saw
 //!    (nothing, if it works) — and a crash — SIGKILL and an immediate
 //!    restart, from the pod's first failed request to its next served.
+//! 5. (`throughput`) The cached credential path against nginx serving the
+//!    same bytes, keep-alive and new-connection, off / audit / enforce.
+
+mod throughput;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -220,7 +224,8 @@ fn run() -> Result<()> {
     println!(
         "\n(each request is a new connection: connect + HTTP + answer; enforce adds the kernel map\nlookup, open_by_handle_at + readlink, path parsing and the checks)"
     );
-    upgrade_windows(&cluster, &token_file)
+    upgrade_windows(&cluster, &token_file)?;
+    throughput::run(&cluster, &token_file)
 }
 
 const UPGRADE_ROUNDS: usize = 5;

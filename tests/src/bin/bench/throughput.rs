@@ -1,0 +1,251 @@
+//! Section 5: the cached credential path against a static file server. The
+//! agent and nginx (serving the agent's own answer, byte for byte, from a
+//! file) both listen in the node's network namespace; wrk runs as pod A
+//! (its cgroup and network namespace, so the agent attributes every
+//! connection), keep-alive and with a new connection per request, for
+//! attribution off, audit and enforce. Rounds interleave agent and nginx so
+//! both see the same machine; each cell is the median of its rounds.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use harness::{
+    agent_proc::AgentProcess, cluster::Cluster, http, pod::pod_command, tempdir::TempDir,
+    topology::AGENT_V4, wait::wait_for,
+};
+
+const ROUNDS: usize = 3;
+const SECONDS: &str = "3";
+const CONNECTIONS: &str = "64";
+/// Where nginx listens, beside the agent.
+const NGINX_PORT: u16 = 8080;
+
+/// One wrk run: requests per second and latency percentiles (ms).
+#[derive(Clone, Copy, Default)]
+struct Run {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// What the two servers are compared under.
+#[derive(Clone, Copy)]
+enum Connections {
+    KeepAlive,
+    NewPerRequest,
+}
+
+impl Connections {
+    fn label(self) -> &'static str {
+        match self {
+            Connections::KeepAlive => "keep-alive",
+            Connections::NewPerRequest => "new connection",
+        }
+    }
+}
+
+pub fn run(cluster: &Cluster, token_file: &Path) -> Result<()> {
+    let token = std::fs::read_to_string(token_file)?;
+    let token = token.trim();
+    let www = TempDir::new("epia-bench-nginx-")?;
+    let mut nginx: Option<Nginx> = None;
+    let mut table = Vec::new();
+    for mode in ["off", "audit", "enforce"] {
+        let args = cluster.agent_args(mode, &["--pod-rate-limit", "0", "--max-request-rate", "0"]);
+        let agent = AgentProcess::start(&cluster.node.netns, &args)?;
+        let agent_url = format!("http://{AGENT_V4}/v1/credentials");
+        // The first request fills the cache (and, with attribution off,
+        // gives nginx the exact bytes to serve).
+        let answer = first_answer(cluster, token)?;
+        if nginx.is_none() {
+            std::fs::write(www.path().join("credentials"), &answer)?;
+            nginx = Some(Nginx::start(cluster, www.path())?);
+        }
+        let nginx_url = format!("http://{AGENT_V4}:{NGINX_PORT}/credentials");
+        for connections in [Connections::KeepAlive, Connections::NewPerRequest] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                ours.push(wrk(cluster, &agent_url, token, connections)?);
+                theirs.push(wrk(cluster, &nginx_url, token, connections)?);
+            }
+            table.push((mode, connections, median(&mut ours), median(&mut theirs)));
+        }
+        drop(agent);
+    }
+    println!(
+        "\ncached credential request vs nginx serving the same {} bytes (wrk -c{CONNECTIONS}, {SECONDS} s, median of {ROUNDS} interleaved rounds; ratio = agent ÷ nginx)",
+        std::fs::metadata(www.path().join("credentials"))?.len()
+    );
+    println!(
+        "{:<8} {:<15} {:>11} {:>11} {:>6}   {:>15} {:>15} {:>9}",
+        "mode",
+        "connections",
+        "agent rps",
+        "nginx rps",
+        "ratio",
+        "agent p50/p99",
+        "nginx p50/p99",
+        "p99 ratio"
+    );
+    for (mode, connections, ours, theirs) in &table {
+        println!(
+            "{:<8} {:<15} {:>11.0} {:>11.0} {:>6.2}   {:>6.2}/{:<6.2}ms {:>6.2}/{:<6.2}ms {:>9.2}",
+            mode,
+            connections.label(),
+            ours.rps,
+            theirs.rps,
+            ours.rps / theirs.rps,
+            ours.p50,
+            ours.p99,
+            theirs.p50,
+            theirs.p99,
+            ours.p99 / theirs.p99
+        );
+    }
+    for connections in [Connections::KeepAlive, Connections::NewPerRequest] {
+        let rps = |mode: &str| {
+            table
+                .iter()
+                .find(|(m, c, _, _)| *m == mode && c.label() == connections.label())
+                .map_or(f64::NAN, |(_, _, ours, _)| ours.rps)
+        };
+        println!(
+            "enforce ÷ off, {:<15} {:.2}",
+            connections.label(),
+            rps("enforce") / rps("off")
+        );
+    }
+    Ok(())
+}
+
+/// The agent's answer to pod A, fetched once (from the node's namespace:
+/// with attribution on, a node process is refused, so this also proves
+/// the cache is warm only for pod A's runs below).
+fn first_answer(cluster: &Cluster, token: &str) -> Result<String> {
+    let target = SocketAddr::from((AGENT_V4, 80));
+    let host = http::host_header(target);
+    // From pod A itself, through the harness's client, in its namespaces.
+    let reply = cluster.net_a.netns.run_in(|| {
+        http::request(
+            target,
+            "GET",
+            "/v1/credentials",
+            &[("Host", &host), ("Authorization", token)],
+        )
+    })?;
+    match reply.status {
+        200 => Ok(reply.body),
+        // Attribution on: the test process is no pod; the pod's own first
+        // request (wrk's) fills the cache. The bytes are the same either way.
+        403 => Ok(String::new()),
+        other => bail!("agent answered {other}: {}", reply.body),
+    }
+}
+
+/// wrk as pod A against `url`.
+fn wrk(cluster: &Cluster, url: &str, token: &str, connections: Connections) -> Result<Run> {
+    let mut cmd = pod_command(
+        Path::new("/usr/bin/wrk"),
+        &cluster.cg_a,
+        &cluster.net_a.netns,
+    )?;
+    cmd.args(["-t2", "-c", CONNECTIONS, "-d", SECONDS, "--latency"])
+        .args(["-H", &format!("Host: {AGENT_V4}")])
+        .args(["-H", &format!("Authorization: {token}")]);
+    if let Connections::NewPerRequest = connections {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .context("run wrk (cargo xtask setup installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "wrk: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !text.contains("Non-2xx or 3xx responses"),
+        "wrk against {url} got errors:\n{text}"
+    );
+    let field = |prefix: &str| -> Option<&str> {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let rps = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    Ok(Run {
+        rps,
+        p50: field("50%").and_then(millis).unwrap_or(f64::NAN),
+        p99: field("99%").and_then(millis).unwrap_or(f64::NAN),
+    })
+}
+
+/// wrk's `412.00us` / `2.10ms` / `1.02s` in milliseconds.
+fn millis(value: &str) -> Option<f64> {
+    let split = value.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        _ => return None,
+    })
+}
+
+fn median(runs: &mut [Run]) -> Run {
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    runs.get(runs.len() / 2).copied().unwrap_or_default()
+}
+
+/// nginx serving `www` on the agent's address, port [`NGINX_PORT`], in the
+/// node's network namespace: two workers (one per core here, as the agent's
+/// runtime), no access log, keep-alive without a request cap.
+struct Nginx {
+    child: Child,
+}
+
+impl Nginx {
+    fn start(cluster: &Cluster, www: &Path) -> Result<Nginx> {
+        let conf = www.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root root;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  server {{\n    listen {AGENT_V4}:{NGINX_PORT};\n    root {dir};\n    location / {{ default_type application/json; }}\n  }}\n}}\n",
+                dir = www.display()
+            ),
+        )?;
+        let mut cmd: Command = cluster.node.netns.command("/usr/sbin/nginx")?;
+        let child = cmd
+            .args(["-c", &conf.to_string_lossy(), "-p", &www.to_string_lossy()])
+            .spawn()
+            .context("start nginx (cargo xtask setup installs nginx-light)")?;
+        let nginx = Nginx { child };
+        let target = SocketAddr::from((AGENT_V4, NGINX_PORT));
+        wait_for("nginx to listen", Duration::from_secs(30), || {
+            Ok(cluster
+                .node
+                .netns
+                .run_in(|| http::request(target, "GET", "/credentials", &[("Host", "x")]))
+                .is_ok_and(|r| r.status == 200))
+        })?;
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
