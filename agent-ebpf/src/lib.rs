@@ -161,9 +161,14 @@ impl ConnOwner {
 
     /// The thread's name, up to its NUL.
     pub fn comm(&self) -> &[u8] {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-        &self.comm[..end]
+        comm_str(&self.comm)
     }
+}
+
+/// A kernel `comm` (NUL-padded thread name) up to its NUL.
+pub fn comm_str(comm: &[u8; COMM_LEN]) -> &[u8] {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    &comm[..end]
 }
 
 /// A TCP connection as the *server* sees it after `accept()`: the peer is the

@@ -211,10 +211,7 @@ fn remember_owner(ctx: &SockAddrContext) {
         // A socket that retries connect() after a failure carries the owner
         // of the latest attempt. A record it published stays its own (and is
         // deleted at close); the new attempt publishes afresh.
-        if slot.published != 0 {
-            let _ = CONNECTIONS.remove(slot.stamp.id);
-            release_quota(slot.quota_key);
-        }
+        unpublish(slot);
         *slot = owner;
     }
 }
@@ -387,9 +384,17 @@ fn on_connect(ctx: &SockOpsContext) {
 /// lock its owner out.
 #[inline(always)]
 fn take_quota(key: u64) -> bool {
-    let _ = OWNER_QUOTA.insert(key, 0u64, BPF_NOEXIST.into());
-    let Some(count) = OWNER_QUOTA.get_ptr_mut(key) else {
-        return false;
+    // Looked up first: an insert into a full LRU table takes a free node —
+    // evicting another owner's count — before it finds the key exists.
+    let count = match OWNER_QUOTA.get_ptr_mut(key) {
+        Some(count) => count,
+        None => {
+            let _ = OWNER_QUOTA.insert(key, 0u64, BPF_NOEXIST.into());
+            let Some(count) = OWNER_QUOTA.get_ptr_mut(key) else {
+                return false;
+            };
+            count
+        }
     };
     // SAFETY: a live map value, u64-aligned; updated only atomically.
     unsafe {
@@ -475,6 +480,15 @@ fn on_state_change(ctx: &SockOpsContext) {
         return;
     }
     if let Some(state) = published(ctx) {
+        unpublish(state);
+    }
+}
+
+/// Deletes the record a socket published, if it did, and gives back its
+/// quota: only the socket that made a record ever deletes it.
+#[inline(always)]
+fn unpublish(state: &mut SocketOwner) {
+    if state.published != 0 {
         let _ = CONNECTIONS.remove(state.stamp.id);
         release_quota(state.quota_key);
         state.published = 0;

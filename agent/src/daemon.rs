@@ -63,10 +63,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         );
     }
     let metrics = Arc::new(Metrics::new());
+    // The agent this one takes over from, if any: set once the listeners
+    // are taken, before the first accept (it vouches for its stamps).
+    let predecessor: Arc<OnceLock<Predecessor>> = Arc::default();
     // The programs are attached before anything listens: a connection
     // accepted earlier would carry no stamp and be refused as unattributed.
-    // Filled once this agent serves, if it took over from another.
-    let predecessor: Arc<OnceLock<Predecessor>> = Arc::default();
     let Attached {
         verification,
         identifier,
@@ -181,7 +182,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
     let graceful = Arc::new(GracefulShutdown::new());
     let (accepting, accepting_rx) = watch::channel(Accepting::Yes);
-    let stop_rx = accepting_rx;
     // What a successor will be handed: every listener, by its address.
     let mut offered = Vec::new();
     let mut keep = |listener: &tokio::net::TcpListener| {
@@ -208,7 +208,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             listener,
             limits.clone(),
             graceful.clone(),
-            stop_rx.clone(),
+            accepting_rx.clone(),
             admitter(budget.clone(), "credentials", true),
             move |conn, req| handler::handle(handling.clone(), conn, req),
         ));
@@ -228,7 +228,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         probe_listener,
         limits.clone(),
         graceful.clone(),
-        stop_rx.clone(),
+        accepting_rx.clone(),
         admitter(side_budget(), "probe", true),
         {
             let probe_state = probe_state.clone();
@@ -240,7 +240,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         metrics_listener,
         limits.clone(),
         graceful.clone(),
-        stop_rx.clone(),
+        accepting_rx.clone(),
         admitter(side_budget(), "metrics", false),
         {
             let exported = metrics.clone();

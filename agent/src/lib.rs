@@ -15,6 +15,7 @@ pub mod daemon;
 pub(crate) mod hygiene;
 pub mod link;
 pub(crate) mod node_credentials;
+pub(crate) mod private_dir;
 pub(crate) mod sockopt;
 pub mod token;
 pub mod upstream;

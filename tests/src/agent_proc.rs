@@ -91,10 +91,7 @@ impl AgentProcess {
         cmd.arg("server").args(args);
         // The node's pin directory and handover socket, unless the test
         // chose its own.
-        let given = |flag: &str| {
-            args.iter()
-                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-        };
+        let given = |flag: &str| flag_value(args, flag).is_some();
         if !given("--bpf-pin-dir") {
             cmd.arg("--bpf-pin-dir").arg(netns.pin_dir());
         }
@@ -117,10 +114,7 @@ impl AgentProcess {
             crate::caps::restrict_to(&mut cmd, caps)?;
         }
         let child = cmd.spawn().context("spawn the agent")?;
-        let probe_port = args
-            .iter()
-            .position(|a| a == "--probe-port")
-            .and_then(|i| args.get(i + 1))
+        let probe_port = flag_value(args, "--probe-port")
             .and_then(|p| p.parse().ok())
             .unwrap_or(2703);
         Ok(AgentProcess {
@@ -202,6 +196,17 @@ impl AgentProcess {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
     }
+}
+
+/// The value `args` give `flag`, as `--flag value` or `--flag=value`.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if arg == flag {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            arg.strip_prefix(flag)?.strip_prefix('=')
+        }
+    })
 }
 
 /// `GET path` on the agent's localhost `port` (probes, metrics) from

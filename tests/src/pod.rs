@@ -74,3 +74,20 @@ pub fn finish(child: std::process::Child, what: &str) -> Result<serde_json::Valu
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).with_context(|| format!("{what}: output {stdout:?}"))
 }
+
+/// The first line a running `pod-client` printed (it says it is ready),
+/// read byte by byte so what follows stays in the pipe for [`finish`].
+pub fn first_line(child: &mut std::process::Child, what: &str) -> Result<String> {
+    use std::io::Read as _;
+    let stdout = child.stdout.as_mut().context("stdout not piped")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        ensure!(
+            stdout.read(&mut byte)? == 1,
+            "{what} ended before its first line"
+        );
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim().to_owned())
+}

@@ -11,7 +11,6 @@
 //! * restarts under load (no connection accepted before attribution).
 
 use std::{
-    io::Read as _,
     net::SocketAddr,
     os::unix::fs::chown,
     path::{Path, PathBuf},
@@ -24,7 +23,7 @@ use harness::{
     cgroups::{Driver, PodSpec},
     cluster::Who,
     netns::Netns,
-    pod::{finish, sdk_credentials},
+    pod::{finish, first_line, sdk_credentials},
     served::Served,
     topology::AGENT_V4,
     wait::wait_for,
@@ -173,15 +172,7 @@ fn spawn(env: &Served, cgroup: &Path, netns: &Netns, args: &[&str]) -> Result<Ch
 /// Waits for a `pod-client hold` to say it has opened its first fill
 /// (one line on stdout; its tally comes last, for `finish`).
 fn filled(child: &mut Child, what: &str) -> Result<()> {
-    let stdout = child.stdout.as_mut().context("stdout not piped")?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    // Byte by byte: what follows the line stays in the pipe for `finish`.
-    while byte[0] != b'\n' {
-        ensure!(stdout.read(&mut byte)? == 1, "{what} ended before its fill");
-        line.push(byte[0]);
-    }
-    let line: Value = serde_json::from_slice(&line)?;
+    let line: Value = serde_json::from_str(&first_line(child, what)?)?;
     ensure!(line["filled"].as_u64() > Some(0), "{what}: {line}");
     Ok(())
 }

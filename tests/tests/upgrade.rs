@@ -17,7 +17,7 @@ use harness::{
     agent_proc::AgentProcess,
     cluster::Who,
     netns::Netns,
-    pod::{finish, sdk_env},
+    pod::{finish, first_line, sdk_env},
     served::Served,
     topology::AGENT_V4,
     wait::wait_for,
@@ -25,6 +25,8 @@ use harness::{
 use serde_json::Value;
 
 const NODE: &str = "node-up";
+/// `nobody`: an unprivileged user.
+const NOBODY: u32 = 65534;
 const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 /// Every pod fetches as fast as it can: no rate limit may answer 429. A
 /// stopped agent serves until a successor takes over (up to 20 s).
@@ -280,12 +282,8 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
             .args(["outage", &target, &token.to_string_lossy(), "60"])
             .stdout(Stdio::piped())
             .spawn()?;
-        let mut first = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(watcher.stdout.as_mut().context("stdout")?),
-            &mut first,
-        )?;
-        ensure!(first.trim() == "served", "outage watcher: {first:?}");
+        let first = first_line(&mut watcher, "outage watcher")?;
+        ensure!(first == "served", "outage watcher: {first:?}");
         env.agent.kill()?;
         // What the kubelet does: start the container again at once.
         let args = env.agent_args("enforce", &ARGS);
@@ -319,15 +317,18 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     let mut env = Served::start(NODE, "enforce", &ARGS)?;
     let intruder = env.tree.create("system.slice/impostor.service")?;
     let socket = env.node.netns.handover_socket();
-    let impostor = |env: &Served, role: &str| -> Result<std::process::Child> {
+    let impostor = |env: &Served, args: &[&str]| -> Result<std::process::Child> {
         Ok(env
             .pod_client(&intruder, &env.node.netns)?
-            .args(["impostor", role, &socket.to_string_lossy()])
+            .arg("impostor")
+            .arg(args[0])
+            .arg(&socket)
+            .args(&args[1..])
             .stdout(Stdio::piped())
             .spawn()?)
     };
     // Root, knowing the protocol, asks the serving agent for its listeners.
-    let taken = finish(impostor(&env, "take")?, "impostor take")?;
+    let taken = finish(impostor(&env, &["take"])?, "impostor take")?;
     ensure!(
         taken["descriptors"] == 0,
         "a root process without the key got the listeners: {taken}"
@@ -338,9 +339,16 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     ensure!(served["access_key_id"].is_string(), "{served}");
     // Root poses as the serving agent for the next agent to start.
     env.agent.kill()?;
+    // It names the real generation (its pins outlive the agent), so the
+    // new agent checks the proof against the real key, and it fails.
+    let generation = std::fs::read_dir(env.node.netns.pin_dir())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.len() == 16)
+        .context("no pinned generation")?;
     // The dead agent's socket file stays; the impostor's replaces it.
     std::fs::remove_file(&socket)?;
-    let giver = impostor(&env, "give")?;
+    let giver = impostor(&env, &["give", &generation])?;
     wait_for("the impostor to listen", Duration::from_secs(30), || {
         Ok(socket.exists())
     })?;
@@ -358,6 +366,38 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     );
     let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     ensure!(served["access_key_id"].is_string(), "{served}");
+    Ok(())
+}
+
+#[test]
+fn directories_an_unprivileged_user_made_first_are_not_trusted() -> Result<()> {
+    harness::require_privilege!();
+    // bpffs is often world-writable (1777): `nobody` creates the agent's
+    // pin directory and handover directory before the agent first starts,
+    // to unlink its pins later or put its own socket where successors look.
+    let cluster = harness::cluster::Cluster::new(NODE)?;
+    let netns = &cluster.node.netns;
+    let handover_dir = netns.handover_socket().parent().context("dir")?.to_owned();
+    for dir in [netns.pin_dir(), handover_dir] {
+        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY))?;
+    }
+    let agent = AgentProcess::start(netns, &cluster.agent_args("enforce", &ARGS))?;
+    let env = Served { agent, cluster };
+    let logs = env.agent.logs();
+    ensure!(
+        logs.contains("KERNEL PROGRAMS NOT PINNED") && logs.contains("cannot offer a handover"),
+        "the agent used directories `nobody` owns:\n{logs}"
+    );
+    ensure!(
+        logs.contains(&format!("owned by uid {NOBODY}")),
+        "the refusal does not name the owner:\n{logs}"
+    );
+    // Attribution still holds: unpinned, not off.
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    let replay = env.sdk(Who::B, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(!replay.status.success(), "a replayed token was served");
     Ok(())
 }
 

@@ -204,8 +204,7 @@ fn ensure_bpffs() -> Result<()> {
         let (_, target, kind) = (fields.next(), fields.next(), fields.next());
         target == Some(BPFFS) && kind == Some("bpf")
     });
-    // SAFETY: geteuid has no preconditions.
-    if mounted || unsafe { libc::geteuid() } != 0 {
+    if mounted || !crate::cmd::is_root() {
         return Ok(());
     }
     eprintln!("setup: mounting bpffs at {BPFFS}");

@@ -39,6 +39,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const CONNECT4: &str = "connect4";
 const CONNECT6: &str = "connect6";
 const SOCK_OPS: &str = "sock_ops";
+/// Every program, in attach order.
+pub(crate) const PROGRAMS: [&str; 3] = [CONNECT4, CONNECT6, SOCK_OPS];
 
 /// The process that opened a connection, as the kernel saw it at `connect()`
 /// (the *caller*, resolved to a pod or not, is `policy::Caller`).
@@ -55,12 +57,7 @@ pub struct Opener {
 impl Opener {
     /// The connecting thread's name, as text.
     pub fn process_name(&self) -> String {
-        let end = self
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+        String::from_utf8_lossy(agent_ebpf::comm_str(&self.comm)).into_owned()
     }
 }
 
@@ -246,22 +243,16 @@ impl Attribution {
         if !generation.complete() {
             return Ok(None);
         }
-        let open = |name: &'static str| {
-            MapData::from_pin(generation.path(name))
-                .and_then(Map::from_map_data)
-                .map_err(AttributionError::Map)
-        };
         // Held before anything is read: no other agent removes it now.
         let hold = generation.hold()?;
         if !generation.complete() {
             return Ok(None);
         }
-        let connections =
-            HashMap::try_from(open(CONNECTIONS_MAP)?).map_err(AttributionError::Map)?;
-        let keys: Array<MapData, StampKey> =
-            Array::try_from(open(STAMP_KEY_MAP)?).map_err(AttributionError::Map)?;
-        let mac_key = keys.get(&0, 0).map_err(AttributionError::Map)?;
-        let active = Array::try_from(open(ACTIVE_MAP)?).map_err(AttributionError::Map)?;
+        let connections = HashMap::try_from(open_pinned(&generation.path(CONNECTIONS_MAP))?)
+            .map_err(AttributionError::Map)?;
+        let mac_key = read_stamp_key(&generation.path(STAMP_KEY_MAP))?;
+        let active = Array::try_from(open_pinned(&generation.path(ACTIVE_MAP))?)
+            .map_err(AttributionError::Map)?;
         let attribution = Attribution {
             connections: std::sync::Mutex::new(connections),
             mac_key,
@@ -331,12 +322,14 @@ impl Attribution {
 
         let links = match &pins {
             Some(generation) => {
-                let map = |name| ebpf.map(name).ok_or(AttributionError::MissingMap(name));
-                let maps = [
-                    (CONNECTIONS_MAP, map(CONNECTIONS_MAP)?),
-                    (STAMP_KEY_MAP, map(STAMP_KEY_MAP)?),
-                    (ACTIVE_MAP, map(ACTIVE_MAP)?),
-                ];
+                let maps = pins::MAPS
+                    .into_iter()
+                    .map(|name| {
+                        ebpf.map(name)
+                            .map(|map| (name, map))
+                            .ok_or(AttributionError::MissingMap(name))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 generation.pin(&maps, links)?;
                 // The pins hold the links now.
                 Vec::new()
@@ -467,17 +460,31 @@ pub fn pinned_key(
             generation.to_owned(),
         )));
     }
-    let path = pin_dir.join(generation).join(STAMP_KEY_MAP);
-    let map = MapData::from_pin(&path)
+    read_stamp_key(&pin_dir.join(generation).join(STAMP_KEY_MAP))
+}
+
+fn open_pinned(path: &std::path::Path) -> Result<Map, AttributionError> {
+    MapData::from_pin(path)
         .and_then(Map::from_map_data)
-        .map_err(AttributionError::Map)?;
-    let keys: Array<MapData, StampKey> = Array::try_from(map).map_err(AttributionError::Map)?;
+        .map_err(AttributionError::Map)
+}
+
+/// The key in a pinned `STAMP_KEY` map.
+fn read_stamp_key(path: &std::path::Path) -> Result<StampKey, AttributionError> {
+    let keys: Array<MapData, StampKey> =
+        Array::try_from(open_pinned(path)?).map_err(AttributionError::Map)?;
     keys.get(&0, 0).map_err(AttributionError::Map)
 }
 
 /// 128 random bits from the kernel for the stamp MAC.
 fn random_key() -> io::Result<StampKey> {
-    let mut bytes = [0u8; 16];
+    Ok([random_u64()?, random_u64()?])
+}
+
+/// 64 bits from the kernel's generator (`getrandom`, retried on EINTR):
+/// stamp keys and handover nonces.
+pub fn random_u64() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
     let mut filled = 0;
     while filled < bytes.len() {
         // SAFETY: writes at most the remaining length into the buffer.
@@ -493,9 +500,7 @@ fn random_key() -> io::Result<StampKey> {
         }
         filled += n as usize;
     }
-    let (k0, k1) = bytes.split_at(8);
-    let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or_default());
-    Ok([word(k0), word(k1)])
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttributionError>

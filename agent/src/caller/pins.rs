@@ -30,12 +30,14 @@ use thiserror::Error;
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
 /// Every pin of a complete generation.
-const MAPS: [&str; 3] = [
+/// The maps a generation pins: what an adopting agent reads.
+pub const MAPS: [&str; 3] = [
     agent_ebpf::CONNECTIONS_MAP,
     agent_ebpf::STAMP_KEY_MAP,
     agent_ebpf::ACTIVE_MAP,
 ];
-const LINKS: [&str; 3] = ["connect4", "connect6", "sock_ops"];
+/// Its links, pinned under their programs' names.
+const LINKS: [&str; 3] = crate::caller::attribution::PROGRAMS;
 
 #[derive(Debug, Error)]
 pub enum PinsError {
@@ -256,16 +258,11 @@ fn on_bpffs(path: &Path) -> io::Result<bool> {
 
 /// `mkdir -p` with mode 0700 for what is created: pins are root's alone.
 fn create_private_dir(dir: &Path) -> Result<(), PinsError> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| PinsError::Io {
-            what: "creating",
-            path: dir.to_owned(),
-            source,
-        })
+    crate::private_dir::ensure(dir).map_err(|source| PinsError::Io {
+        what: "creating",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Removes the generation (or staging) directory `dir` if no agent holds

@@ -76,6 +76,17 @@ impl Offer {
         true
     }
 
+    /// Open again after a successor went, unless shutdown closed the offer;
+    /// whether it is open.
+    fn reopen(&self) -> bool {
+        let mut phase = self.lock();
+        if *phase == Phase::Closed {
+            return false;
+        }
+        *phase = Phase::Open;
+        true
+    }
+
     /// Waits (bounded) until a successor has taken the listeners.
     pub fn wait_for_successor(&self, within: Duration) -> bool {
         let guard = self.lock();
@@ -115,7 +126,6 @@ pub fn offer(
     let offer = Offer::new();
     let socket = bind_private(&path)?;
     let giver = Giver {
-        addresses: listeners.iter().map(|(a, _)| a.to_string()).collect(),
         listeners,
         path,
         accepting,
@@ -132,7 +142,6 @@ pub fn offer(
 struct Giver {
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
-    addresses: Vec<String>,
     accepting: watch::Sender<Accepting>,
     offer: Offer,
     programs: Option<Arc<Attribution>>,
@@ -153,11 +162,6 @@ enum Ended {
 
 impl Giver {
     fn give_forever(&self, mut socket: Listener) {
-        let fds: Vec<RawFd> = self
-            .listeners
-            .iter()
-            .map(|(_, fd)| fd.as_raw_fd())
-            .collect();
         loop {
             let stream = match socket.accept() {
                 Ok(stream) => stream,
@@ -174,7 +178,7 @@ impl Giver {
             let mut vouched = 0;
             // It may ask about connections before it says it serves: it
             // accepts on the listeners from the moment it has them.
-            let given = give(&stream, &self.addresses, &fds, self.programs.as_deref()).map(
+            let given = give(&stream, &self.listeners, self.programs.as_deref()).map(
                 |(pid, generation)| {
                     let deadline = Instant::now() + SUCCESSOR_START;
                     let ended = self.converse(&stream, Some(deadline), &mut vouched);
@@ -228,10 +232,9 @@ impl Giver {
                 );
                 return;
             }
-            if !self.offer.begin() {
+            if !self.offer.reopen() {
                 return;
             }
-            self.offer.set(Phase::Open);
             if let Some(programs) = &self.programs {
                 self.switch(programs, true);
                 // The successor's programs, if nothing holds them any more.
@@ -337,8 +340,7 @@ impl Giver {
 /// proves the same to it.
 fn give(
     stream: &Channel,
-    addresses: &[String],
-    fds: &[RawFd],
+    listeners: &[(SocketAddr, OwnedFd)],
     programs: Option<&Attribution>,
 ) -> Result<(i32, Option<String>), WireError> {
     let pid = stream.require_root_peer()?;
@@ -353,7 +355,7 @@ fn give(
         (Message::Hello { version, .. }, _) => return Err(WireError::Version(version)),
         (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
-    let challenge = wire::nonce();
+    let challenge = wire::nonce()?;
     stream.send(
         &Message::Challenge {
             nonce: challenge,
@@ -373,12 +375,16 @@ fn give(
         }
         (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
+    let (addresses, fds): (Vec<String>, Vec<RawFd>) = listeners
+        .iter()
+        .map(|(addr, fd)| (addr.to_string(), fd.as_raw_fd()))
+        .unzip();
     stream.send(
         &Message::Listeners {
-            addresses: addresses.to_vec(),
+            addresses,
             proof: programs.and_then(|p| p.prove(theirs)),
         },
-        fds,
+        &fds,
     )?;
     Ok((pid, generation))
 }
@@ -387,8 +393,7 @@ fn give(
 /// directory only root can enter; the socket itself is root's alone.
 fn bind_private(path: &Path) -> io::Result<Listener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        crate::private_dir::ensure(dir)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}

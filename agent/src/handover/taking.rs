@@ -76,7 +76,7 @@ pub fn take_over(
         _ if generation.is_some() => return Err(WireError::BadProof),
         _ => None,
     };
-    let ours = wire::nonce();
+    let ours = wire::nonce()?;
     stream.send(
         &Message::Proof {
             mac: key.map_or(0, |key| wire::prove(&key, challenge)),
@@ -228,12 +228,6 @@ impl Predecessor {
                 (other, _) => return Err(failed(WireError::Unexpected(Box::new(other)))),
             }
         }
-    }
-
-    /// Whether the previous agent still runs (its end of the connection is
-    /// open).
-    pub fn is_alive(&self) -> bool {
-        self.stream().is_open()
     }
 
     /// Says this agent passed the listeners on to a successor, so the

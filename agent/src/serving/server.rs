@@ -72,20 +72,32 @@ pub fn bind(addr: SocketAddr, save_syns: bool) -> io::Result<TcpListener> {
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
-    if save_syns {
-        syn::save_syns(&socket)?;
-    }
+    prepare(&socket, save_syns)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// What every listener carries, and every connection it accepts inherits
+/// from it (no syscall per connection): the SYN kept where the agent
+/// attributes, and the unacknowledged-data timeout.
+fn prepare(listener: &impl std::os::fd::AsRawFd, save_syns: bool) -> io::Result<()> {
+    if save_syns {
+        syn::save_syns(listener)?;
+    }
+    let unacked_ms = UNACKED_TIMEOUT.as_millis() as libc::c_int;
+    sockopt::set(
+        listener,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        unacked_ms,
+    )
 }
 
 /// A listening socket inherited from the agent this one took over from,
 /// made ready for this agent's accept loop.
 pub fn adopt(listener: std::net::TcpListener, save_syns: bool) -> io::Result<TcpListener> {
     listener.set_nonblocking(true)?;
-    if save_syns {
-        syn::save_syns(&listener)?;
-    }
+    prepare(&listener, save_syns)?;
     TcpListener::from_std(listener)
 }
 
@@ -195,15 +207,6 @@ pub async fn serve<A, C, H, F>(
             let Some(context) = admit(Accepted { peer, local, syn }) else {
                 return;
             };
-            let unacked_ms = UNACKED_TIMEOUT.as_millis() as libc::c_int;
-            if let Err(e) = sockopt::set(
-                &stream,
-                libc::IPPROTO_TCP,
-                libc::TCP_USER_TIMEOUT,
-                unacked_ms,
-            ) {
-                debug!(client = %peer, error = %e, "TCP_USER_TIMEOUT");
-            }
             let eviction = context.eviction();
             // Idle openers go before any HTTP state is made for them.
             tokio::select! {
@@ -282,4 +285,20 @@ pub fn bare(status: StatusCode) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_listeners_unacked_timeout() {
+        let listener = bind(([127, 0, 0, 1], 0).into(), false).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let got =
+            sockopt::get(&accepted, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).expect("getsockopt");
+        assert_eq!(got, UNACKED_TIMEOUT.as_millis() as libc::c_int);
+    }
 }

@@ -17,7 +17,6 @@
 mod throughput;
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
     process::{Child, ExitCode, Stdio},
     sync::{
@@ -34,7 +33,7 @@ use harness::{
     agent_proc::AgentProcess,
     cluster::{Cluster, Who},
     netns::Netns,
-    pod::pod_command,
+    pod::{first_line, pod_command},
     topology::{AGENT_V4, AGENT_V6},
 };
 
@@ -246,9 +245,8 @@ fn upgrade_windows(cluster: &Cluster, token_file: &std::path::Path) -> Result<()
             .args(["outage", &target, &token_file.to_string_lossy(), seconds])
             .stdout(Stdio::piped())
             .spawn()?;
-        let mut first = String::new();
-        BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut first)?;
-        ensure!(first.trim() == "served", "outage watcher: {first:?}");
+        let first = first_line(&mut child, "outage watcher")?;
+        ensure!(first == "served", "outage watcher: {first:?}");
         Ok(child)
     };
     let outage = |child: Child| -> Result<Option<f64>> {

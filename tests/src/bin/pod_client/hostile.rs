@@ -371,10 +371,12 @@ pub fn squat(addr: &str) -> Result<(), String> {
 /// protocol but not the agent's key asks the serving agent for its
 /// listeners. Prints `{"descriptors": N, "outcome": "…"}`.
 ///
-/// `impostor give SOCKET`: the same process poses as the serving agent at
-/// SOCKET for one successor, hands it a listener of its own with a proof it
-/// cannot make, and prints whether the successor said it serves.
-pub fn impostor(role: &str, socket: &str) -> Result<(), String> {
+/// `impostor give SOCKET GENERATION`: the same process poses as the
+/// serving agent at SOCKET for one successor, naming the real GENERATION of
+/// pinned programs (so the successor checks the proof against their real
+/// key), hands it a listener of its own with a proof it cannot make, and
+/// prints whether the successor said it serves.
+pub fn impostor(role: &str, socket: &str, generation: Option<&str>) -> Result<(), String> {
     use agent::handover::wire::{Channel, Listener, Message, VERSION};
 
     let path = std::path::Path::new(socket);
@@ -415,7 +417,7 @@ pub fn impostor(role: &str, socket: &str) -> Result<(), String> {
                 channel.receive(wait).map_err(|e| e.to_string())?;
                 let challenge = Message::Challenge {
                     nonce: 7,
-                    generation: Some("00000000000000aa".into()),
+                    generation: generation.map(str::to_owned),
                 };
                 channel.send(&challenge, &[]).map_err(|e| e.to_string())?;
                 channel.receive(wait).map_err(|e| e.to_string())?;

@@ -53,7 +53,9 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         [cmd, seconds, mode] if cmd == "sdk-load" => load::sdk_load(seconds, mode),
         [cmd, addr] if cmd == "squat" => hostile::squat(addr),
-        [cmd, role, socket] if cmd == "impostor" => hostile::impostor(role, socket),
+        [cmd, role, socket, generation @ ..] if cmd == "impostor" => {
+            hostile::impostor(role, socket, generation.first().map(String::as_str))
+        }
         [cmd, addr, token_file, seconds] if cmd == "outage" => {
             load::outage(addr, token_file, seconds)
         }
