@@ -382,13 +382,15 @@ fn directories_an_unprivileged_user_made_first_are_not_trusted() -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY))?;
     }
-    let agent = AgentProcess::start(netns, &cluster.agent_args("enforce", &ARGS))?;
+    let mut agent = AgentProcess::start(netns, &cluster.agent_args("enforce", &ARGS))?;
+    // The handover offer is set up after readiness: wait for its verdict.
+    for refusal in ["KERNEL PROGRAMS NOT PINNED", "cannot offer a handover"] {
+        agent
+            .wait_for_log(refusal, Duration::from_secs(30))
+            .context("the agent used directories `nobody` owns")?;
+    }
     let env = Served { agent, cluster };
     let logs = env.agent.logs();
-    ensure!(
-        logs.contains("KERNEL PROGRAMS NOT PINNED") && logs.contains("cannot offer a handover"),
-        "the agent used directories `nobody` owns:\n{logs}"
-    );
     ensure!(
         logs.contains(&format!("owned by uid {NOBODY}")),
         "the refusal does not name the owner:\n{logs}"
