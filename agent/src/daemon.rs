@@ -41,6 +41,7 @@ use crate::{
     serving::ratelimit::ClientRateLimiter,
     serving::server::{self, Accepting, HttpLimits},
     telemetry::audit::Auditor,
+    telemetry::losses,
     telemetry::metrics::Metrics,
     upstream::{EksAuth, UpstreamOptions},
 };
@@ -161,8 +162,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             max_service_qps: args.max_service_qps,
         },
     );
-    let auditor = Auditor::new(&args.cluster_name, args.audit_log.as_deref())
-        .with_context(|| format!("opening the audit log {:?}", args.audit_log))?;
+    let auditor = Auditor::new(
+        &args.cluster_name,
+        args.audit_log.as_deref(),
+        metrics.clone(),
+    )
+    .with_context(|| format!("opening the audit log {:?}", args.audit_log))?;
     let state = Arc::new(AppState {
         cluster_name: args.cluster_name.clone(),
         served_hosts: args.bind_hosts.clone(),
@@ -248,6 +253,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         },
     ));
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
+    let losses = tokio::spawn({
+        let state = state.clone();
+        losses::watch(metrics.clone(), move || state.auditor.losses())
+    });
     let housekeeping = tokio::spawn(pod_housekeeping(
         state.clone(),
         attribution.clone(),
@@ -312,6 +321,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         None => false,
     };
     refresher.abort();
+    losses.abort();
     housekeeping.abort();
     while tasks.join_next().await.is_some() {}
     let graceful = Arc::try_unwrap(graceful)

@@ -51,5 +51,6 @@ pub mod handover {
 pub mod telemetry {
     pub mod audit;
     pub mod logging;
+    pub mod losses;
     pub mod metrics;
 }

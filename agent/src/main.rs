@@ -10,7 +10,8 @@ use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    agent::telemetry::logging::init(cli.verbosity, cli.log_filter.as_deref());
+    // Held to the end: dropping it writes out the queued log lines.
+    let _logs = agent::telemetry::logging::init(cli.verbosity, cli.log_filter.as_deref());
     let result = match cli.command {
         Command::Init(args) => runtime()?.block_on(init(args)),
         Command::Server(args) => multi_thread_runtime()?.block_on(agent::daemon::run(*args)),

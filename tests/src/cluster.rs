@@ -7,18 +7,22 @@
 //!
 //! Fields are declared in drop order: upstream, pod network, node, cgroups.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Result;
 
 use crate::{
-    agent_proc::init_node,
+    agent_proc::{init_node, scrape_metrics},
     cgroups::{CgroupTree, Driver, PodSpec},
     fake_eks_auth::FakeEksAuth,
     netns::Netns,
     tempdir::TempDir,
     tokens::{Issuer, TokenSpec},
     topology::{Node, PodNet},
+    wait::wait_for,
 };
 
 /// One of the two pods.
@@ -136,4 +140,36 @@ impl Cluster {
     pub fn own_token(&self, who: Who) -> Result<String> {
         self.issuer.mint(&self.own_spec(who))
     }
+
+    /// The audit file once it holds every event the node's agent emitted
+    /// so far. The agent's writer thread appends a moment after the answer
+    /// went out, so this waits (bounded) for the file to catch up with the
+    /// agent's count of events; an agent that no longer answers is not
+    /// waited for.
+    pub fn audit_trail(&self) -> Result<String> {
+        let read = || std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        let Some(emitted) = scrape_metrics(&self.node.netns)
+            .ok()
+            .and_then(|m| metric_value(&m, "pod_identity_audit_events_total"))
+        else {
+            return Ok(read());
+        };
+        let mut text = String::new();
+        wait_for(
+            "the audit file to hold every event",
+            Duration::from_secs(30),
+            || {
+                text = read();
+                Ok(text.lines().count() as f64 >= emitted)
+            },
+        )?;
+        Ok(text)
+    }
+}
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (metric, value) = line.split_once(' ')?;
+        (metric == name).then(|| value.trim().parse().ok())?
+    })
 }

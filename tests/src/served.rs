@@ -77,8 +77,8 @@ impl Served {
 
     /// Audit events so far.
     pub fn audit(&self) -> Result<Vec<Value>> {
-        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
-        text.lines()
+        self.audit_trail()?
+            .lines()
             .map(|l| serde_json::from_str(l).context("audit line"))
             .collect()
     }

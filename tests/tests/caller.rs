@@ -94,7 +94,7 @@ fn each_pod_gets_its_own_credentials_over_both_families_with_a_full_audit_trail(
         "eksNodeName not sent"
     );
     // Never a token or a secret in the audit trail.
-    let trail = std::fs::read_to_string(env.audit_log())?;
+    let trail = env.audit_trail()?;
     assert!(
         !trail.contains("eyJ") && !trail.contains("secret-") && !trail.contains("session-token-")
     );

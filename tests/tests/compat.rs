@@ -317,8 +317,14 @@ fn logs_are_logrus_json_and_never_carry_a_token_or_a_secret() -> Result<()> {
             "replay served"
         );
 
-        let logs = env.agent.logs();
-        let audit = std::fs::read_to_string(env.audit_log())?;
+        let audit = env.audit_trail()?;
+        // The log line of each audited request too (same writer thread).
+        let events = audit.lines().count();
+        let mut logs = String::new();
+        wait_for("every request's log line", Duration::from_secs(30), || {
+            logs = env.agent.logs();
+            Ok(logs.matches(r#""msg":"credential request""#).count() >= events)
+        })?;
         for (name, text) in [("logs", &logs), ("audit file", &audit)] {
             for secret in &secrets {
                 ensure!(

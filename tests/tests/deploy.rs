@@ -230,7 +230,7 @@ fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_ne
     let args = cluster.agent_args("enforce", &[]);
 
     // Exactly the manifest's set: attach, resolve, serve.
-    let agent = AgentProcess::start_with_caps(&node.netns, &args, Some(&caps))?;
+    let mut agent = AgentProcess::start_with_caps(&node.netns, &args, Some(&caps))?;
     let file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
     let mut client = pod_command(
         env!("CARGO_BIN_EXE_pod-client").as_ref(),
@@ -245,11 +245,9 @@ fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_ne
         String::from_utf8_lossy(&out.stderr),
         agent.logs()
     );
-    ensure!(
-        agent.logs().contains(r#""decision":"allow""#),
-        "not verified:\n{}",
-        agent.logs()
-    );
+    agent
+        .wait_for_log(r#""decision":"allow""#, Duration::from_secs(30))
+        .context("not verified")?;
     drop(agent);
 
     // Without any one of them it refuses to start, naming it.

@@ -5,11 +5,9 @@ use anyhow::Result;
 
 use crate::cmd::{require_root, run, workspace_root};
 
-pub fn bench() -> Result<()> {
+pub fn bench(sections: &[String]) -> Result<()> {
     crate::setup::setup()?;
     require_root("the benchmark")?;
     crate::build::build_binaries(true, false)?;
-    run(&mut std::process::Command::new(
-        workspace_root()?.join("target/release/bench"),
-    ))
+    run(std::process::Command::new(workspace_root()?.join("target/release/bench")).args(sections))
 }

@@ -20,7 +20,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// What attribution costs, as ratios against a same-run baseline.
-    Bench,
+    Bench {
+        /// Sections to run (default: all): attribution, upgrade,
+        /// throughput, footprint.
+        sections: Vec<String>,
+    },
     /// The whole system on one machine: node, pods, agent, fake EKS Auth.
     Demo {
         /// Leave it running (and print how to talk to it) until Ctrl-C.
@@ -47,7 +51,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Bench => bench::bench(),
+        Task::Bench { sections } => bench::bench(&sections),
         Task::Demo { keep } => demo::demo(keep),
         Task::Fuzz { target, time } => {
             setup::setup()?;

@@ -559,7 +559,7 @@ mod tests {
                     },
                 ),
                 metrics: metrics.clone(),
-                auditor: Auditor::new("c", Some(&audit_file)).unwrap(),
+                auditor: Auditor::new("c", Some(&audit_file), metrics.clone()).unwrap(),
                 verification: row.mode.map(|enforce| Verification {
                     enforce,
                     node_name: None,

@@ -8,10 +8,13 @@
 //! orchestrator traces whole requests at TRACE, and what it redacts is its
 //! business, not a guarantee of ours — unless `--log-filter` names them.
 
-use std::fmt;
+use std::{
+    fmt::{self, Write as _},
+    sync::OnceLock,
+};
 
-use serde_json::{Map, Value};
 use tracing::{Event, Subscriber, field::Field};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter,
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
@@ -79,25 +82,65 @@ pub fn filter_directives(level: Level, extra: Option<&str>) -> String {
     directives.join(",")
 }
 
-/// Installs the global subscriber. An unusable `--log-filter` falls back to
-/// the level alone (and says so) rather than leaving the agent silent.
-pub fn init(level: Level, extra: Option<&str>) {
+/// Lines the log writer holds while stdout is slow, at most; beyond them
+/// lines are dropped (and counted), never waited for.
+const QUEUED_LINES: usize = 8192;
+
+/// What keeps the log writer alive: dropping it writes out what is queued.
+pub struct LogOutput {
+    _flush_on_drop: WorkerGuard,
+}
+
+/// Lines the log writer dropped because stdout did not keep up.
+static STDOUT_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped so far because stdout did not keep up.
+pub fn stdout_dropped() -> u64 {
+    STDOUT_DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// A writer of whole lines that never blocks the caller: a bounded queue
+/// and a thread that writes batches to `out`, buffered. When the queue is
+/// full a line is dropped and counted (the returned counter).
+pub fn lines_writer<W: std::io::Write + Send + 'static>(
+    out: W,
+    name: &str,
+) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name(name)
+        .finish(std::io::BufWriter::new(out))
+}
+
+/// Installs the global subscriber, writing to stdout off the request path
+/// (a log consumer that stalls stdout must not stall credential requests).
+/// An unusable `--log-filter` falls back to the level alone (and says so)
+/// rather than leaving the agent silent. Keep the returned value until
+/// exit.
+pub fn init(level: Level, extra: Option<&str>) -> LogOutput {
     let (filter, bad) = match EnvFilter::try_new(filter_directives(level, extra)) {
         Ok(f) => (f, false),
         Err(_) => (EnvFilter::new(filter_directives(level, None)), true),
     };
+    let (writer, guard) = lines_writer(std::io::stdout(), "log-writer");
+    let _ = STDOUT_DROPPED.set(writer.error_counter());
     let _ = tracing_subscriber::fmt()
         .event_format(LogrusJson)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .try_init();
     if bad {
         tracing::warn!(log_filter = extra, "unusable --log-filter, ignored");
     }
+    LogOutput {
+        _flush_on_drop: guard,
+    }
 }
 
 /// logrus' JSON line: `level`, `msg`, `time` (RFC 3339), the fields with
-/// `_` written as `-`.
+/// `_` written as `-`. Written straight into the line, field by field: no
+/// map is built, nothing is encoded twice.
 struct LogrusJson;
 
 impl<S, N> FormatEvent<S, N> for LogrusJson
@@ -111,9 +154,6 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let mut fields = Fields(Map::new());
-        event.record(&mut fields);
-        let mut line = fields.0;
         let level = match *event.metadata().level() {
             tracing::Level::ERROR => "error",
             tracing::Level::WARN => "warning",
@@ -121,63 +161,109 @@ where
             tracing::Level::DEBUG => "debug",
             tracing::Level::TRACE => "trace",
         };
-        line.insert("level".into(), level.into());
-        line.insert("time".into(), now_rfc3339().into());
-        if !line.contains_key("msg") {
-            line.insert("msg".into(), "".into());
+        let mut line = Line {
+            text: String::with_capacity(256),
+            has_message: false,
+        };
+        line.text.push('{');
+        event.record(&mut line);
+        if !line.has_message {
+            line.put_raw("msg", "\"\"");
         }
-        let text = serde_json::to_string(&Value::Object(line)).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
+        line.put_str("level", level);
+        line.put_str("time", &now_rfc3339());
+        line.text.pop();
+        line.text.push('}');
+        writeln!(writer, "{}", line.text)
     }
 }
 
-/// An event's fields as JSON, `message` as `msg`. A field named
-/// [`RECORD_FIELD`] carries an already-encoded JSON object (an audit event)
-/// and is embedded as an object, not as an escaped string.
-struct Fields(Map<String, Value>);
+/// A log line being written: `"key":value,` pairs, `message` as `msg`. A
+/// field named [`RECORD_FIELD`] carries an already-encoded JSON object (an
+/// audit event) and is written as that object, not as an escaped string.
+struct Line {
+    text: String,
+    has_message: bool,
+}
 
-/// See [`Fields`].
+/// See [`Line`].
 pub const RECORD_FIELD: &str = "audit";
 
-impl Fields {
-    fn put(&mut self, field: &Field, value: Value) {
-        let name = match field.name() {
-            "message" => "msg".to_owned(),
-            other => other.replace('_', "-"),
-        };
-        let value = match value {
-            Value::String(text) if field.name() == RECORD_FIELD => {
-                serde_json::from_str(&text).unwrap_or(Value::String(text))
+impl Line {
+    fn key(&mut self, field: &str) {
+        let name = match field {
+            "message" => {
+                self.has_message = true;
+                "msg"
             }
             other => other,
         };
-        self.0.insert(name, value);
+        self.text.push('"');
+        // Field names are Rust identifiers: nothing to escape.
+        self.text
+            .extend(name.chars().map(|c| if c == '_' { '-' } else { c }));
+        self.text.push_str("\":");
+    }
+
+    fn put_raw(&mut self, field: &str, json: &str) {
+        self.key(field);
+        self.text.push_str(json);
+        self.text.push(',');
+    }
+
+    fn put_str(&mut self, field: &str, value: &str) {
+        self.key(field);
+        escape_into(&mut self.text, value);
+        self.text.push(',');
+    }
+
+    fn put_value(&mut self, field: &str, value: impl fmt::Display) {
+        self.key(field);
+        // Numbers and booleans: their Display is their JSON.
+        let _ = write!(self.text, "{value}");
+        self.text.push(',');
     }
 }
 
-impl tracing::field::Visit for Fields {
+/// `value` as a JSON string.
+fn escape_into(out: &mut String, value: &str) {
+    match serde_json::to_string(value) {
+        Ok(quoted) => out.push_str(&quoted),
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+impl tracing::field::Visit for Line {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, value.into());
+        if field.name() == RECORD_FIELD && value.starts_with('{') {
+            self.put_raw(field.name(), value);
+        } else {
+            self.put_str(field.name(), value);
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put(field, format!("{value:?}").into());
+        self.put_str(field.name(), &format!("{value:?}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, value.into());
+        self.put_value(field.name(), value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.put(field, value.into());
+        self.put_value(field.name(), value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.put(field, value.into());
+        self.put_value(field.name(), value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.put(field, value.into());
+        if value.is_finite() {
+            self.put_value(field.name(), value);
+        } else {
+            self.put_raw(field.name(), "null");
+        }
     }
 }
 
@@ -188,7 +274,110 @@ pub fn now_rfc3339() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::Write as _,
+        sync::{Arc, Condvar, Mutex},
+    };
+
     use super::*;
+
+    /// A line as the agent writes it for `emit`.
+    fn line_of(emit: impl FnOnce()) -> serde_json::Value {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(LogrusJson)
+            .with_writer(move || Captured(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_are_logrus_json_with_the_audit_event_as_an_object() {
+        let event = r#"{"decision":"allow","pod_uid":"u\"1"}"#;
+        let line = line_of(|| {
+            tracing::info!(
+                client_addr = "10.0.0.1:5",
+                count = 3u64,
+                ratio = f64::NAN,
+                quoted = "a \"b\"\n",
+                audit = event,
+                "credential request"
+            )
+        });
+        assert_eq!(line["msg"], "credential request");
+        assert_eq!(line["level"], "info");
+        assert_eq!(line["client-addr"], "10.0.0.1:5");
+        assert_eq!(line["count"], 3);
+        assert_eq!(line["ratio"], serde_json::Value::Null);
+        assert_eq!(line["quoted"], "a \"b\"\n");
+        assert_eq!(line["audit"]["pod_uid"], "u\"1");
+        assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+        let bare = line_of(|| tracing::warn!(error = %"x"));
+        assert_eq!(
+            (bare["msg"].as_str(), bare["level"].as_str()),
+            (Some(""), Some("warning"))
+        );
+    }
+
+    /// A writer stuck until released.
+    struct Stuck(Arc<(Mutex<bool>, Condvar)>);
+
+    impl std::io::Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (released, wake) = &*self.0;
+            let mut go = released.lock().unwrap();
+            while !*go {
+                go = wake.wait(go).unwrap();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_output_drops_and_counts_lines_and_never_blocks_the_writer() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (queue, guard) = lines_writer(Stuck(gate.clone()), "stuck-test");
+        let dropped = queue.error_counter();
+        let line = b"line\n";
+        // What the writer thread can take before it blocks: its buffer
+        // (BufWriter's 8 KiB) and the line it is writing.
+        let absorbed = 8192 / line.len() + 1;
+        let extra = 2 * absorbed;
+        // Returns at once although nothing can be written (a blocking
+        // writer would hang here).
+        for _ in 0..QUEUED_LINES + extra {
+            queue.clone().write_all(line).unwrap();
+        }
+        // The queue holds its limit, the thread what it absorbed; the
+        // rest is counted.
+        assert!(
+            dropped.dropped_lines() >= extra - absorbed,
+            "{} dropped",
+            dropped.dropped_lines()
+        );
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        drop(guard);
+    }
 
     #[test]
     fn verbosity_sets_our_targets_only() {

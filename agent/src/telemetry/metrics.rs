@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder, exponential_buckets,
 };
 
 /// `pod_identity_cache_state` label values, as the reference uses them.
@@ -54,6 +54,8 @@ pub struct Metrics {
     resolve_seconds: Histogram,
     attribution_mode: IntGaugeVec,
     connections_refused: IntCounterVec,
+    audit_events: IntCounter,
+    lines_dropped: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -187,8 +189,30 @@ impl Metrics {
                 "Connections closed at accept because their client held its share of the listener's budget (reason=client-limit), or evicted to make room for a newcomer when the listener held its total (reason=evicted)",
                 &["listener", "reason"],
             ),
+            audit_events: registered(&r, || {
+                IntCounter::new(
+                    "pod_identity_audit_events_total",
+                    "Audit events emitted (one per credential request answered)",
+                )
+            }),
+            lines_dropped: counters(
+                &r,
+                "pod_identity_log_lines_dropped_total",
+                "Log and audit lines lost: their writer's queue was full (reason=queue-full, the output too slow) or the output refused the write (reason=write-error); sink=stdout|audit-file",
+                &["sink", "reason"],
+            ),
             registry: r,
         }
+    }
+
+    pub fn audit_event(&self) {
+        self.audit_events.inc();
+    }
+
+    pub fn lines_dropped(&self, sink: &'static str, reason: &'static str, lines: u64) {
+        self.lines_dropped
+            .with_label_values(&[sink, reason])
+            .inc_by(lines);
     }
 
     pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {

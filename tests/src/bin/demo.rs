@@ -233,7 +233,7 @@ impl Demo {
             "The audit trail",
             "One event per request, naming the pod from the kernel's point of view (never the token).",
         );
-        let trail = std::fs::read_to_string(self.audit_log())?;
+        let trail = self.audit_trail()?;
         let events: Vec<Value> = trail
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

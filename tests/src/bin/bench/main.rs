@@ -13,7 +13,13 @@
 //!    restart, from the pod's first failed request to its next served.
 //! 5. (`throughput`) The cached credential path against nginx serving the
 //!    same bytes, keep-alive and new-connection, off / audit / enforce.
+//! 6. (`footprint`) Start → ready, and resident memory idle and with
+//!    10 000 cached identities.
+//!
+//! Sections 1–3 are `attribution`, 4 is `upgrade`; `cargo xtask bench
+//! SECTION…` runs only those named.
 
+mod footprint;
 mod throughput;
 
 use std::{
@@ -109,8 +115,35 @@ fn best(mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     Ok(best)
 }
 
+/// The sections, as named on the command line (`cargo xtask bench
+/// throughput footprint`); none named runs them all.
+const SECTIONS: [&str; 4] = ["attribution", "upgrade", "throughput", "footprint"];
+
 fn run() -> Result<()> {
+    let named: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(unknown) = named.iter().find(|n| !SECTIONS.contains(&n.as_str())) {
+        anyhow::bail!("no bench section {unknown:?}: {}", SECTIONS.join(", "));
+    }
+    let wanted = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
     let cluster = Cluster::new("bench-node")?;
+    let token_file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
+    if wanted("attribution") {
+        attribution_cost(&cluster, &token_file)?;
+    }
+    if wanted("upgrade") {
+        upgrade_windows(&cluster, &token_file)?;
+    }
+    if wanted("throughput") {
+        throughput::run(&cluster, &token_file)?;
+    }
+    if wanted("footprint") {
+        footprint::run(&cluster)?;
+    }
+    Ok(())
+}
+
+/// Sections 1–3.
+fn attribution_cost(cluster: &Cluster, token_file: &std::path::Path) -> Result<()> {
     let (cgroup, node, net) = (&cluster.cg_a, &cluster.node, &cluster.net_a);
     // Tens of thousands of short connections: reuse TIME_WAIT ports.
     net.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -154,7 +187,6 @@ fn run() -> Result<()> {
     );
 
     // Credential requests served from cache, attribution off vs enforce.
-    let token_file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
     let mut per_mode = Vec::new();
     for mode in ["off", "enforce"] {
         let args = cluster.agent_args(mode, &["--pod-rate-limit", "0", "--max-request-rate", "0"]);
@@ -223,8 +255,7 @@ fn run() -> Result<()> {
     println!(
         "\n(each request is a new connection: connect + HTTP + answer; enforce adds the kernel map\nlookup, open_by_handle_at + readlink, path parsing and the checks)"
     );
-    upgrade_windows(&cluster, &token_file)?;
-    throughput::run(&cluster, &token_file)
+    Ok(())
 }
 
 const UPGRADE_ROUNDS: usize = 5;

@@ -8,7 +8,8 @@
 //!   environment (`AWS_CONTAINER_CREDENTIALS_FULL_URI`,
 //!   `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`). Prints one JSON line.
 //! * `pod-client http-get ADDR TOKEN_FILE COUNT`: COUNT raw credential
-//!   requests; prints how many got each status.
+//!   requests, each a new connection, taking the file's tokens (one per
+//!   line) in turn; prints how many got each status.
 //! * `pod-client connect-bench ADDR COUNT`: COUNT connect/close; prints ns.
 //! * `pod-client http-load ADDR PATH TOKEN_FILE SECONDS`,
 //!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`,
@@ -118,15 +119,24 @@ fn connect_bench(addr: &str, count: &str) -> Result<(), String> {
 fn http_get(addr: &str, token_file: &str, count: &str) -> Result<(), String> {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let count: u32 = count.parse().map_err(|e| format!("{count}: {e}"))?;
-    let token = std::fs::read_to_string(token_file).map_err(|e| format!("{token_file}: {e}"))?;
+    let tokens = std::fs::read_to_string(token_file).map_err(|e| format!("{token_file}: {e}"))?;
+    // One token per line; requests take them in turn.
+    let tokens: Vec<&str> = tokens
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if tokens.is_empty() {
+        return Err(format!("{token_file}: no token"));
+    }
     let host = harness::http::host_header(addr);
     let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
-    for _ in 0..count {
+    for token in tokens.iter().cycle().take(count as usize) {
         let reply = harness::http::request(
             addr,
             "GET",
             "/v1/credentials",
-            &[("Host", &host), ("Authorization", token.trim())],
+            &[("Host", &host), ("Authorization", token)],
         )
         .map_err(|e| format!("{e:#}"))?;
         *statuses.entry(reply.status).or_default() += 1;
