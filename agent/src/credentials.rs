@@ -29,11 +29,11 @@ use futures::{
     future::{BoxFuture, Shared},
 };
 use moka::{Expiry, future::Cache, notification::RemovalCause};
-use sha2::{Digest as _, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::{
     telemetry::metrics::{CacheState, Metrics},
+    token::Digest,
     upstream::{Assumed, Upstream, UpstreamError},
 };
 
@@ -44,7 +44,7 @@ pub const MIN_REMAINING: Duration = Duration::from_secs(15);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CacheKey {
     /// SHA-256 of the raw token: the token itself is never a key.
-    TokenHash([u8; 32]),
+    TokenHash(Digest),
     /// A kernel-verified pod and its service account (enforce mode): the
     /// kubelet's rotated tokens for the same pod share the entry.
     Pod {
@@ -64,15 +64,6 @@ impl Source {
     }
 }
 
-impl CacheKey {
-    pub fn of_token(token: &str) -> CacheKey {
-        CacheKey::TokenHash(token_hash(token))
-    }
-}
-
-fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
 
 /// Whether the answer came from the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,11 +89,11 @@ struct Entry {
     /// The token EKS Auth accepted for these credentials: the only one they
     /// are served for, and what a refresh presents.
     token: String,
-    token_hash: [u8; 32],
+    token_hash: Digest,
 }
 
 impl Entry {
-    fn new(assumed: Arc<Assumed>, token: String, retention: Duration) -> Entry {
+    fn new(assumed: Arc<Assumed>, token: String, token_hash: Digest, retention: Duration) -> Entry {
         let now = Instant::now();
         let lifetime = assumed
             .expiration
@@ -116,7 +107,7 @@ impl Entry {
             assumed,
             refresh_at: now + refresh_in,
             unservable_at: now + lifetime.saturating_sub(MIN_REMAINING),
-            token_hash: token_hash(&token),
+            token_hash,
             token,
         }
     }
@@ -155,7 +146,7 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilUnservable {
 type Fetch = Shared<BoxFuture<'static, Result<Arc<Assumed>, UpstreamError>>>;
 
 /// One upstream call: an identity and the exact token presented for it.
-type FlightKey = (CacheKey, [u8; 32]);
+type FlightKey = (CacheKey, Digest);
 
 struct Inner {
     cache: Option<Cache<CacheKey, Arc<Entry>>>,
@@ -201,14 +192,15 @@ impl CredentialCache {
         }
     }
 
-    /// Credentials for `key`, presenting `token` if EKS Auth must be asked.
+    /// Credentials for `key`, presenting `token` (whose digest the caller
+    /// computed once) if EKS Auth must be asked.
     pub async fn get(
         &self,
         key: &CacheKey,
         token: &str,
+        presented: Digest,
     ) -> Result<(Arc<Assumed>, Source), UpstreamError> {
         let inner = &self.inner;
-        let presented = token_hash(token);
         if let Some(cache) = &inner.cache
             && let Some(entry) = cache.get(key).await
             && entry.servable(Instant::now())
@@ -221,14 +213,16 @@ impl CredentialCache {
         if inner.cache.is_some() {
             inner.metrics.cache(CacheState::Miss);
         }
-        let assumed = self.fetch(key.clone(), token.to_owned()).await?;
+        let assumed = self
+            .fetch(key.clone(), token.to_owned(), presented)
+            .await?;
         Ok((assumed, Source::Upstream))
     }
 
     /// Joins the in-flight upstream call for `key` with this very token, or
     /// starts one.
-    fn fetch(&self, key: CacheKey, token: String) -> Fetch {
-        let flight: FlightKey = (key, token_hash(&token));
+    fn fetch(&self, key: CacheKey, token: String, presented: Digest) -> Fetch {
+        let flight: FlightKey = (key, presented);
         // The map holds finished-or-running futures only; a panic while it
         // is locked cannot leave it inconsistent, so poisoning is ignored
         // here and where the task removes its key.
@@ -254,7 +248,12 @@ impl CredentialCache {
             if let Some(cache) = &inner.cache {
                 match &result {
                     Ok(assumed) => {
-                        let entry = Entry::new(assumed.clone(), token, inner.options.retention);
+                        let entry = Entry::new(
+                            assumed.clone(),
+                            token,
+                            presented,
+                            inner.options.retention,
+                        );
                         cache.insert(task_key.clone(), Arc::new(entry)).await;
                     }
                     Err(err) => {
@@ -308,15 +307,15 @@ impl CredentialCache {
         loop {
             tokio::time::sleep(scan_every).await;
             let now = Instant::now();
-            let due: Vec<(CacheKey, String)> = cache
+            let due: Vec<(CacheKey, String, Digest)> = cache
                 .iter()
                 .filter(|(_, entry)| now >= entry.refresh_at && entry.servable(now))
-                .map(|(key, entry)| ((*key).clone(), entry.token.clone()))
+                .map(|(key, entry)| ((*key).clone(), entry.token.clone(), entry.token_hash))
                 .collect();
-            for (key, token) in due {
+            for (key, token, presented) in due {
                 pace.tick().await;
                 debug!(?key, "refreshing credentials ahead of expiry");
-                match self.fetch(key, token).await {
+                match self.fetch(key, token, presented).await {
                     Ok(_) => self.inner.metrics.cache(CacheState::Renewed),
                     Err(err) => {
                         let recoverable = err.is_recoverable();
@@ -357,6 +356,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::token::digest;
     use crate::upstream::UpstreamFuture;
 
     /// Counts calls, answers after `delay` with credentials valid `lifetime`.
@@ -400,6 +400,7 @@ mod tests {
                     role_arn: "role".into(),
                     subject_namespace: "ns".into(),
                     subject_service_account: "sa".into(),
+                    encoded: Default::default(),
                 })
             })
         }
@@ -421,19 +422,19 @@ mod tests {
     async fn concurrent_misses_make_one_call_and_then_hit() {
         let upstream = FakeUpstream::new(Duration::from_millis(50), Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
-        let key = CacheKey::of_token("t");
+        let key = CacheKey::TokenHash(digest("t"));
         let waiters: Vec<_> = (0..200)
             .map(|_| {
                 let creds = creds.clone();
                 let key = key.clone();
-                tokio::spawn(async move { creds.get(&key, "t").await })
+                tokio::spawn(async move { creds.get(&key, "t", digest("t")).await })
             })
             .collect();
         for w in waiters {
             w.await.unwrap().unwrap();
         }
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
-        let (_, source) = creds.get(&key, "t").await.unwrap();
+        let (_, source) = creds.get(&key, "t", digest("t")).await.unwrap();
         assert_eq!(source, Source::Cache);
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
     }
@@ -442,14 +443,14 @@ mod tests {
     async fn a_dropped_waiter_does_not_cancel_the_shared_call() {
         let upstream = FakeUpstream::new(Duration::from_millis(100), Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
-        let key = CacheKey::of_token("t");
+        let key = CacheKey::TokenHash(digest("t"));
         let first = tokio::spawn({
             let (creds, key) = (creds.clone(), key.clone());
-            async move { creds.get(&key, "t").await }
+            async move { creds.get(&key, "t", digest("t")).await }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         first.abort();
-        let (_, source) = creds.get(&key, "t").await.unwrap();
+        let (_, source) = creds.get(&key, "t", digest("t")).await.unwrap();
         assert_eq!(source, Source::Upstream);
         assert_eq!(
             upstream.calls.load(Ordering::SeqCst),
@@ -467,8 +468,8 @@ mod tests {
             namespace: "ns".into(),
             service_account: "sa".into(),
         };
-        creds.get(&key, "genuine").await.unwrap();
-        assert_eq!(creds.get(&key, "genuine").await.unwrap().1, Source::Cache);
+        creds.get(&key, "genuine", digest("genuine")).await.unwrap();
+        assert_eq!(creds.get(&key, "genuine", digest("genuine")).await.unwrap().1, Source::Cache);
         // A forgery with the same claims: EKS Auth decides, and refuses.
         *upstream.fail_with.lock().unwrap() = Some(UpstreamError::Service {
             status: http::StatusCode::BAD_REQUEST,
@@ -477,7 +478,7 @@ mod tests {
             request_id: "r".into(),
             fault: "client",
         });
-        assert!(creds.get(&key, "forged").await.is_err());
+        assert!(creds.get(&key, "forged", digest("forged")).await.is_err());
         assert_eq!(
             upstream.calls.load(Ordering::SeqCst),
             2,
@@ -485,7 +486,7 @@ mod tests {
         );
         // The genuine entry survives, and the forgery never became its token.
         *upstream.fail_with.lock().unwrap() = None;
-        let (assumed, source) = creds.get(&key, "genuine").await.unwrap();
+        let (assumed, source) = creds.get(&key, "genuine", digest("genuine")).await.unwrap();
         assert_eq!(source, Source::Cache);
         assert_eq!(assumed.session_token, "genuine");
         let entry = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
@@ -496,9 +497,9 @@ mod tests {
     async fn credentials_close_to_expiry_are_never_served() {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(10));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
-        let key = CacheKey::of_token("t");
-        creds.get(&key, "t").await.unwrap();
-        let (_, source) = creds.get(&key, "t").await.unwrap();
+        let key = CacheKey::TokenHash(digest("t"));
+        creds.get(&key, "t", digest("t")).await.unwrap();
+        let (_, source) = creds.get(&key, "t", digest("t")).await.unwrap();
         assert_eq!(
             source,
             Source::Upstream,
@@ -512,7 +513,7 @@ mod tests {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::ZERO);
         for _ in 0..3 {
-            let (_, source) = creds.get(&CacheKey::of_token("t"), "t").await.unwrap();
+            let (_, source) = creds.get(&CacheKey::TokenHash(digest("t")), "t", digest("t")).await.unwrap();
             assert_eq!(source, Source::Upstream);
         }
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 3);
@@ -522,8 +523,8 @@ mod tests {
     async fn irrecoverable_errors_evict_and_transient_ones_keep() {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
-        let key = CacheKey::of_token("t");
-        creds.get(&key, "t").await.unwrap();
+        let key = CacheKey::TokenHash(digest("t"));
+        creds.get(&key, "t", digest("t")).await.unwrap();
         let cases = [
             (
                 UpstreamError::no_answer(crate::upstream::NoAnswer::Timeout, "timeout"),
@@ -543,7 +544,7 @@ mod tests {
         for (err, kept) in cases {
             *upstream.fail_with.lock().unwrap() = Some(err.clone());
             // A forced refresh (what the refresh loop does when due).
-            assert!(creds.fetch(key.clone(), "t".into()).await.is_err());
+            assert!(creds.fetch(key.clone(), "t".into(), digest("t")).await.is_err());
             let cached = creds
                 .inner
                 .cache

@@ -4,10 +4,14 @@
 //! agent's 400s, with golang-jwt's texts), to key its cache, and to
 //! cross-check the caller.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use base64::Engine as _;
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 /// Why a token was rejected before reaching EKS Auth (both are HTTP 400).
@@ -168,6 +172,53 @@ fn decode_segment(segment: &str) -> Result<Vec<u8>, String> {
     })
 }
 
+/// SHA-256 of a raw token: what the cache keys entries by and compares
+/// presented tokens with, so the token itself is never a key.
+pub type Digest = [u8; 32];
+
+pub fn digest(token: &str) -> Digest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A token read once: its exact text, claims and digest.
+#[derive(Debug)]
+pub struct Parsed {
+    pub raw: Box<str>,
+    pub claims: Claims,
+    pub digest: Digest,
+}
+
+/// The last token a connection presented, parsed. A keep-alive client
+/// (every SDK) sends the same token on every request, so its claims and
+/// digest are worked out once per connection, not once per request. Only
+/// the exact same bytes match, a token that did not parse is never kept,
+/// and the caller still checks `exp`/`nbf` on every request. Per
+/// connection, so nothing is shared between clients.
+#[derive(Debug, Default)]
+pub struct Memo(Mutex<Option<Arc<Parsed>>>);
+
+impl Memo {
+    /// `token` parsed: from the memo if it is the last one seen, else
+    /// parsed now (and remembered if it parsed).
+    pub fn parse(&self, token: &str) -> Result<Arc<Parsed>, TokenError> {
+        // A poisoned memo is only a cache: parse afresh.
+        if let Ok(last) = self.0.lock()
+            && let Some(parsed) = last.as_ref().filter(|p| *p.raw == *token)
+        {
+            return Ok(parsed.clone());
+        }
+        let parsed = Arc::new(Parsed {
+            claims: parse(token)?,
+            digest: digest(token),
+            raw: token.into(),
+        });
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(parsed.clone());
+        }
+        Ok(parsed)
+    }
+}
+
 /// `exp` and `nbf` against `now`, as golang-jwt's validator (what the
 /// reference checks before calling EKS Auth; issuer, audience and signature
 /// are EKS Auth's job).
@@ -197,6 +248,25 @@ mod tests {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     use super::*;
+
+    #[test]
+    fn a_connections_memo_answers_only_the_exact_token_it_parsed() {
+        let memo = Memo::default();
+        let (a, b) = (jwt(r#"{"sub":"a"}"#), jwt(r#"{"sub":"b"}"#));
+        let first = memo.parse(&a).unwrap();
+        assert!(Arc::ptr_eq(&first, &memo.parse(&a).unwrap()), "parsed twice");
+        let other = memo.parse(&b).unwrap();
+        assert_eq!(other.claims.sub.as_deref(), Some("b"));
+        assert_eq!(other.digest, digest(&b));
+        assert!(memo.parse("garbage").is_err());
+        // Failures are not remembered; the last good token still is.
+        assert!(Arc::ptr_eq(&other, &memo.parse(&b).unwrap()));
+        // A token one byte longer is another token (and another digest).
+        let longer = memo.parse(&format!("{b}x")).unwrap();
+        assert!(!Arc::ptr_eq(&other, &longer));
+        assert_ne!(longer.digest, other.digest);
+        assert!(!Arc::ptr_eq(&first, &memo.parse(&a).unwrap()));
+    }
 
     fn jwt(payload: &str) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","kid":"k"}"#);

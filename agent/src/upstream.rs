@@ -33,6 +33,9 @@ pub struct Assumed {
     pub role_arn: String,
     pub subject_namespace: String,
     pub subject_service_account: String,
+    /// The SDK's JSON for these credentials, encoded by the first answer
+    /// that serves them and shared by all later ones (set by the handler).
+    pub encoded: std::sync::OnceLock<bytes::Bytes>,
 }
 
 /// An upstream failure, already in the shape the HTTP answer needs.
@@ -285,6 +288,7 @@ impl Upstream for EksAuth {
                 role_arn: role.arn().to_owned(),
                 subject_namespace: subject.namespace().to_owned(),
                 subject_service_account: subject.service_account().to_owned(),
+                encoded: Default::default(),
             })
         })
     }

@@ -430,6 +430,7 @@ mod tests {
             role_arn: String::new(),
             subject_namespace: ns.into(),
             subject_service_account: sa.into(),
+            encoded: Default::default(),
         };
         let c = claims(Some(POD), SUB, None);
         assert_eq!(after_upstream(&c, &assumed("default", "app")), Ok(()));

@@ -22,6 +22,7 @@ use crate::{
     caller::identify::{Identified, Identifier},
     serving::client::ClientKey,
     telemetry::metrics::Metrics,
+    token,
 };
 
 /// One listener group's budget. Cheap to clone; clones share the counts.
@@ -166,6 +167,8 @@ pub struct Connection {
     /// `None` when attribution is off.
     pub identified: Option<Identified>,
     pub admitted: Admitted,
+    /// The last token this connection presented, parsed.
+    pub token: token::Memo,
 }
 
 impl crate::serving::server::Evictable for Connection {
@@ -196,6 +199,7 @@ pub fn admit(
                 info,
                 identified,
                 admitted,
+                token: token::Memo::default(),
             })
         }
         Err(refusal) => {

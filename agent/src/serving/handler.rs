@@ -174,15 +174,16 @@ async fn answer<B>(
     if token.is_empty() {
         return Rejection::NoToken.answer(state, client, event);
     }
-    // 3. Claims.
-    let claims = match token::parse(token) {
-        Ok(claims) => claims,
+    // 3. Claims (worked out once per connection for a repeated token).
+    let parsed = match conn.token.parse(token) {
+        Ok(parsed) => parsed,
         Err(e) => return Rejection::Token(e).answer(state, client, event),
     };
+    let claims = &parsed.claims;
     event.namespace = claims.namespace().map(str::to_owned);
     event.service_account = claims.service_account().map(str::to_owned);
     event.pod_name = claims.pod_name().map(str::to_owned);
-    if let Err(e) = token::validate_times(&claims, SystemTime::now()) {
+    if let Err(e) = token::validate_times(claims, SystemTime::now()) {
         return Rejection::Token(e).answer(state, client, event);
     }
     // 4. Who is calling (the kernel's record, resolved when the connection
@@ -194,7 +195,7 @@ async fn answer<B>(
         // never waved through.
         let nobody = Caller::Unattributed;
         let caller = conn.identified.as_ref().map_or(&nobody, |i| &i.caller);
-        match policy::before_upstream(caller, &claims, verification.node_name.as_deref()) {
+        match policy::before_upstream(caller, claims, verification.node_name.as_deref()) {
             Ok(()) => {
                 if let Caller::Pod(pod) = caller {
                     verified_pod = Some(pod.clone());
@@ -214,9 +215,9 @@ async fn answer<B>(
             namespace: claims.namespace().unwrap_or_default().to_owned(),
             service_account: claims.service_account().unwrap_or_default().to_owned(),
         },
-        _ => CacheKey::of_token(token),
+        _ => CacheKey::TokenHash(parsed.digest),
     };
-    let (assumed, source) = match state.credentials.get(&key, token).await {
+    let (assumed, source) = match state.credentials.get(&key, token, parsed.digest).await {
         Ok(found) => found,
         Err(e) => return Rejection::Upstream(e).answer(state, client, event),
     };
@@ -234,7 +235,7 @@ async fn answer<B>(
     // 8. EKS Auth's subject must be the token's.
     if let Some(verification) = &state.verification
         && audit_only.is_none()
-        && let Err(violation) = policy::after_upstream(&claims, &assumed)
+        && let Err(violation) = policy::after_upstream(claims, &assumed)
     {
         if verification.enforce {
             return Rejection::Caller(violation).answer(state, client, event);
@@ -396,29 +397,34 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// The SDK's answer. Encoded once per credentials (the first request
+/// they serve), then shared: the cache hands every request the same
+/// `Assumed`, and the body is a reference-counted buffer.
 fn json_credentials(assumed: &Assumed) -> HttpResponse {
-    let body = CredentialsBody {
-        access_key_id: &assumed.access_key_id,
-        secret_access_key: &assumed.secret_access_key,
-        token: &assumed.session_token,
-        account_id: assumed.account_id.as_deref(),
-        expiration: humantime::format_rfc3339_seconds(assumed.expiration).to_string(),
-    };
-    match serde_json::to_vec(&body) {
-        Ok(json) => {
-            let mut r = Response::new(Full::new(Bytes::from(json)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            *r.status_mut() = StatusCode::OK;
-            r
-        }
-        Err(_) => go_error(
+    let body = assumed.encoded.get_or_init(|| {
+        let body = CredentialsBody {
+            access_key_id: &assumed.access_key_id,
+            secret_access_key: &assumed.secret_access_key,
+            token: &assumed.session_token,
+            account_id: assumed.account_id.as_deref(),
+            expiration: humantime::format_rfc3339_seconds(assumed.expiration).to_string(),
+        };
+        // Strings and a timestamp always encode; empty stands for the
+        // impossible failure and is refused below.
+        serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default()
+    });
+    if body.is_empty() {
+        return go_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Unable to serialize credentials",
-        ),
+        );
     }
+    let mut r = Response::new(Full::new(body.clone()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 #[cfg(test)]
@@ -481,6 +487,7 @@ mod tests {
                     role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
                     subject_namespace: "default".into(),
                     subject_service_account: "app".into(),
+                    encoded: Default::default(),
                 })
             })
         }
@@ -591,6 +598,7 @@ mod tests {
                     }),
                 }),
                 admitted,
+                token: Default::default(),
             });
             if row.rate_limited {
                 let first = Request::builder()

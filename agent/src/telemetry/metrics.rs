@@ -10,7 +10,10 @@
 //! | `pod_identity_cache_state{state}` | `miss` per request that missed the cache, `hit` per successful background renewal, `evicted` per entry dropped |
 //! | `pod_identity_cache_errors{type,code}` | failed renewals: `type` `Recoverable`/`NonRecoverable`, `code` EKS Auth's error code (`Unknown` without one) |
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -56,6 +59,23 @@ pub struct Metrics {
     connections_refused: IntCounterVec,
     audit_events: IntCounter,
     lines_dropped: IntCounterVec,
+    /// The series every served request counts, looked up once.
+    hot: Hot,
+}
+
+/// The labelled series of the common path (a cached credential served,
+/// caller verified), each looked up on first use — so it appears when it
+/// first happens, as client_golang's do — then counted without hashing
+/// labels again.
+#[derive(Default)]
+struct Hot {
+    ok: OnceLock<IntCounter>,
+    cache_hit: OnceLock<IntCounter>,
+    allowed: OnceLock<IntCounter>,
+}
+
+fn hot<'a>(cell: &'a OnceLock<IntCounter>, vec: &IntCounterVec, labels: &[&str]) -> &'a IntCounter {
+    cell.get_or_init(|| vec.with_label_values(labels))
 }
 
 impl Default for Metrics {
@@ -201,6 +221,7 @@ impl Metrics {
                 "Log and audit lines lost: their writer's queue was full (reason=queue-full, the output too slow) or the output refused the write (reason=write-error); sink=stdout|audit-file",
                 &["sink", "reason"],
             ),
+            hot: Hot::default(),
             registry: r,
         }
     }
@@ -222,6 +243,10 @@ impl Metrics {
     }
 
     pub fn decision(&self, result: crate::telemetry::audit::Decision, reason: &'static str) {
+        if result == crate::telemetry::audit::Decision::Allow && reason == "ok" {
+            hot(&self.hot.allowed, &self.decisions, &[result.label(), reason]).inc();
+            return;
+        }
         self.decisions
             .with_label_values(&[result.label(), reason])
             .inc();
@@ -244,9 +269,13 @@ impl Metrics {
     }
 
     pub fn response(&self, code: u16, started: Instant) {
-        self.http_response
-            .with_label_values(&[itoa_code(code)])
-            .inc();
+        if code == 200 {
+            hot(&self.hot.ok, &self.http_response, &["200"]).inc();
+        } else {
+            self.http_response
+                .with_label_values(&[itoa_code(code)])
+                .inc();
+        }
         self.request_seconds
             .observe(started.elapsed().as_secs_f64());
     }
@@ -257,9 +286,11 @@ impl Metrics {
 
     /// A request answered from the cache (`true`) or not.
     pub fn cache_lookup(&self, hit: bool) {
-        self.cache_lookups
-            .with_label_values(&[if hit { "hit" } else { "miss" }])
-            .inc();
+        if hit {
+            hot(&self.hot.cache_hit, &self.cache_lookups, &["hit"]).inc();
+        } else {
+            self.cache_lookups.with_label_values(&["miss"]).inc();
+        }
     }
 
     /// A failed renewal, as the reference labels it.
