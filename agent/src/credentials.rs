@@ -64,7 +64,6 @@ impl Source {
     }
 }
 
-
 /// Whether the answer came from the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -213,9 +212,7 @@ impl CredentialCache {
         if inner.cache.is_some() {
             inner.metrics.cache(CacheState::Miss);
         }
-        let assumed = self
-            .fetch(key.clone(), token.to_owned(), presented)
-            .await?;
+        let assumed = self.fetch(key.clone(), token.to_owned(), presented).await?;
         Ok((assumed, Source::Upstream))
     }
 
@@ -248,12 +245,8 @@ impl CredentialCache {
             if let Some(cache) = &inner.cache {
                 match &result {
                     Ok(assumed) => {
-                        let entry = Entry::new(
-                            assumed.clone(),
-                            token,
-                            presented,
-                            inner.options.retention,
-                        );
+                        let entry =
+                            Entry::new(assumed.clone(), token, presented, inner.options.retention);
                         cache.insert(task_key.clone(), Arc::new(entry)).await;
                     }
                     Err(err) => {
@@ -469,7 +462,14 @@ mod tests {
             service_account: "sa".into(),
         };
         creds.get(&key, "genuine", digest("genuine")).await.unwrap();
-        assert_eq!(creds.get(&key, "genuine", digest("genuine")).await.unwrap().1, Source::Cache);
+        assert_eq!(
+            creds
+                .get(&key, "genuine", digest("genuine"))
+                .await
+                .unwrap()
+                .1,
+            Source::Cache
+        );
         // A forgery with the same claims: EKS Auth decides, and refuses.
         *upstream.fail_with.lock().unwrap() = Some(UpstreamError::Service {
             status: http::StatusCode::BAD_REQUEST,
@@ -513,7 +513,10 @@ mod tests {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::ZERO);
         for _ in 0..3 {
-            let (_, source) = creds.get(&CacheKey::TokenHash(digest("t")), "t", digest("t")).await.unwrap();
+            let (_, source) = creds
+                .get(&CacheKey::TokenHash(digest("t")), "t", digest("t"))
+                .await
+                .unwrap();
             assert_eq!(source, Source::Upstream);
         }
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 3);
@@ -544,7 +547,12 @@ mod tests {
         for (err, kept) in cases {
             *upstream.fail_with.lock().unwrap() = Some(err.clone());
             // A forced refresh (what the refresh loop does when due).
-            assert!(creds.fetch(key.clone(), "t".into(), digest("t")).await.is_err());
+            assert!(
+                creds
+                    .fetch(key.clone(), "t".into(), digest("t"))
+                    .await
+                    .is_err()
+            );
             let cached = creds
                 .inner
                 .cache

@@ -255,7 +255,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let refresher = tokio::spawn(credentials.clone().refresh_loop());
     let losses = tokio::spawn({
         let state = state.clone();
-        losses::watch(metrics.clone(), move || state.auditor.losses())
+        losses::watch(metrics.clone(), move || state.auditor.lost())
     });
     let housekeeping = tokio::spawn(pod_housekeeping(
         state.clone(),

@@ -53,4 +53,5 @@ pub mod telemetry {
     pub mod logging;
     pub mod losses;
     pub mod metrics;
+    pub mod spool;
 }

@@ -254,7 +254,10 @@ mod tests {
         let memo = Memo::default();
         let (a, b) = (jwt(r#"{"sub":"a"}"#), jwt(r#"{"sub":"b"}"#));
         let first = memo.parse(&a).unwrap();
-        assert!(Arc::ptr_eq(&first, &memo.parse(&a).unwrap()), "parsed twice");
+        assert!(
+            Arc::ptr_eq(&first, &memo.parse(&a).unwrap()),
+            "parsed twice"
+        );
         let other = memo.parse(&b).unwrap();
         assert_eq!(other.claims.sub.as_deref(), Some("b"));
         assert_eq!(other.digest, digest(&b));

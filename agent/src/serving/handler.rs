@@ -411,7 +411,9 @@ fn json_credentials(assumed: &Assumed) -> HttpResponse {
         };
         // Strings and a timestamp always encode; empty stands for the
         // impossible failure and is refused below.
-        serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default()
+        serde_json::to_vec(&body)
+            .map(Bytes::from)
+            .unwrap_or_default()
     });
     if body.is_empty() {
         return go_error(

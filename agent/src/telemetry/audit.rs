@@ -6,23 +6,17 @@
 //! `client-addr` and `cluster-name`, the event as an `audit` object — and,
 //! if configured, appended to a file of its own, one JSON object per line,
 //! by a writer thread (a slow disk never holds a request; what it cannot
-//! keep up with is dropped and counted, see [`Auditor::losses`]).
+//! keep up with is dropped and counted, see [`Auditor::lost`]).
 
-use std::{
-    fs::OpenOptions,
-    io::Write,
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{fs::OpenOptions, path::Path, sync::Arc};
 
 use serde::Serialize;
 use tracing::{info, warn};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, WorkerGuard};
 
-use super::{logging::lines_writer, metrics::Metrics};
+use super::{
+    metrics::Metrics,
+    spool::{Lost, Spool, SpoolGuard},
+};
 
 /// What was decided for a request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -71,7 +65,7 @@ pub struct AuditEvent {
 
 /// Where audit events go. Each event is encoded once; the log line embeds
 /// that encoding, the audit file gets it as a line. Neither write blocks
-/// the request: both go through bounded queues whose drops are counted.
+/// the request: both go through bounded spools whose drops are counted.
 pub struct Auditor {
     cluster_name: String,
     file: Option<AuditFile>,
@@ -79,21 +73,13 @@ pub struct Auditor {
 }
 
 struct AuditFile {
-    queue: NonBlocking,
-    dropped: ErrorCounter,
-    failed: Arc<AtomicU64>,
-    /// Dropping it writes out what is queued.
-    _flush_on_drop: WorkerGuard,
+    spool: Spool,
+    /// Dropping it writes out what is pending.
+    _flush_on_drop: SpoolGuard,
 }
 
-/// What became of the audit trail's lines so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AuditLosses {
-    /// Dropped because the file's writer was that far behind.
-    pub dropped: u64,
-    /// Writes the file refused (a full disk, an I/O error).
-    pub failed: u64,
-}
+/// Bytes of audit lines held while the disk is slow, at most.
+const PENDING_LIMIT: usize = 4 << 20;
 
 impl Auditor {
     pub fn new(
@@ -105,18 +91,9 @@ impl Auditor {
             None => None,
             Some(p) => {
                 let file = OpenOptions::new().create(true).append(true).open(p)?;
-                let failed = Arc::new(AtomicU64::new(0));
-                let (queue, guard) = lines_writer(
-                    Counted {
-                        inner: file,
-                        failed: failed.clone(),
-                    },
-                    "audit-writer",
-                );
+                let (spool, guard) = Spool::start(file, "audit-writer", PENDING_LIMIT)?;
                 Some(AuditFile {
-                    dropped: queue.error_counter(),
-                    queue,
-                    failed,
+                    spool,
                     _flush_on_drop: guard,
                 })
             }
@@ -148,37 +125,15 @@ impl Auditor {
         );
         if let Some(file) = &self.file {
             json.push('\n');
-            // One line per write: lines of concurrent requests never
-            // interleave. A full queue drops the line and counts it.
-            let _ = file.queue.clone().write_all(json.as_bytes());
+            // Whole lines: those of concurrent requests never interleave.
+            file.spool.line(json.as_bytes());
         }
     }
 
-    /// Lines of the audit file lost so far.
-    pub fn losses(&self) -> AuditLosses {
+    /// What the audit file lost so far.
+    pub fn lost(&self) -> Lost {
         self.file
             .as_ref()
-            .map_or_else(AuditLosses::default, |f| AuditLosses {
-                dropped: f.dropped.dropped_lines() as u64,
-                failed: f.failed.load(Ordering::Relaxed),
-            })
-    }
-}
-
-/// A writer that counts the writes its target refused.
-struct Counted<W> {
-    inner: W,
-    failed: Arc<AtomicU64>,
-}
-
-impl<W: Write> Write for Counted<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.inner.write(buf).inspect_err(|_| {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        })
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+            .map_or_else(Lost::default, |f| f.spool.lost())
     }
 }

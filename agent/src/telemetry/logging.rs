@@ -14,12 +14,13 @@ use std::{
 };
 
 use tracing::{Event, Subscriber, field::Field};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter,
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
     registry::LookupSpan,
 };
+
+use super::spool::{Lost, Spool, SpoolGuard};
 
 /// The reference's verbosity, as logrus names its levels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,35 +83,21 @@ pub fn filter_directives(level: Level, extra: Option<&str>) -> String {
     directives.join(",")
 }
 
-/// Lines the log writer holds while stdout is slow, at most; beyond them
+/// Bytes of log lines held while stdout is slow, at most; beyond them
 /// lines are dropped (and counted), never waited for.
-const QUEUED_LINES: usize = 8192;
+const PENDING_LIMIT: usize = 4 << 20;
 
-/// What keeps the log writer alive: dropping it writes out what is queued.
+/// What keeps the log writer alive: dropping it writes out what is pending.
 pub struct LogOutput {
-    _flush_on_drop: WorkerGuard,
+    _flush_on_drop: Option<SpoolGuard>,
 }
 
-/// Lines the log writer dropped because stdout did not keep up.
-static STDOUT_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The spool behind stdout, for its loss counts.
+static STDOUT: OnceLock<Spool> = OnceLock::new();
 
-/// Log lines dropped so far because stdout did not keep up.
-pub fn stdout_dropped() -> u64 {
-    STDOUT_DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
-}
-
-/// A writer of whole lines that never blocks the caller: a bounded queue
-/// and a thread that writes batches to `out`, buffered. When the queue is
-/// full a line is dropped and counted (the returned counter).
-pub fn lines_writer<W: std::io::Write + Send + 'static>(
-    out: W,
-    name: &str,
-) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name(name)
-        .finish(std::io::BufWriter::new(out))
+/// What stdout's log lines lost so far.
+pub fn stdout_lost() -> Lost {
+    STDOUT.get().map_or_else(Lost::default, Spool::lost)
 }
 
 /// Installs the global subscriber, writing to stdout off the request path
@@ -123,13 +110,23 @@ pub fn init(level: Level, extra: Option<&str>) -> LogOutput {
         Ok(f) => (f, false),
         Err(_) => (EnvFilter::new(filter_directives(level, None)), true),
     };
-    let (writer, guard) = lines_writer(std::io::stdout(), "log-writer");
-    let _ = STDOUT_DROPPED.set(writer.error_counter());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .event_format(LogrusJson)
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .try_init();
+        .with_env_filter(filter);
+    let guard = match Spool::start(std::io::stdout(), "log-writer", PENDING_LIMIT) {
+        Ok((spool, guard)) => {
+            let _ = builder
+                .with_writer(STDOUT.get_or_init(|| spool).clone())
+                .try_init();
+            Some(guard)
+        }
+        Err(e) => {
+            // No thread for it: write in place rather than not at all.
+            let _ = builder.with_writer(std::io::stdout).try_init();
+            tracing::warn!(error = %e, "log writer thread unavailable; logging synchronously");
+            None
+        }
+    };
     if bad {
         tracing::warn!(log_filter = extra, "unusable --log-filter, ignored");
     }
@@ -274,10 +271,7 @@ pub fn now_rfc3339() -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::Write as _,
-        sync::{Arc, Condvar, Mutex},
-    };
+    use std::sync::{Arc, Mutex};
 
     use super::*;
 
@@ -333,50 +327,6 @@ mod tests {
             (bare["msg"].as_str(), bare["level"].as_str()),
             (Some(""), Some("warning"))
         );
-    }
-
-    /// A writer stuck until released.
-    struct Stuck(Arc<(Mutex<bool>, Condvar)>);
-
-    impl std::io::Write for Stuck {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (released, wake) = &*self.0;
-            let mut go = released.lock().unwrap();
-            while !*go {
-                go = wake.wait(go).unwrap();
-            }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_stuck_output_drops_and_counts_lines_and_never_blocks_the_writer() {
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let (queue, guard) = lines_writer(Stuck(gate.clone()), "stuck-test");
-        let dropped = queue.error_counter();
-        let line = b"line\n";
-        // What the writer thread can take before it blocks: its buffer
-        // (BufWriter's 8 KiB) and the line it is writing.
-        let absorbed = 8192 / line.len() + 1;
-        let extra = 2 * absorbed;
-        // Returns at once although nothing can be written (a blocking
-        // writer would hang here).
-        for _ in 0..QUEUED_LINES + extra {
-            queue.clone().write_all(line).unwrap();
-        }
-        // The queue holds its limit, the thread what it absorbed; the
-        // rest is counted.
-        assert!(
-            dropped.dropped_lines() >= extra - absorbed,
-            "{} dropped",
-            dropped.dropped_lines()
-        );
-        *gate.0.lock().unwrap() = true;
-        gate.1.notify_all();
-        drop(guard);
     }
 
     #[test]

@@ -9,20 +9,20 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::warn;
 
-use super::{audit::AuditLosses, logging, metrics::Metrics};
+use super::{logging, metrics::Metrics, spool::Lost};
 
 /// How often the counts are looked at.
 const EVERY: Duration = Duration::from_secs(5);
 
 /// Watches forever; spawn once. `audit` says what the audit file lost.
-pub async fn watch(metrics: Arc<Metrics>, audit: impl Fn() -> AuditLosses) {
+pub async fn watch(metrics: Arc<Metrics>, audit: impl Fn() -> Lost) {
     let mut seen = Seen::default();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = Seen {
-            stdout: logging::stdout_dropped(),
+            stdout: logging::stdout_lost(),
             audit: audit(),
         };
         for (sink, reason, lines) in seen.grown(&now) {
@@ -39,15 +39,26 @@ pub async fn watch(metrics: Arc<Metrics>, audit: impl Fn() -> AuditLosses) {
 /// The counts as last seen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Seen {
-    stdout: u64,
-    audit: AuditLosses,
+    stdout: Lost,
+    audit: Lost,
 }
 
 impl Seen {
     /// What grew since `self`: (sink, reason, lines).
     fn grown(&self, now: &Seen) -> Vec<(&'static str, &'static str, u64)> {
         [
-            ("stdout", "queue-full", self.stdout, now.stdout),
+            (
+                "stdout",
+                "queue-full",
+                self.stdout.dropped,
+                now.stdout.dropped,
+            ),
+            (
+                "stdout",
+                "write-error",
+                self.stdout.failed,
+                now.stdout.failed,
+            ),
             (
                 "audit-file",
                 "queue-full",
@@ -75,15 +86,18 @@ mod tests {
     #[test]
     fn only_what_grew_is_reported_by_how_much() {
         let before = Seen {
-            stdout: 3,
-            audit: AuditLosses {
+            stdout: Lost {
+                dropped: 3,
+                failed: 0,
+            },
+            audit: Lost {
                 dropped: 1,
                 failed: 0,
             },
         };
         let after = Seen {
-            stdout: 3,
-            audit: AuditLosses {
+            stdout: before.stdout,
+            audit: Lost {
                 dropped: 5,
                 failed: 2,
             },

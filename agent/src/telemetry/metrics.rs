@@ -244,7 +244,12 @@ impl Metrics {
 
     pub fn decision(&self, result: crate::telemetry::audit::Decision, reason: &'static str) {
         if result == crate::telemetry::audit::Decision::Allow && reason == "ok" {
-            hot(&self.hot.allowed, &self.decisions, &[result.label(), reason]).inc();
+            hot(
+                &self.hot.allowed,
+                &self.decisions,
+                &[result.label(), reason],
+            )
+            .inc();
             return;
         }
         self.decisions
