@@ -43,6 +43,7 @@ use crate::{
     telemetry::audit::Auditor,
     telemetry::losses,
     telemetry::metrics::Metrics,
+    token,
     upstream::{EksAuth, UpstreamOptions},
 };
 
@@ -178,6 +179,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         identifier,
         limiter: ClientRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
         global_limiter: global_limiter(args.max_request_rate, args.max_request_burst),
+        tokens: token::Recent::new(handler::RECENT_TOKENS),
     });
 
     let limits = HttpLimits {

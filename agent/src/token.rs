@@ -198,12 +198,49 @@ pub struct Parsed {
 pub struct Memo(Mutex<Option<Arc<Parsed>>>);
 
 impl Memo {
-    /// `token` parsed: from the memo if it is the last one seen, else
-    /// parsed now (and remembered if it parsed).
-    pub fn parse(&self, token: &str) -> Result<Arc<Parsed>, TokenError> {
+    /// `token` parsed: from the memo if it is the last one seen, else from
+    /// `recent` (and remembered here if it parsed).
+    pub fn parse(&self, token: &str, recent: &Recent) -> Result<Arc<Parsed>, TokenError> {
         // A poisoned memo is only a cache: parse afresh.
         if let Ok(last) = self.0.lock()
             && let Some(parsed) = last.as_ref().filter(|p| *p.raw == *token)
+        {
+            return Ok(parsed.clone());
+        }
+        let parsed = recent.parse(token)?;
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(parsed.clone());
+        }
+        Ok(parsed)
+    }
+}
+
+/// Tokens parsed lately, node-wide: a client that opens a connection per
+/// request sends the same token on each. A fixed table (bounded memory),
+/// one token per slot, the slot chosen by a keyed hash of the token (a
+/// client cannot aim at another's slot, only displace at random), and a
+/// hit only on the exact same bytes. Only tokens that parsed are kept.
+pub struct Recent {
+    slots: Box<[Mutex<Option<Arc<Parsed>>>]>,
+    hasher: std::hash::RandomState,
+}
+
+impl Recent {
+    pub fn new(slots: usize) -> Recent {
+        Recent {
+            slots: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// `token` parsed: from its slot if it is the token there, else
+    /// parsed now (and put in its slot if it parsed).
+    pub fn parse(&self, token: &str) -> Result<Arc<Parsed>, TokenError> {
+        use std::hash::BuildHasher as _;
+        let index = self.hasher.hash_one(token) as usize % self.slots.len();
+        let slot = &self.slots[index];
+        if let Ok(held) = slot.lock()
+            && let Some(parsed) = held.as_ref().filter(|p| *p.raw == *token)
         {
             return Ok(parsed.clone());
         }
@@ -212,8 +249,8 @@ impl Memo {
             digest: digest(token),
             raw: token.into(),
         });
-        if let Ok(mut last) = self.0.lock() {
-            *last = Some(parsed.clone());
+        if let Ok(mut held) = slot.lock() {
+            *held = Some(parsed.clone());
         }
         Ok(parsed)
     }
@@ -252,23 +289,44 @@ mod tests {
     #[test]
     fn a_connections_memo_answers_only_the_exact_token_it_parsed() {
         let memo = Memo::default();
+        let recent = Recent::new(1);
         let (a, b) = (jwt(r#"{"sub":"a"}"#), jwt(r#"{"sub":"b"}"#));
-        let first = memo.parse(&a).unwrap();
+        let first = memo.parse(&a, &recent).unwrap();
         assert!(
-            Arc::ptr_eq(&first, &memo.parse(&a).unwrap()),
+            Arc::ptr_eq(&first, &memo.parse(&a, &recent).unwrap()),
             "parsed twice"
         );
-        let other = memo.parse(&b).unwrap();
+        let other = memo.parse(&b, &recent).unwrap();
         assert_eq!(other.claims.sub.as_deref(), Some("b"));
         assert_eq!(other.digest, digest(&b));
-        assert!(memo.parse("garbage").is_err());
+        assert!(memo.parse("garbage", &recent).is_err());
         // Failures are not remembered; the last good token still is.
-        assert!(Arc::ptr_eq(&other, &memo.parse(&b).unwrap()));
+        assert!(Arc::ptr_eq(&other, &memo.parse(&b, &recent).unwrap()));
         // A token one byte longer is another token (and another digest).
-        let longer = memo.parse(&format!("{b}x")).unwrap();
+        let longer = memo.parse(&format!("{b}x"), &recent).unwrap();
         assert!(!Arc::ptr_eq(&other, &longer));
         assert_ne!(longer.digest, other.digest);
-        assert!(!Arc::ptr_eq(&first, &memo.parse(&a).unwrap()));
+        assert!(!Arc::ptr_eq(&first, &memo.parse(&a, &recent).unwrap()));
+    }
+
+    #[test]
+    fn recent_tokens_are_shared_across_connections_and_only_for_the_same_bytes() {
+        let recent = Recent::new(8);
+        let (a, b) = (jwt(r#"{"sub":"a"}"#), jwt(r#"{"sub":"b"}"#));
+        let (one, two) = (Memo::default(), Memo::default());
+        let first = one.parse(&a, &recent).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &two.parse(&a, &recent).unwrap()),
+            "parsed again"
+        );
+        let other = two.parse(&b, &recent).unwrap();
+        assert_eq!(other.claims.sub.as_deref(), Some("b"));
+        assert!(recent.parse("a.b").is_err());
+        // One slot: each new token displaces the last.
+        let tiny = Recent::new(1);
+        let first = tiny.parse(&a).unwrap();
+        tiny.parse(&b).unwrap();
+        assert!(!Arc::ptr_eq(&first, &tiny.parse(&a).unwrap()));
     }
 
     fn jwt(payload: &str) -> String {

@@ -63,7 +63,13 @@ pub struct AppState {
     pub limiter: Option<ClientRateLimiter>,
     /// The reference's rate for all clients together (`None`: unlimited).
     pub global_limiter: Option<governor::DefaultDirectRateLimiter>,
+    /// Tokens parsed lately, for clients that connect per request.
+    pub tokens: token::Recent,
 }
+
+/// Slots of [`AppState::tokens`]: more than the pods a node runs, so each
+/// pod's current token stays parsed.
+pub const RECENT_TOKENS: usize = 512;
 
 /// How callers are verified when attribution is on.
 pub struct Verification {
@@ -175,7 +181,7 @@ async fn answer<B>(
         return Rejection::NoToken.answer(state, client, event);
     }
     // 3. Claims (worked out once per connection for a repeated token).
-    let parsed = match conn.token.parse(token) {
+    let parsed = match conn.token.parse(token, &state.tokens) {
         Ok(parsed) => parsed,
         Err(e) => return Rejection::Token(e).answer(state, client, event),
     };
@@ -581,6 +587,7 @@ mod tests {
                     .then(|| ClientRateLimiter::new(1, 1))
                     .flatten(),
                 global_limiter: None,
+                tokens: token::Recent::new(RECENT_TOKENS),
             });
             let peer: SocketAddr = "198.18.0.2:40000".parse().unwrap();
             let budget = ConnectionBudget::new(10, 10);
