@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 #
 # Build: the same steps CI runs — `cargo xtask setup` (Debian's rustc-web
-# with the bpf core, bpf-linker against libLLVM 22), then a locked release
-# build. The eBPF object is embedded in the binary.
+# with the bpf core, bpf-linker against libLLVM 22), then a locked build in
+# the `dist` profile (release with whole-program optimisation: what the
+# bench measures). The eBPF object is embedded in the binary.
 #
 # `--build-arg BINARY_FROM=prebuilt` packs a binary built beforehand
 # (`eks-pod-identity-agent` at the root of the build context) instead: what
@@ -14,8 +15,8 @@ FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo xtask setup \
- && cargo build --release --locked -p eks-pod-identity-agent \
- && install -D -m 0755 target/release/eks-pod-identity-agent /out/eks-pod-identity-agent
+ && cargo build --profile dist --locked -p eks-pod-identity-agent \
+ && install -D -m 0755 target/dist/eks-pod-identity-agent /out/eks-pod-identity-agent
 
 FROM scratch AS prebuilt
 COPY eks-pod-identity-agent /out/eks-pod-identity-agent

@@ -383,17 +383,19 @@ mod tests {
                     return Err(err);
                 }
                 Ok(Assumed {
-                    access_key_id: format!("ASIA{n}"),
-                    secret_access_key: "s".into(),
-                    session_token: token,
+                    answer: crate::upstream::SdkAnswer {
+                        access_key_id: &format!("ASIA{n}"),
+                        secret_access_key: "s",
+                        session_token: &token,
+                        account_id: None,
+                        expiration,
+                    }
+                    .encode(),
                     expiration,
-                    account_id: None,
                     association_id: "a".into(),
-                    association_arn: "arn".into(),
                     role_arn: "role".into(),
                     subject_namespace: "ns".into(),
                     subject_service_account: "sa".into(),
-                    encoded: Default::default(),
                 })
             })
         }
@@ -488,7 +490,8 @@ mod tests {
         *upstream.fail_with.lock().unwrap() = None;
         let (assumed, source) = creds.get(&key, "genuine", digest("genuine")).await.unwrap();
         assert_eq!(source, Source::Cache);
-        assert_eq!(assumed.session_token, "genuine");
+        let answer: serde_json::Value = serde_json::from_slice(&assumed.answer).unwrap();
+        assert_eq!(answer["Token"], "genuine");
         let entry = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
         assert_eq!(entry.token, "genuine");
     }

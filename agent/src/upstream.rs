@@ -17,25 +17,65 @@ use aws_sdk_eksauth::{
 };
 use aws_smithy_http_client::{Builder as HttpClientBuilder, Connector, proxy::ProxyConfig, tls};
 use aws_smithy_types::retry::ReconnectMode;
+use bytes::Bytes;
+use serde::Serialize;
 use thiserror::Error;
 
-/// What EKS Auth returned for a token.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What EKS Auth returned for a token: the SDK's answer, encoded once, and
+/// what the agent checks and audits.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Assumed {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: String,
+    /// The SDK's JSON (docs/architecture.md §6.1), encoded when EKS Auth
+    /// answered: the only copy of the secrets the agent keeps, shared by
+    /// every request the credentials serve.
+    pub answer: Bytes,
     pub expiration: SystemTime,
-    /// Parsed from the assumed role ARN (`arn:aws:sts::<account>:…`).
-    pub account_id: Option<String>,
     pub association_id: String,
-    pub association_arn: String,
     pub role_arn: String,
     pub subject_namespace: String,
     pub subject_service_account: String,
-    /// The SDK's JSON for these credentials, encoded by the first answer
-    /// that serves them and shared by all later ones (set by the handler).
-    pub encoded: std::sync::OnceLock<bytes::Bytes>,
+}
+
+/// Never the secrets.
+impl std::fmt::Debug for Assumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assumed")
+            .field("expiration", &self.expiration)
+            .field("association_id", &self.association_id)
+            .field("role_arn", &self.role_arn)
+            .field("subject_namespace", &self.subject_namespace)
+            .field("subject_service_account", &self.subject_service_account)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The credentials as the SDKs read them (`AccessKeyId`, `SecretAccessKey`,
+/// `Token`, `AccountId`, `Expiration`).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SdkAnswer<'a> {
+    pub access_key_id: &'a str,
+    pub secret_access_key: &'a str,
+    #[serde(rename = "Token")]
+    pub session_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<&'a str>,
+    #[serde(serialize_with = "rfc3339_seconds")]
+    pub expiration: SystemTime,
+}
+
+impl SdkAnswer<'_> {
+    /// The JSON; empty only if encoding failed, which strings and a time
+    /// cannot (the handler refuses an empty answer all the same).
+    pub fn encode(&self) -> Bytes {
+        serde_json::to_vec(self)
+            .map(Bytes::from)
+            .unwrap_or_default()
+    }
+}
+
+fn rfc3339_seconds<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_seconds(*time))
 }
 
 /// An upstream failure, already in the shape the HTTP answer needs.
@@ -277,18 +317,20 @@ impl Upstream for EksAuth {
                         .is_ok_and(|d| d.as_secs() < 253_402_300_800)
                 })
                 .ok_or_else(|| missing("a valid credentials expiration"))?;
-            Ok(Assumed {
-                access_key_id: credentials.access_key_id().to_owned(),
-                secret_access_key: credentials.secret_access_key().to_owned(),
-                session_token: credentials.session_token().to_owned(),
-                expiration,
+            let answer = SdkAnswer {
+                access_key_id: credentials.access_key_id(),
+                secret_access_key: credentials.secret_access_key(),
+                session_token: credentials.session_token(),
                 account_id: account_of_arn(role.arn()),
+                expiration,
+            };
+            Ok(Assumed {
+                answer: answer.encode(),
+                expiration,
                 association_id: association.association_id().to_owned(),
-                association_arn: association.association_arn().to_owned(),
                 role_arn: role.arn().to_owned(),
                 subject_namespace: subject.namespace().to_owned(),
                 subject_service_account: subject.service_account().to_owned(),
-                encoded: Default::default(),
             })
         })
     }
@@ -360,9 +402,9 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// `arn:aws:sts::111122223333:assumed-role/…` → `111122223333`.
-pub fn account_of_arn(arn: &str) -> Option<String> {
+pub fn account_of_arn(arn: &str) -> Option<&str> {
     let account = arn.split(':').nth(4)?;
-    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then(|| account.to_owned())
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
 }
 
 #[cfg(test)]
@@ -384,7 +426,7 @@ mod tests {
             ("garbage", None),
         ];
         for (arn, expected) in cases {
-            assert_eq!(account_of_arn(arn).as_deref(), expected, "{arn}");
+            assert_eq!(account_of_arn(arn), expected, "{arn}");
         }
     }
 

@@ -32,13 +32,16 @@ impl Upstream for Fixed {
     fn assume(&self, token: String) -> UpstreamFuture {
         Box::pin(async move {
             Ok(Assumed {
-                access_key_id: "ASIAFUZZ".into(),
-                secret_access_key: "secret".into(),
-                session_token: format!("session-{}", token.len()),
+                answer: agent::upstream::SdkAnswer {
+                    access_key_id: "ASIAFUZZ",
+                    secret_access_key: "secret",
+                    session_token: &format!("session-{}", token.len()),
+                    account_id: Some("111122223333"),
+                    expiration: SystemTime::now() + Duration::from_secs(3600),
+                }
+                .encode(),
                 expiration: SystemTime::now() + Duration::from_secs(3600),
-                account_id: Some("111122223333".into()),
                 association_id: "a-fuzz".into(),
-                association_arn: "arn".into(),
                 role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
                 subject_namespace: "default".into(),
                 subject_service_account: "app".into(),
@@ -76,12 +79,13 @@ fn world() -> &'static World {
             cluster_name: "fuzz".into(),
             served_hosts: vec!["169.254.170.23".parse().expect("ip")],
             credentials,
-            metrics,
-            auditor: Auditor::new("fuzz", None).expect("auditor"),
+            metrics: metrics.clone(),
+            auditor: Auditor::new("fuzz", None, metrics).expect("auditor"),
             verification: None,
             identifier: None,
             limiter: None,
             global_limiter: None,
+            tokens: agent::token::Recent::new(handler::RECENT_TOKENS),
         });
         World {
             runtime,
@@ -106,6 +110,7 @@ fuzz_target!(|data: &[u8]| {
         info,
         identified: None,
         admitted,
+        token: Default::default(),
     });
     let state = world.state.clone();
     world.runtime.block_on(async move {

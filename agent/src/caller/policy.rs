@@ -420,17 +420,19 @@ mod tests {
     #[test]
     fn upstream_subject_must_match_the_token() {
         let assumed = |ns: &str, sa: &str| Assumed {
-            access_key_id: String::new(),
-            secret_access_key: String::new(),
-            session_token: String::new(),
+            answer: crate::upstream::SdkAnswer {
+                access_key_id: "",
+                secret_access_key: "",
+                session_token: "",
+                account_id: None,
+                expiration: SystemTime::now(),
+            }
+            .encode(),
             expiration: SystemTime::now(),
-            account_id: None,
             association_id: String::new(),
-            association_arn: String::new(),
             role_arn: String::new(),
             subject_namespace: ns.into(),
             subject_service_account: sa.into(),
-            encoded: Default::default(),
         };
         let c = claims(Some(POD), SUB, None);
         assert_eq!(after_upstream(&c, &assumed("default", "app")), Ok(()));

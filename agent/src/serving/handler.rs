@@ -19,13 +19,11 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode,
     header::{self, HeaderValue},
 };
-use serde::Serialize;
 use tracing::{debug, warn};
 
 use crate::{
@@ -91,18 +89,6 @@ impl AppState {
         };
         mode.label()
     }
-}
-
-/// The SDK's credential JSON (docs/architecture.md §6.1).
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct CredentialsBody<'a> {
-    access_key_id: &'a str,
-    secret_access_key: &'a str,
-    token: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    account_id: Option<&'a str>,
-    expiration: String,
 }
 
 /// Routes one request on the credential listener.
@@ -403,31 +389,16 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// The SDK's answer. Encoded once per credentials (the first request
-/// they serve), then shared: the cache hands every request the same
-/// `Assumed`, and the body is a reference-counted buffer.
+/// The SDK's answer, as encoded when EKS Auth answered: every request the
+/// credentials serve shares the one buffer.
 fn json_credentials(assumed: &Assumed) -> HttpResponse {
-    let body = assumed.encoded.get_or_init(|| {
-        let body = CredentialsBody {
-            access_key_id: &assumed.access_key_id,
-            secret_access_key: &assumed.secret_access_key,
-            token: &assumed.session_token,
-            account_id: assumed.account_id.as_deref(),
-            expiration: humantime::format_rfc3339_seconds(assumed.expiration).to_string(),
-        };
-        // Strings and a timestamp always encode; empty stands for the
-        // impossible failure and is refused below.
-        serde_json::to_vec(&body)
-            .map(Bytes::from)
-            .unwrap_or_default()
-    });
-    if body.is_empty() {
+    if assumed.answer.is_empty() {
         return go_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Unable to serialize credentials",
         );
     }
-    let mut r = Response::new(Full::new(body.clone()));
+    let mut r = Response::new(Full::new(assumed.answer.clone()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -485,17 +456,19 @@ mod tests {
                     return Err(err);
                 }
                 Ok(crate::upstream::Assumed {
-                    access_key_id: "ASIATEST".into(),
-                    secret_access_key: "secret".into(),
-                    session_token: "session".into(),
+                    answer: crate::upstream::SdkAnswer {
+                        access_key_id: "ASIATEST",
+                        secret_access_key: "secret",
+                        session_token: "session",
+                        account_id: Some("111122223333"),
+                        expiration: SystemTime::now() + Duration::from_secs(3600),
+                    }
+                    .encode(),
                     expiration: SystemTime::now() + Duration::from_secs(3600),
-                    account_id: Some("111122223333".into()),
                     association_id: "a-1".into(),
-                    association_arn: "arn".into(),
                     role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
                     subject_namespace: "default".into(),
                     subject_service_account: "app".into(),
-                    encoded: Default::default(),
                 })
             })
         }

@@ -203,24 +203,30 @@ mod tests {
 
     /// An output stuck until released, then keeping what it got.
     #[derive(Clone, Default)]
-    struct Gate(Arc<(Mutex<(bool, Vec<u8>)>, Condvar)>);
+    struct Gate(Arc<GateState>);
+
+    #[derive(Default)]
+    struct GateState {
+        /// (open, written)
+        state: Mutex<(bool, Vec<u8>)>,
+        opened: Condvar,
+    }
 
     impl Gate {
         fn open(&self) {
-            self.0.0.lock().unwrap().0 = true;
-            self.0.1.notify_all();
+            self.0.state.lock().unwrap().0 = true;
+            self.0.opened.notify_all();
         }
         fn written(&self) -> Vec<u8> {
-            self.0.0.lock().unwrap().1.clone()
+            self.0.state.lock().unwrap().1.clone()
         }
     }
 
     impl Write for Gate {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (state, wake) = &*self.0;
-            let mut state = state.lock().unwrap();
+            let mut state = self.0.state.lock().unwrap();
             while !state.0 {
-                state = wake.wait(state).unwrap();
+                state = self.0.opened.wait(state).unwrap();
             }
             state.1.extend_from_slice(buf);
             Ok(buf.len())
