@@ -64,6 +64,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.max_connections
         );
     }
+    // Set up beside the kernel programs (on another worker), awaited once
+    // the listeners are open.
+    let upstream = tokio::spawn(upstream_client(
+        UpstreamOptions {
+            cluster_name: args.cluster_name.clone(),
+            endpoint: args.endpoint.clone(),
+            node_name: args.node_name.clone(),
+            connect_timeout: args.upstream_connect_timeout,
+            attempt_timeout: args.upstream_attempt_timeout,
+            max_attempts: args.upstream_max_attempts,
+            deadline: args.upstream_deadline,
+            node_credentials: None,
+        },
+        args.rotate_credentials
+            .then_some(args.rotate_credentials_interval),
+    ));
     let metrics = Arc::new(Metrics::new());
     // The agent this one takes over from, if any: set once the listeners
     // are taken, before the first accept (it vouches for its stamps).
@@ -127,33 +143,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .filter_map(|l| l.local_addr().ok())
         .collect();
 
-    let node_credentials = if args.rotate_credentials {
-        let node = RotatingSharedCredentials::from_env(args.rotate_credentials_interval);
-        // A missing or unreadable file is an error now, not at the first
-        // request.
-        node.load().await.with_context(|| {
-            format!(
-                "--rotate-credentials: the node's credentials file {}",
-                node.file()
-            )
-        })?;
-        info!(file = node.file(), interval = ?args.rotate_credentials_interval, "credentials rotation enabled: EKS Auth calls are signed with the shared credentials file, re-read as it rotates");
-        Some(node)
-    } else {
-        None
-    };
-    let upstream = EksAuth::new(&UpstreamOptions {
-        cluster_name: args.cluster_name.clone(),
-        endpoint: args.endpoint.clone(),
-        node_name: args.node_name.clone(),
-        connect_timeout: args.upstream_connect_timeout,
-        attempt_timeout: args.upstream_attempt_timeout,
-        max_attempts: args.upstream_max_attempts,
-        deadline: args.upstream_deadline,
-        node_credentials,
-    })
-    .await
-    .context("setting up the EKS Auth client")?;
+    let upstream = upstream.await.context("setting up the EKS Auth client")??;
     let credentials = CredentialCache::new(
         Arc::new(upstream),
         metrics.clone(),
@@ -635,4 +625,35 @@ async fn report_missing_addresses(args: &ServerArgs) {
         }
         Err(e) => warn!(error = %e, "could not check the served addresses through netlink"),
     }
+}
+
+/// The EKS Auth client, signed with the node's credentials (or the rotated
+/// shared file's). Loading the CA bundle and the SDK's configuration takes
+/// about as long as loading the kernel programs, so `run` does both at once.
+/// With `rotate` (`--rotate-credentials`), calls are signed with the
+/// shared credentials file, re-read at that interval.
+async fn upstream_client(
+    mut options: UpstreamOptions,
+    rotate: Option<Duration>,
+) -> anyhow::Result<EksAuth> {
+    if let Some(interval) = rotate {
+        let node = RotatingSharedCredentials::from_env(interval);
+        // A missing or unreadable file is an error now, not at the first
+        // request.
+        node.load().await.with_context(|| {
+            format!(
+                "--rotate-credentials: the node's credentials file {}",
+                node.file()
+            )
+        })?;
+        info!(
+            file = node.file(),
+            ?interval,
+            "credentials rotation enabled: EKS Auth calls are signed with the shared credentials file, re-read as it rotates"
+        );
+        options.node_credentials = Some(node);
+    }
+    EksAuth::new(&options)
+        .await
+        .context("setting up the EKS Auth client")
 }

@@ -19,7 +19,7 @@ use harness::{
     topology::AGENT_V4, wait::wait_for,
 };
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SECONDS: &str = "3";
 const CONNECTIONS: &str = "64";
 /// Where nginx listens, beside the agent.
