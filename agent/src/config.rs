@@ -27,7 +27,7 @@ pub struct Cli {
     )]
     pub verbosity: crate::telemetry::logging::Level,
 
-    /// Extra tracing filter directives for libraries, e.g.
+    /// Extra `target=level` filter directives for libraries, e.g.
     /// `aws_smithy_runtime=debug,hyper=info`: kept apart from -v so the
     /// chart's `-v trace` never turns on their request tracing.
     #[arg(long, global = true, env = "EKS_POD_IDENTITY_AGENT_LOG_FILTER")]

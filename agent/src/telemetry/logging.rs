@@ -15,9 +15,11 @@ use std::{
 
 use tracing::{Event, Subscriber, field::Field};
 use tracing_subscriber::{
-    EnvFilter,
+    filter::Targets,
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
+    layer::SubscriberExt as _,
     registry::LookupSpan,
+    util::SubscriberInitExt as _,
 };
 
 use super::spool::{Lost, Spool, SpoolGuard};
@@ -100,29 +102,58 @@ pub fn stdout_lost() -> Lost {
     STDOUT.get().map_or_else(Lost::default, Spool::lost)
 }
 
+/// The filter for `-v level` alone.
+fn levels_only(level: Level) -> Targets {
+    parse_filter(&filter_directives(level, None))
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::WARN))
+}
+
+/// `target=level` directives (and a bare default level), comma-separated.
+/// Anything else — span or field filters — is refused rather than kept as
+/// a target that matches nothing.
+fn parse_filter(directives: &str) -> Result<Targets, String> {
+    let path_like = |target: &str| {
+        !target.is_empty()
+            && target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
+    };
+    for directive in directives.split(',').map(str::trim) {
+        if let Some((target, _)) = directive.split_once('=')
+            && !path_like(target)
+        {
+            return Err(format!("not a target=level directive: {directive:?}"));
+        }
+    }
+    directives.parse().map_err(|e| format!("{e}"))
+}
+
 /// Installs the global subscriber, writing to stdout off the request path
 /// (a log consumer that stalls stdout must not stall credential requests).
 /// An unusable `--log-filter` falls back to the level alone (and says so)
 /// rather than leaving the agent silent. Keep the returned value until
 /// exit.
 pub fn init(level: Level, extra: Option<&str>) -> LogOutput {
-    let (filter, bad) = match EnvFilter::try_new(filter_directives(level, extra)) {
+    let (filter, bad) = match parse_filter(&filter_directives(level, extra)) {
         Ok(f) => (f, false),
-        Err(_) => (EnvFilter::new(filter_directives(level, None)), true),
+        Err(_) => (levels_only(level), true),
     };
-    let builder = tracing_subscriber::fmt()
-        .event_format(LogrusJson)
-        .with_env_filter(filter);
+    let layer = tracing_subscriber::fmt::layer().event_format(LogrusJson);
     let guard = match Spool::start(std::io::stdout(), "log-writer", PENDING_LIMIT) {
         Ok((spool, guard)) => {
-            let _ = builder
-                .with_writer(STDOUT.get_or_init(|| spool).clone())
+            let writer = STDOUT.get_or_init(|| spool).clone();
+            let _ = tracing_subscriber::registry()
+                .with(layer.with_writer(writer))
+                .with(filter)
                 .try_init();
             Some(guard)
         }
         Err(e) => {
             // No thread for it: write in place rather than not at all.
-            let _ = builder.with_writer(std::io::stdout).try_init();
+            let _ = tracing_subscriber::registry()
+                .with(layer.with_writer(std::io::stdout))
+                .with(filter)
+                .try_init();
             tracing::warn!(error = %e, "log writer thread unavailable; logging synchronously");
             None
         }
@@ -327,6 +358,31 @@ mod tests {
             (bare["msg"].as_str(), bare["level"].as_str()),
             (Some(""), Some("warning"))
         );
+    }
+
+    #[test]
+    fn libraries_stay_at_warn_unless_the_log_filter_names_them() {
+        let debug = tracing::Level::DEBUG;
+        let plain = parse_filter(&filter_directives(Level::Trace, None)).unwrap();
+        assert!(plain.would_enable("agent::serving::handler", &debug));
+        assert!(plain.would_enable("audit", &tracing::Level::INFO));
+        assert!(!plain.would_enable("aws_smithy_runtime::client", &debug));
+        assert!(plain.would_enable("aws_smithy_runtime::client", &tracing::Level::WARN));
+        let named = parse_filter(&filter_directives(
+            Level::Info,
+            Some("aws_smithy_runtime=debug"),
+        ))
+        .unwrap();
+        assert!(named.would_enable("aws_smithy_runtime::client", &debug));
+        assert!(!named.would_enable("agent::daemon", &debug));
+        // Span and field filters, unknown levels: refused, so `init` falls
+        // back to the level alone (and says so).
+        for bad in ["hyper[conn]=debug", "hyper{id=1}=trace", "hyper=loud"] {
+            assert!(
+                parse_filter(&filter_directives(Level::Info, Some(bad))).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
