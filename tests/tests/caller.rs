@@ -343,7 +343,13 @@ fn a_removed_pod_is_evicted_and_never_refreshed_again() -> Result<()> {
 #[test]
 fn a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused() -> Result<()> {
     harness::require_privilege!();
-    let env = env("enforce", &["--pod-rate-limit", "0"])?;
+    // No rate limit either: the node-wide one (the reference's 1000/s)
+    // would rightly refuse a burst this size; this is about the caller
+    // checks.
+    let env = env(
+        "enforce",
+        &["--pod-rate-limit", "0", "--max-request-rate", "0"],
+    )?;
     let v4: SocketAddr = (AGENT_V4, 80).into();
     let v6: SocketAddr = (AGENT_V6, 80).into();
     let mut clients = Vec::new();
