@@ -187,7 +187,13 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     }
     let replay = sdk(Who::B, &token_a)?;
     ensure!(!replay.status.success(), "a replayed token was served");
-    let trail = std::fs::read_to_string(audit.path().join("audit.jsonl"))?;
+    // The agent's writer thread appends a moment after each answer.
+    let mut trail = String::new();
+    wait_for("three audit events", Duration::from_secs(30), || {
+        trail = std::fs::read_to_string(audit.path().join("audit.jsonl")).unwrap_or_default();
+        Ok(trail.lines().count() >= 3)
+    })
+    .with_context(|| format!("audit trail:\n{trail}"))?;
     let events: Vec<serde_json::Value> = trail
         .lines()
         .map(serde_json::from_str)

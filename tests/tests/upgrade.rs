@@ -291,11 +291,11 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
         let seen = finish(watcher, "outage watcher")?;
         let outage = seen["outage_ms"].as_f64().context("no outage seen")?;
         windows.push(Duration::from_secs_f64(outage / 1000.0));
-        ensure!(
-            env.agent.logs().contains("kernel programs adopted"),
-            "round {round}: the restarted agent did not adopt the programs:\n{}",
-            env.agent.logs()
-        );
+        env.agent
+            .wait_for_log("kernel programs adopted", Duration::from_secs(30))
+            .with_context(|| {
+                format!("round {round}: the restarted agent did not adopt the programs")
+            })?;
     }
     still_running(&mut loads)?;
     // The SDK's own retries ride out part of each window; what they cannot
