@@ -26,6 +26,7 @@ use harness::{
     cluster::{Cluster, Who},
     netns::Netns,
     pod::pod_command,
+    wait::wait_for,
 };
 use serde_json::Value;
 
@@ -207,7 +208,16 @@ impl Demo {
             "   SDK in pod B: {}",
             error.trim().split(" (").next().unwrap_or_default()
         );
-        let logs = self.agent.logs();
+        // Written by the agent's log thread a moment after the answer.
+        let mut logs = String::new();
+        wait_for(
+            "the agent to log the refusal",
+            Duration::from_secs(30),
+            || {
+                logs = self.agent.logs();
+                Ok(logs.contains("caller check failed; refused"))
+            },
+        )?;
         let why = logs
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
