@@ -21,6 +21,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+
+use crate::goals::{Goals, Want};
 use harness::{
     agent_bin::built_binary,
     agent_proc::AgentProcess,
@@ -35,7 +37,7 @@ const IDENTITIES: usize = 10_000;
 /// The probe port the harness's agents listen on.
 const PROBE: u16 = 2703;
 
-pub fn run(cluster: &Cluster) -> Result<()> {
+pub fn run(cluster: &Cluster, goals: &mut Goals) -> Result<()> {
     let unlimited = ["--pod-rate-limit", "0", "--max-request-rate", "0"];
     let mut starts = Vec::new();
     for _ in 0..STARTS {
@@ -96,6 +98,19 @@ pub fn run(cluster: &Cluster) -> Result<()> {
         starts[STARTS - 1]
     );
     println!("{:<48} {:>8.1} MiB", "resident memory, idle", idle);
+    goals.record(
+        "start → ready, enforce (median)",
+        starts[STARTS / 2],
+        "ms",
+        Want::AtMost(25.0),
+    );
+    goals.record("resident memory, idle", idle, "MiB", Want::AtMost(10.0));
+    goals.record(
+        "resident memory, 10 000 cached identities",
+        full,
+        "MiB",
+        Want::AtMost(24.0),
+    );
     println!(
         "{:<48} {:>8.1} MiB   ({:.2} KiB per identity)",
         format!("resident memory, {IDENTITIES} cached identities"),

@@ -17,9 +17,11 @@
 //!    10 000 cached identities.
 //!
 //! Sections 1–3 are `attribution`, 4 is `upgrade`; `cargo xtask bench
-//! SECTION…` runs only those named.
+//! SECTION…` runs only those named. The run ends with the efficiency goals
+//! it measured, each beside its goal.
 
 mod footprint;
+mod goals;
 mod throughput;
 
 use std::{
@@ -34,6 +36,7 @@ use std::{
 
 use agent::caller::attribution::{AttachOptions, Attribution};
 use anyhow::{Context as _, Result, ensure};
+use goals::{Goals, Want};
 use harness::{
     agent_bin::built_binary,
     agent_proc::AgentProcess,
@@ -127,23 +130,29 @@ fn run() -> Result<()> {
     let wanted = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
     let cluster = Cluster::new("bench-node")?;
     let token_file = cluster.dir.file("token-", &cluster.own_token(Who::A)?)?;
+    let mut goals = Goals::default();
     if wanted("attribution") {
-        attribution_cost(&cluster, &token_file)?;
+        attribution_cost(&cluster, &token_file, &mut goals)?;
     }
     if wanted("upgrade") {
         upgrade_windows(&cluster, &token_file)?;
     }
     if wanted("throughput") {
-        throughput::run(&cluster, &token_file)?;
+        throughput::run(&cluster, &token_file, &mut goals)?;
     }
     if wanted("footprint") {
-        footprint::run(&cluster)?;
+        footprint::run(&cluster, &mut goals)?;
     }
+    goals.print();
     Ok(())
 }
 
 /// Sections 1–3.
-fn attribution_cost(cluster: &Cluster, token_file: &std::path::Path) -> Result<()> {
+fn attribution_cost(
+    cluster: &Cluster,
+    token_file: &std::path::Path,
+    goals: &mut Goals,
+) -> Result<()> {
     let (cgroup, node, net) = (&cluster.cg_a, &cluster.node, &cluster.net_a);
     // Tens of thousands of short connections: reuse TIME_WAIT ports.
     net.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -177,6 +186,12 @@ fn attribution_cost(cluster: &Cluster, token_file: &std::path::Path) -> Result<(
         with_other,
         "µs",
         1e-3,
+    );
+    goals.record(
+        "unrelated connect() rate, programs attached ÷ not",
+        base_other / with_other,
+        "",
+        Want::AtLeast(0.99),
     );
     row(
         "connect()+close() to 169.254.170.23:80",

@@ -14,6 +14,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::goals::{Goals, Want};
 use harness::{
     agent_proc::AgentProcess, cluster::Cluster, http, pod::pod_command, tempdir::TempDir,
     topology::AGENT_V4, wait::wait_for,
@@ -49,7 +51,7 @@ impl Connections {
     }
 }
 
-pub fn run(cluster: &Cluster, token_file: &Path) -> Result<()> {
+pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()> {
     let token = std::fs::read_to_string(token_file)?;
     let token = token.trim();
     let www = TempDir::new("epia-bench-nginx-")?;
@@ -108,17 +110,37 @@ pub fn run(cluster: &Cluster, token_file: &Path) -> Result<()> {
         );
     }
     for connections in [Connections::KeepAlive, Connections::NewPerRequest] {
-        let rps = |mode: &str| {
+        let cell = |mode: &str| {
             table
                 .iter()
                 .find(|(m, c, _, _)| *m == mode && c.label() == connections.label())
-                .map_or(f64::NAN, |(_, _, ours, _)| ours.rps)
+                .map_or((Run::default(), Run::default()), |(_, _, ours, theirs)| {
+                    (*ours, *theirs)
+                })
         };
+        let ((off, _), (enforce, nginx)) = (cell("off"), cell("enforce"));
         println!(
             "enforce ÷ off, {:<15} {:.2}",
             connections.label(),
-            rps("enforce") / rps("off")
+            enforce.rps / off.rps
         );
+        let (vs_nginx, vs_off, p99) = match connections {
+            Connections::KeepAlive => (
+                "cached request rps, keep-alive, enforce ÷ nginx",
+                "enforce ÷ off rps, keep-alive",
+                Some("cached request p99, keep-alive, enforce ÷ nginx"),
+            ),
+            Connections::NewPerRequest => (
+                "cached request rps, new connection, enforce ÷ nginx",
+                "enforce ÷ off rps, new connection",
+                None,
+            ),
+        };
+        goals.record(vs_nginx, enforce.rps / nginx.rps, "", Want::AtLeast(1.0));
+        goals.record(vs_off, enforce.rps / off.rps, "", Want::AtLeast(0.97));
+        if let Some(p99) = p99 {
+            goals.record(p99, enforce.p99 / nginx.p99, "", Want::AtMost(1.0));
+        }
     }
     Ok(())
 }
