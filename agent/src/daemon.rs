@@ -66,7 +66,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     // Set up beside the kernel programs (on another worker), awaited once
     // the listeners are open.
-    let upstream = tokio::spawn(upstream_client(
+    // A JoinSet: the task is aborted if start-up fails before it is awaited.
+    let mut upstream = JoinSet::new();
+    upstream.spawn(upstream_client(
         UpstreamOptions {
             cluster_name: args.cluster_name.clone(),
             endpoint: args.endpoint.clone(),
@@ -143,7 +145,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .filter_map(|l| l.local_addr().ok())
         .collect();
 
-    let upstream = upstream.await.context("setting up the EKS Auth client")??;
+    let upstream = upstream
+        .join_next()
+        .await
+        .context("the EKS Auth client's set-up task is gone")?
+        .context("setting up the EKS Auth client")??;
     let credentials = CredentialCache::new(
         Arc::new(upstream),
         metrics.clone(),

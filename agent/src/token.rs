@@ -181,11 +181,19 @@ pub fn digest(token: &str) -> Digest {
 }
 
 /// A token read once: its exact text, claims and digest.
-#[derive(Debug)]
 pub struct Parsed {
     pub raw: Box<str>,
     pub claims: Claims,
     pub digest: Digest,
+}
+
+/// Never the token itself (a bearer credential).
+impl std::fmt::Debug for Parsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parsed")
+            .field("claims", &self.claims)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The last token a connection presented, parsed. A keep-alive client
@@ -194,7 +202,7 @@ pub struct Parsed {
 /// the exact same bytes match, a token that did not parse is never kept,
 /// and the caller still checks `exp`/`nbf` on every request. Per
 /// connection, so nothing is shared between clients.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Memo(Mutex<Option<Arc<Parsed>>>);
 
 impl Memo {

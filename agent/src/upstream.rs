@@ -412,6 +412,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_sdk_answer_is_the_reference_json() {
+        let expiration = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let answer = |account_id| SdkAnswer {
+            access_key_id: "ASIA1",
+            secret_access_key: "s/\"k",
+            session_token: "t",
+            account_id,
+            expiration,
+        };
+        assert_eq!(
+            &answer(Some("111122223333")).encode()[..],
+            br#"{"AccessKeyId":"ASIA1","SecretAccessKey":"s/\"k","Token":"t","AccountId":"111122223333","Expiration":"2026-11-18T11:06:40Z"}"#
+        );
+        assert_eq!(
+            &answer(None).encode()[..],
+            br#"{"AccessKeyId":"ASIA1","SecretAccessKey":"s/\"k","Token":"t","Expiration":"2026-11-18T11:06:40Z"}"#
+        );
+    }
+
+    #[test]
     fn account_id_comes_from_the_role_arn() {
         let cases = [
             (

@@ -17,6 +17,8 @@ pub struct AgentProcess {
     log: PathBuf,
     probe: std::net::SocketAddr,
     netns_path: String,
+    /// Lines its `--audit-log` held when it started (earlier agents').
+    audit_lines_at_start: usize,
 }
 
 /// Environment of the agent under test: static signing credentials and a
@@ -113,6 +115,9 @@ impl AgentProcess {
         if let Some(caps) = caps {
             crate::caps::restrict_to(&mut cmd, caps)?;
         }
+        let audit_lines_at_start = flag_value(args, "--audit-log")
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map_or(0, |text| text.lines().count());
         let child = cmd.spawn().context("spawn the agent")?;
         let probe_port = flag_value(args, "--probe-port")
             .and_then(|p| p.parse().ok())
@@ -122,6 +127,7 @@ impl AgentProcess {
             log,
             probe: ([127, 0, 0, 1], probe_port).into(),
             netns_path: netns.path(),
+            audit_lines_at_start,
         })
     }
 
@@ -163,6 +169,11 @@ impl AgentProcess {
                 .is_ok_and(|r| r.status == 200))
         });
         waited.with_context(|| format!("agent logs:\n{}", self.logs()))
+    }
+
+    /// Lines its `--audit-log` held when it started.
+    pub fn audit_lines_at_start(&self) -> usize {
+        self.audit_lines_at_start
     }
 
     pub fn pid(&self) -> u32 {

@@ -147,6 +147,12 @@ impl Cluster {
     /// agent's count of events; an agent that no longer answers is not
     /// waited for.
     pub fn audit_trail(&self) -> Result<String> {
+        self.audit_trail_after(0)
+    }
+
+    /// [`audit_trail`](Self::audit_trail) when `earlier` lines were in the
+    /// file before the running agent started (earlier agents').
+    pub fn audit_trail_after(&self, earlier: usize) -> Result<String> {
         let read = || std::fs::read_to_string(self.audit_log()).unwrap_or_default();
         let Some(emitted) = scrape_metrics(&self.node.netns)
             .ok()
@@ -160,7 +166,7 @@ impl Cluster {
             Duration::from_secs(30),
             || {
                 text = read();
-                Ok(text.lines().count() as f64 >= emitted)
+                Ok(text.lines().count() as f64 >= earlier as f64 + emitted)
             },
         )?;
         Ok(text)

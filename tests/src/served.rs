@@ -75,6 +75,13 @@ impl Served {
         serde_json::from_slice(&out.stdout).context("pod-client output")
     }
 
+    /// The audit file once it holds every event the running agent emitted
+    /// (after the lines earlier agents left).
+    pub fn audit_trail(&self) -> Result<String> {
+        self.cluster
+            .audit_trail_after(self.agent.audit_lines_at_start())
+    }
+
     /// Audit events so far.
     pub fn audit(&self) -> Result<Vec<Value>> {
         self.audit_trail()?

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::{
+    logging::AUDIT_TARGET,
     metrics::Metrics,
     spool::{Lost, Spool, SpoolGuard},
 };
@@ -117,7 +118,7 @@ impl Auditor {
         // The request's one log line, with the reference agent's fields
         // and the event as an object.
         info!(
-            target: "audit",
+            target: AUDIT_TARGET,
             client_addr = event.peer,
             cluster_name = self.cluster_name,
             audit = json.as_str(),

@@ -108,9 +108,10 @@ fn levels_only(level: Level) -> Targets {
         .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::WARN))
 }
 
-/// `target=level` directives (and a bare default level), comma-separated.
-/// Anything else — span or field filters — is refused rather than kept as
-/// a target that matches nothing.
+/// `target=level` directives (and a bare default level), comma-separated,
+/// spaces around them and empty ones ignored. Anything else — span or field
+/// filters, a bare target — is refused rather than kept as a target that
+/// matches nothing.
 fn parse_filter(directives: &str) -> Result<Targets, String> {
     let path_like = |target: &str| {
         !target.is_empty()
@@ -118,14 +119,27 @@ fn parse_filter(directives: &str) -> Result<Targets, String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
     };
-    for directive in directives.split(',').map(str::trim) {
-        if let Some((target, _)) = directive.split_once('=')
-            && !path_like(target)
-        {
+    let is_level = |level: &str| {
+        level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_ok()
+    };
+    let mut kept = Vec::new();
+    for directive in directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        let valid = match directive.split_once('=') {
+            Some((target, level)) => path_like(target.trim()) && is_level(level.trim()),
+            None => is_level(directive),
+        };
+        if !valid {
             return Err(format!("not a target=level directive: {directive:?}"));
         }
+        kept.push(directive.replace(' ', ""));
     }
-    directives.parse().map_err(|e| format!("{e}"))
+    kept.join(",").parse().map_err(|e| format!("{e}"))
 }
 
 /// Installs the global subscriber, writing to stdout off the request path
@@ -192,6 +206,8 @@ where
         let mut line = Line {
             text: String::with_capacity(256),
             has_message: false,
+            // Only the audit trail's own events carry a pre-encoded record.
+            takes_record: event.metadata().target() == AUDIT_TARGET,
         };
         line.text.push('{');
         event.record(&mut line);
@@ -212,7 +228,11 @@ where
 struct Line {
     text: String,
     has_message: bool,
+    takes_record: bool,
 }
+
+/// The target audit events are logged on.
+pub const AUDIT_TARGET: &str = "audit";
 
 /// See [`Line`].
 pub const RECORD_FIELD: &str = "audit";
@@ -263,7 +283,7 @@ fn escape_into(out: &mut String, value: &str) {
 
 impl tracing::field::Visit for Line {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == RECORD_FIELD && value.starts_with('{') {
+        if self.takes_record && field.name() == RECORD_FIELD && value.starts_with('{') {
             self.put_raw(field.name(), value);
         } else {
             self.put_str(field.name(), value);
@@ -337,6 +357,7 @@ mod tests {
         let event = r#"{"decision":"allow","pod_uid":"u\"1"}"#;
         let line = line_of(|| {
             tracing::info!(
+                target: "audit",
                 client_addr = "10.0.0.1:5",
                 count = 3u64,
                 ratio = f64::NAN,
@@ -353,6 +374,9 @@ mod tests {
         assert_eq!(line["quoted"], "a \"b\"\n");
         assert_eq!(line["audit"]["pod_uid"], "u\"1");
         assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+        // Another target's `audit` field is a string like any other.
+        let other = line_of(|| tracing::info!(audit = "{not json"));
+        assert_eq!(other["audit"], "{not json");
         let bare = line_of(|| tracing::warn!(error = %"x"));
         assert_eq!(
             (bare["msg"].as_str(), bare["level"].as_str()),
@@ -377,7 +401,21 @@ mod tests {
         assert!(!named.would_enable("agent::daemon", &debug));
         // Span and field filters, unknown levels: refused, so `init` falls
         // back to the level alone (and says so).
-        for bad in ["hyper[conn]=debug", "hyper{id=1}=trace", "hyper=loud"] {
+        let spaced = parse_filter(&filter_directives(
+            Level::Info,
+            Some(" hyper=debug, rustls = info ,"),
+        ))
+        .unwrap();
+        assert!(spaced.would_enable("rustls::conn", &tracing::Level::INFO));
+        assert!(spaced.would_enable("hyper::proto", &debug));
+        // The trailing comma did not turn the default into ERROR.
+        assert!(spaced.would_enable("aws_smithy_runtime", &tracing::Level::WARN));
+        for bad in [
+            "hyper[conn]=debug",
+            "hyper{id=1}=trace",
+            "hyper=loud",
+            "hyper[conn]",
+        ] {
             assert!(
                 parse_filter(&filter_directives(Level::Info, Some(bad))).is_err(),
                 "{bad}"

@@ -42,7 +42,7 @@ struct Shared {
     limit: usize,
     /// Lines dropped because `limit` bytes were already waiting.
     dropped: AtomicU64,
-    /// Batches the output refused (each an I/O error).
+    /// Lines of batches the output refused (an I/O error).
     failed: AtomicU64,
 }
 
@@ -63,7 +63,7 @@ pub struct SpoolGuard {
 pub struct Lost {
     /// Lines dropped: the output was `limit` bytes behind.
     pub dropped: u64,
-    /// Writes the output refused (a full disk, a closed pipe).
+    /// Lines the output refused (a full disk, a closed pipe).
     pub failed: u64,
 }
 
@@ -154,6 +154,9 @@ impl Shared {
 
     fn run<W: Write>(&self, mut out: W) {
         let mut batch = Vec::new();
+        // A failed write may have left a partial line: the next batch
+        // starts on a line of its own.
+        let mut broken = false;
         loop {
             let mut pending = self.lock();
             while pending.bytes.is_empty() && !pending.closing {
@@ -171,8 +174,17 @@ impl Shared {
             let closing = pending.closing;
             mem::swap(&mut batch, &mut pending.bytes);
             drop(pending);
-            if !batch.is_empty() && out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-                self.failed.fetch_add(1, Ordering::Relaxed);
+            if !batch.is_empty() {
+                let lead: &[u8] = if broken { b"\n" } else { b"" };
+                let written = out
+                    .write_all(lead)
+                    .and_then(|()| out.write_all(&batch))
+                    .and_then(|()| out.flush());
+                broken = written.is_err();
+                if broken {
+                    let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+                    self.failed.fetch_add(lines, Ordering::Relaxed);
+                }
             }
             batch.clear();
             if batch.capacity() > KEEP_CAPACITY {
@@ -270,8 +282,9 @@ mod tests {
     fn refused_writes_are_counted_and_closing_writes_out_what_is_pending() {
         let (spool, guard) = Spool::start(Refusing, "spool-test", 1 << 20).unwrap();
         spool.line(b"a\n");
+        spool.line(b"b\n");
         drop(guard);
-        assert_eq!(spool.lost().failed, 1);
+        assert_eq!(spool.lost().failed, 2);
 
         let out = Gate::default();
         out.open();
