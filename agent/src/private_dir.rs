@@ -13,8 +13,10 @@ use std::{
 
 /// Creates `dir` (and missing parents) mode 0700, or takes the existing one
 /// if this process's user owns it (tightened to 0700). Refused, naming the
-/// owner: an existing one owned by anyone else, or a parent owned by
-/// anyone but this user or root (its owner could swap `dir` out).
+/// owner: an existing one owned by anyone else, or `dir` or a parent —
+/// symlinks included, as themselves, not as what they point at — owned by
+/// anyone but this user or root (its owner could swap `dir` out, or point
+/// it at a directory of root's).
 pub fn ensure(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -26,14 +28,10 @@ pub fn ensure(dir: &Path) -> io::Result<()> {
     if meta.uid() != euid {
         return Err(not_ours(dir, meta.uid(), euid));
     }
-    for parent in dir
-        .ancestors()
-        .skip(1)
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        let owner = fs::metadata(parent)?.uid();
+    for path in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        let owner = fs::symlink_metadata(path)?.uid();
         if owner != euid && owner != 0 {
-            return Err(not_ours(parent, owner, euid));
+            return Err(not_ours(path, owner, euid));
         }
     }
     if meta.mode() & 0o077 != 0 {

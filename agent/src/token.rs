@@ -196,30 +196,48 @@ impl std::fmt::Debug for Parsed {
     }
 }
 
+/// One parsed token, kept for the next time the same bytes come.
+#[derive(Default)]
+struct Slot(Mutex<Option<Arc<Parsed>>>);
+
+impl Slot {
+    /// `token` parsed: the one held if it is the same bytes, else what
+    /// `parse` makes of it (then held, if it parsed). A poisoned slot is
+    /// only a cache: it is skipped, not trusted or fatal.
+    fn get_or_parse(
+        &self,
+        token: &str,
+        parse: impl FnOnce() -> Result<Arc<Parsed>, TokenError>,
+    ) -> Result<Arc<Parsed>, TokenError> {
+        if let Ok(held) = self.0.lock()
+            && let Some(parsed) = held.as_ref().filter(|p| *p.raw == *token)
+        {
+            return Ok(parsed.clone());
+        }
+        let parsed = parse()?;
+        if let Ok(mut held) = self.0.lock() {
+            *held = Some(parsed.clone());
+        }
+        Ok(parsed)
+    }
+}
+
 /// The last token a connection presented, parsed. A keep-alive client
 /// (every SDK) sends the same token on every request, so its claims and
 /// digest are worked out once per connection, not once per request. Only
 /// the exact same bytes match, a token that did not parse is never kept,
 /// and the caller still checks `exp`/`nbf` on every request. Per
-/// connection, so nothing is shared between clients.
+/// connection, so nothing is shared between clients. In front of
+/// [`Recent`]: no keyed hash over the token and no shared lock per
+/// request, and a displaced slot there costs this connection nothing.
 #[derive(Default)]
-pub struct Memo(Mutex<Option<Arc<Parsed>>>);
+pub struct Memo(Slot);
 
 impl Memo {
     /// `token` parsed: from the memo if it is the last one seen, else from
-    /// `recent` (and remembered here if it parsed).
+    /// `recent`.
     pub fn parse(&self, token: &str, recent: &Recent) -> Result<Arc<Parsed>, TokenError> {
-        // A poisoned memo is only a cache: parse afresh.
-        if let Ok(last) = self.0.lock()
-            && let Some(parsed) = last.as_ref().filter(|p| *p.raw == *token)
-        {
-            return Ok(parsed.clone());
-        }
-        let parsed = recent.parse(token)?;
-        if let Ok(mut last) = self.0.lock() {
-            *last = Some(parsed.clone());
-        }
-        Ok(parsed)
+        self.0.get_or_parse(token, || recent.parse(token))
     }
 }
 
@@ -229,38 +247,30 @@ impl Memo {
 /// client cannot aim at another's slot, only displace at random), and a
 /// hit only on the exact same bytes. Only tokens that parsed are kept.
 pub struct Recent {
-    slots: Box<[Mutex<Option<Arc<Parsed>>>]>,
+    slots: Box<[Slot]>,
     hasher: std::hash::RandomState,
 }
 
 impl Recent {
     pub fn new(slots: usize) -> Recent {
         Recent {
-            slots: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
+            slots: (0..slots.max(1)).map(|_| Slot::default()).collect(),
             hasher: std::hash::RandomState::new(),
         }
     }
 
-    /// `token` parsed: from its slot if it is the token there, else
-    /// parsed now (and put in its slot if it parsed).
+    /// `token` parsed: from its slot if it is the token there, else parsed
+    /// now.
     pub fn parse(&self, token: &str) -> Result<Arc<Parsed>, TokenError> {
         use std::hash::BuildHasher as _;
         let index = self.hasher.hash_one(token) as usize % self.slots.len();
-        let slot = &self.slots[index];
-        if let Ok(held) = slot.lock()
-            && let Some(parsed) = held.as_ref().filter(|p| *p.raw == *token)
-        {
-            return Ok(parsed.clone());
-        }
-        let parsed = Arc::new(Parsed {
-            claims: parse(token)?,
-            digest: digest(token),
-            raw: token.into(),
-        });
-        if let Ok(mut held) = slot.lock() {
-            *held = Some(parsed.clone());
-        }
-        Ok(parsed)
+        self.slots[index].get_or_parse(token, || {
+            Ok(Arc::new(Parsed {
+                claims: parse(token)?,
+                digest: digest(token),
+                raw: token.into(),
+            }))
+        })
     }
 }
 

@@ -25,6 +25,10 @@ use crate::{
     wait::wait_for,
 };
 
+/// Agent arguments that lift both request-rate limits (per client and
+/// node-wide): for tests and benches about something else than rates.
+pub const UNLIMITED: [&str; 4] = ["--pod-rate-limit", "0", "--max-request-rate", "0"];
+
 /// One of the two pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Who {

@@ -35,3 +35,6 @@ macro_rules! require_privilege {
         }
     }};
 }
+
+/// `nobody`: the unprivileged node user the attack tests run as.
+pub const NOBODY: u32 = 65534;

@@ -8,7 +8,12 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(prefix: &str) -> Result<TempDir> {
-        let dir = std::env::temp_dir().join(crate::names::unique(prefix));
+        Self::new_in(&std::env::temp_dir(), prefix)
+    }
+
+    /// One under `parent` (another filesystem, e.g. bpffs).
+    pub fn new_in(parent: &Path, prefix: &str) -> Result<TempDir> {
+        let dir = parent.join(crate::names::unique(prefix));
         std::fs::create_dir_all(&dir)?;
         Ok(TempDir(dir))
     }

@@ -15,6 +15,8 @@ use crate::{names, netns::Netns};
 
 pub const AGENT_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 pub const AGENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
+/// What the webhook sets as `AWS_CONTAINER_CREDENTIALS_FULL_URI` (IPv4).
+pub const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 
 pub struct Node {
     pub netns: Netns,

@@ -379,8 +379,8 @@ fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> R
 #[test]
 fn one_user_cannot_hold_more_than_its_quota_of_records() -> Result<()> {
     harness::require_privilege!();
+    use harness::privilege::NOBODY;
     use std::os::unix::fs::chown;
-    const NOBODY: u32 = 65534;
     let quota = agent_ebpf::MAX_RECORDS_PER_OWNER;
     let fx = fixture(&[])?;
     // An unprivileged user in a cgroup delegated to it, opening more

@@ -9,17 +9,16 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use harness::{
     cgroups::remove_tree,
-    cluster::Who,
+    cluster::{UNLIMITED, Who},
     netns::Netns,
     served::Served,
     tokens::TokenSpec,
-    topology::{AGENT_V4, AGENT_V6},
+    topology::{AGENT_V4, AGENT_V6, V4_URI},
     wait::wait_for,
 };
 use serde_json::Value;
 
 const NODE: &str = "node-1";
-const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 const V6_URI: &str = "http://[fd00:ec2::23]/v1/credentials";
 
 fn env(mode: &str, extra: &[&str]) -> Result<Served> {
@@ -346,10 +345,7 @@ fn a_thousand_legitimate_requests_over_both_pods_and_families_are_never_refused(
     // No rate limit either: the node-wide one (the reference's 1000/s)
     // would rightly refuse a burst this size; this is about the caller
     // checks.
-    let env = env(
-        "enforce",
-        &["--pod-rate-limit", "0", "--max-request-rate", "0"],
-    )?;
+    let env = env("enforce", &UNLIMITED)?;
     let v4: SocketAddr = (AGENT_V4, 80).into();
     let v6: SocketAddr = (AGENT_V6, 80).into();
     let mut clients = Vec::new();

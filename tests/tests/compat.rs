@@ -15,12 +15,11 @@ use harness::{
     http,
     served::Served,
     tempdir::TempDir,
-    topology::AGENT_V4,
+    topology::{AGENT_V4, V4_URI},
     wait::wait_for,
 };
 
 const NODE: &str = "node-1";
-const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 
 /// What a command line must parse to.
 #[derive(Debug, PartialEq, Eq)]

@@ -23,12 +23,12 @@ use harness::{
     podman::{self, Container, Image, Placement},
     privilege::privileged_or_skip,
     tempdir::TempDir,
+    topology::V4_URI,
     wait::wait_for,
 };
 use serde_yaml_ng::Value;
 
 const NODE: &str = "node-1";
-const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

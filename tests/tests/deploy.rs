@@ -237,8 +237,7 @@ fn the_server_capability_set_suffices_to_attach_resolve_and_serve_and_each_is_ne
         &cluster.cg_a,
         &cluster.net_a.netns,
     )?;
-    let out =
-        sdk_credentials(&mut client, "http://169.254.170.23/v1/credentials", &file).output()?;
+    let out = sdk_credentials(&mut client, harness::topology::V4_URI, &file).output()?;
     ensure!(
         out.status.success(),
         "SDK against the agent with {caps:?}: {}\n{}",

@@ -21,28 +21,24 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use harness::{
     cgroups::{Driver, PodSpec},
-    cluster::Who,
+    cluster::{UNLIMITED, Who},
     netns::Netns,
     pod::{finish, first_line, sdk_credentials},
+    privilege::NOBODY,
     served::Served,
-    topology::AGENT_V4,
+    topology::{AGENT_V4, V4_URI},
     wait::wait_for,
 };
 use serde_json::Value;
 
 const NODE: &str = "node-1";
-const V4_URI: &str = "http://169.254.170.23/v1/credentials";
-/// `nobody`: an unprivileged user with no capability anywhere.
-const NOBODY: u32 = 65534;
 
 /// The DaemonSet's probe `timeoutSeconds`: past it the kubelet counts a
 /// failure.
 const PROBE_TIMEOUT_MS: f64 = 10_000.0;
-/// Without the request rate limits (per client and global), for tests
-/// whose victims fetch back to back: what they measure is the attack.
-const UNLIMITED: [&str; 2] = ["--pod-rate-limit=0", "--max-request-rate=0"];
-
-/// The agent in enforce mode; `unlimited`: see [`UNLIMITED`].
+/// The agent in enforce mode; `unlimited`: without the request rate limits
+/// ([`UNLIMITED`]), for tests whose victims fetch back to back: what they
+/// measure is the attack.
 fn env(unlimited: bool) -> Result<Served> {
     let extra: &[&str] = if unlimited { &UNLIMITED } else { &[] };
     Served::start(NODE, "enforce", extra)

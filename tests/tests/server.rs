@@ -401,7 +401,7 @@ fn the_real_sdk_gets_credentials_over_ipv4_and_ipv6_and_repeats_hit_the_cache() 
     harness::require_privilege!();
     let env = env(&[])?;
     for uri in [
-        "http://169.254.170.23/v1/credentials",
+        harness::topology::V4_URI,
         "http://[fd00:ec2::23]/v1/credentials",
     ] {
         let token = env.app_token()?;

@@ -6,7 +6,7 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
@@ -15,26 +15,23 @@ use anyhow::{Context as _, Result, ensure};
 use harness::{
     agent_bin::built_binary,
     agent_proc::AgentProcess,
-    cluster::Who,
+    cluster::{UNLIMITED, Who},
     netns::Netns,
     pod::{finish, first_line, sdk_env},
+    privilege::NOBODY,
     served::Served,
-    topology::AGENT_V4,
+    tempdir::TempDir,
+    topology::{AGENT_V4, V4_URI},
     wait::wait_for,
 };
 use serde_json::Value;
 
 const NODE: &str = "node-up";
-/// `nobody`: an unprivileged user.
-const NOBODY: u32 = 65534;
-const V4_URI: &str = "http://169.254.170.23/v1/credentials";
 /// Every pod fetches as fast as it can: no rate limit may answer 429. A
 /// stopped agent serves until a successor takes over (up to 20 s).
-const ARGS: [&str; 3] = [
-    "--pod-rate-limit=0",
-    "--max-request-rate=0",
-    "--successor-wait=20s",
-];
+fn args() -> Vec<&'static str> {
+    [&UNLIMITED[..], &["--successor-wait=20s"]].concat()
+}
 
 /// The real SDK fetching credentials for `seconds` from `who`'s pod
 /// (`fresh`: a new connection per fetch; `shared`: one kept alive).
@@ -139,7 +136,7 @@ fn squat(env: &Served, cgroup: &Path, netns: &Netns) -> Result<Value> {
 #[test]
 fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<()> {
     harness::require_privilege!();
-    let mut env = Served::start(NODE, "enforce", &ARGS)?;
+    let mut env = Served::start(NODE, "enforce", &args())?;
     let intruder = env.tree.create("system.slice/squatter.service")?;
     let mut loads = loads(&env, 40)?;
     let mut handovers = Vec::new();
@@ -157,7 +154,7 @@ fn five_handovers_under_sdk_load_fail_no_request_and_refuse_no_one() -> Result<(
             )?;
         }
         let started = Instant::now();
-        let args = env.agent_args("enforce", &ARGS);
+        let args = env.agent_args("enforce", &args());
         // Its readiness probe would be answered by the serving agent too:
         // it is ready when it says it took over.
         let mut successor = AgentProcess::spawn(&env.node.netns, &args, None)?;
@@ -216,12 +213,12 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
     // Built by `cargo xtask test`: the agent with another map layout.
     let variant = built_binary("eks-pod-identity-agent-abi-variant")?;
     let default = harness::agent_bin::agent_binary()?;
-    let mut env = Served::start(NODE, "enforce", &ARGS)?;
+    let mut env = Served::start(NODE, "enforce", &args())?;
     let mut loads = loads(&env, 30)?;
     // There and back: default → variant → default, each a new generation.
     for (round, binary) in [&variant, &default].into_iter().enumerate() {
         serves_more(&env.agent, "the serving agent to serve")?;
-        let args = env.agent_args("enforce", &ARGS);
+        let args = env.agent_args("enforce", &args());
         let mut successor = AgentProcess::spawn_binary(binary, &env.node.netns, &args, None, &[])?;
         successor.wait_for_log(
             "took over from the agent serving on this node",
@@ -268,7 +265,7 @@ fn an_upgrade_across_a_kernel_abi_change_refuses_no_one() -> Result<()> {
 #[test]
 fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
     harness::require_privilege!();
-    let mut env = Served::start(NODE, "enforce", &ARGS)?;
+    let mut env = Served::start(NODE, "enforce", &args())?;
     let mut loads = loads(&env, 40)?;
     let target = SocketAddr::from((AGENT_V4, 80)).to_string();
     let token = env.token_file(&env.own_token(Who::A)?)?;
@@ -286,7 +283,7 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
         ensure!(first == "served", "outage watcher: {first:?}");
         env.agent.kill()?;
         // What the kubelet does: start the container again at once.
-        let args = env.agent_args("enforce", &ARGS);
+        let args = env.agent_args("enforce", &args());
         env.agent = AgentProcess::spawn(&env.node.netns, &args, None)?;
         let seen = finish(watcher, "outage watcher")?;
         let outage = seen["outage_ms"].as_f64().context("no outage seen")?;
@@ -314,7 +311,7 @@ fn a_killed_agent_is_replaced_and_pods_recover_by_themselves() -> Result<()> {
 #[test]
 fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result<()> {
     harness::require_privilege!();
-    let mut env = Served::start(NODE, "enforce", &ARGS)?;
+    let mut env = Served::start(NODE, "enforce", &args())?;
     let intruder = env.tree.create("system.slice/impostor.service")?;
     let socket = env.node.netns.handover_socket();
     let impostor = |env: &Served, args: &[&str]| -> Result<std::process::Child> {
@@ -352,7 +349,7 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     wait_for("the impostor to listen", Duration::from_secs(30), || {
         Ok(socket.exists())
     })?;
-    let args = env.agent_args("enforce", &ARGS);
+    let args = env.agent_args("enforce", &args());
     env.agent = AgentProcess::start(&env.node.netns, &args)?;
     env.agent
         .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
@@ -369,37 +366,94 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     Ok(())
 }
 
+/// How `nobody` prepares the agent's directories before it first starts.
+#[derive(Clone, Copy, Debug)]
+enum Squat {
+    /// Creates the pin and handover directories (bpffs is often 1777).
+    BothDirectories,
+    /// Plants symlinks of its own where they go, pointing at directories
+    /// of root's (which pass any check that follows the link).
+    Symlinks,
+    /// Creates only the pin directory: the programs stay unpinned, and an
+    /// unpinned agent must not offer its listeners (no successor could
+    /// prove it is an agent).
+    PinDirectory,
+}
+
 #[test]
 fn directories_an_unprivileged_user_made_first_are_not_trusted() -> Result<()> {
     harness::require_privilege!();
-    // bpffs is often world-writable (1777): `nobody` creates the agent's
-    // pin directory and handover directory before the agent first starts,
-    // to unlink its pins later or put its own socket where successors look.
+    // `nobody` gets there before the agent, to unlink its pins later or put
+    // its own socket where successors look.
     let cluster = harness::cluster::Cluster::new(NODE)?;
     let netns = &cluster.node.netns;
+    let pin_dir = netns.pin_dir();
     let handover_dir = netns.handover_socket().parent().context("dir")?.to_owned();
-    for dir in [netns.pin_dir(), handover_dir] {
-        std::fs::create_dir_all(&dir)?;
-        std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY))?;
+    // Root's directories the symlinks point at: the pin directory's on
+    // bpffs (so only ownership can refuse it), the handover one anywhere.
+    let bpffs = pin_dir.parent().context("pin parent")?.to_owned();
+    std::fs::create_dir_all(&bpffs)?;
+    let roots = [
+        TempDir::new_in(&bpffs, "root-owned-")?,
+        TempDir::new("epia-root-owned-")?,
+    ];
+    let mut env: Option<Served> = None;
+    let mut cluster = Some(cluster);
+    for squat in [Squat::BothDirectories, Squat::Symlinks, Squat::PinDirectory] {
+        let cluster = match env.take() {
+            Some(Served { mut agent, cluster }) => {
+                agent.terminate(Duration::from_secs(30))?;
+                cluster
+            }
+            None => cluster.take().context("the cluster")?,
+        };
+        for dir in [&pin_dir, &handover_dir] {
+            let _ = std::fs::remove_file(dir);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let squatted: Vec<&PathBuf> = match squat {
+            Squat::PinDirectory => vec![&pin_dir],
+            _ => vec![&pin_dir, &handover_dir],
+        };
+        for (n, dir) in squatted.into_iter().enumerate() {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            match squat {
+                Squat::Symlinks => {
+                    std::os::unix::fs::symlink(roots[n].path(), dir)?;
+                    std::os::unix::fs::lchown(dir, Some(NOBODY), Some(NOBODY))?;
+                }
+                _ => {
+                    std::fs::create_dir_all(dir)?;
+                    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))?;
+                }
+            }
+        }
+        let mut agent =
+            AgentProcess::start(&cluster.node.netns, &cluster.agent_args("enforce", &args()))?;
+        // The handover offer is set up after readiness: wait for its verdict.
+        for refusal in ["KERNEL PROGRAMS NOT PINNED", "cannot offer a handover"] {
+            agent
+                .wait_for_log(refusal, Duration::from_secs(30))
+                .with_context(|| format!("{squat:?}: the agent used what `nobody` made"))?;
+        }
+        let served = Served { agent, cluster };
+        let logs = served.agent.logs();
+        ensure!(
+            logs.contains(&format!("owned by uid {NOBODY}")),
+            "{squat:?}: the refusal does not name the owner:\n{logs}"
+        );
+        // Attribution still holds: unpinned, not off.
+        let creds = served.sdk_ok(Who::A, V4_URI, &served.own_token(Who::A)?)?;
+        ensure!(creds["access_key_id"].is_string(), "{squat:?}: {creds}");
+        let replay = served.sdk(Who::B, V4_URI, &served.own_token(Who::A)?)?;
+        ensure!(
+            !replay.status.success(),
+            "{squat:?}: a replayed token was served"
+        );
+        env = Some(served);
     }
-    let mut agent = AgentProcess::start(netns, &cluster.agent_args("enforce", &ARGS))?;
-    // The handover offer is set up after readiness: wait for its verdict.
-    for refusal in ["KERNEL PROGRAMS NOT PINNED", "cannot offer a handover"] {
-        agent
-            .wait_for_log(refusal, Duration::from_secs(30))
-            .context("the agent used directories `nobody` owns")?;
-    }
-    let env = Served { agent, cluster };
-    let logs = env.agent.logs();
-    ensure!(
-        logs.contains(&format!("owned by uid {NOBODY}")),
-        "the refusal does not name the owner:\n{logs}"
-    );
-    // Attribution still holds: unpinned, not off.
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
-    let replay = env.sdk(Who::B, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(!replay.status.success(), "a replayed token was served");
     Ok(())
 }
 

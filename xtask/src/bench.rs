@@ -4,27 +4,15 @@
 
 use anyhow::Result;
 
-use crate::cmd::{cargo, require_root, run, workspace_root};
+use crate::cmd::{require_root, run, workspace_root};
 
 pub fn bench(sections: &[String]) -> Result<()> {
     crate::setup::setup()?;
     require_root("the benchmark")?;
-    crate::build::build_binaries(true, false)?;
-    run(cargo().args([
-        "build",
-        "--locked",
-        "--profile",
-        "dist",
-        "-p",
-        "eks-pod-identity-agent",
-    ]))?;
-    let root = workspace_root()?;
+    let agent = crate::build::build_for_bench()?;
     run(
-        std::process::Command::new(root.join("target/release/bench"))
+        std::process::Command::new(workspace_root()?.join("target/release/bench"))
             .args(sections)
-            .env(
-                "EPIA_AGENT_BIN",
-                root.join("target/dist/eks-pod-identity-agent"),
-            ),
+            .env("EPIA_AGENT_BIN", agent),
     )
 }

@@ -11,7 +11,7 @@ use crate::{
 pub fn demo(keep: bool) -> Result<()> {
     crate::setup::setup()?;
     require_root("the demo")?;
-    build_binaries(false, false)?;
+    build_binaries(false)?;
     let demo = workspace_root()?.join("target/debug/demo");
     let mut cmd = std::process::Command::new(demo);
     if keep {

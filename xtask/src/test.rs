@@ -53,7 +53,7 @@ pub fn test(extra: &[String]) -> Result<()> {
         "user",
     ]))?;
     step("binaries (the integration tests and the demo run them)");
-    crate::build::build_binaries(false, true)?;
+    crate::build::build_binaries(true)?;
     step("workspace tests (default members)");
     tally.run(cargo().args(["test", "--locked"]).args(extra))?;
     step("fuzz targets, a short run each (`cargo xtask fuzz` for longer)");

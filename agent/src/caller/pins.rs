@@ -29,7 +29,6 @@ use thiserror::Error;
 /// bpffs's `statfs` magic.
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
-/// Every pin of a complete generation.
 /// The maps a generation pins: what an adopting agent reads.
 pub const MAPS: [&str; 3] = [
     agent_ebpf::CONNECTIONS_MAP,
@@ -138,9 +137,14 @@ impl Generation {
     ) -> Result<(), PinsError> {
         // bpffs refuses names with a dot: a prefix marks staging instead;
         // locked while in use, so no other agent removes it.
+        let nonce = crate::caller::attribution::random_u64().map_err(|source| PinsError::Io {
+            what: "naming the staging directory of",
+            path: self.dir.clone(),
+            source,
+        })?;
         let staging = self
             .dir
-            .join(format!("staging-{}-{:016x}", self.name, fastrand::u64(..)));
+            .join(format!("{STAGING_PREFIX}{}-{nonce:016x}", self.name));
         create_private_dir(&staging)?;
         let _staging_lock = File::open(&staging)
             .and_then(|dir| dir.lock().map(|()| dir))
@@ -194,7 +198,7 @@ impl Generation {
         Ok(entries
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|name| *name != self.name)
+            .filter(|name| *name != self.name && is_agents_name(name))
             .collect())
     }
 
@@ -211,7 +215,9 @@ impl Generation {
         let mut removed = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name == self.name {
+            // Only what agents name: whatever else shares the directory
+            // (another tool's pins, with a broad --bpf-pin-dir) is not ours.
+            if name == self.name || !is_agents_name(&name) {
                 continue;
             }
             if remove_unheld(&entry.path())? {
@@ -225,17 +231,20 @@ impl Generation {
     /// `held` is this agent's own hold (upgraded to exclusive, which fails
     /// while anyone else holds it). Whether it was removed.
     pub fn remove_unless_held(&self, held: &File) -> Result<bool, PinsError> {
-        let path = self.dir.join(&self.name);
-        match held.try_lock() {
-            Ok(()) => remove_tree(&path).map(|()| true),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-            Err(std::fs::TryLockError::Error(source)) => Err(PinsError::Io {
-                what: "locking",
-                path,
-                source,
-            }),
-        }
+        remove_if_exclusive(held, &self.dir.join(&self.name))
     }
+}
+
+/// Names staging directories start with (bpffs refuses dots in names).
+const STAGING_PREFIX: &str = "staging-";
+
+/// A generation's name, or a staging directory's (`staging-<generation>-…`).
+fn is_agents_name(name: &str) -> bool {
+    is_generation_name(name)
+        || name
+            .strip_prefix(STAGING_PREFIX)
+            .and_then(|rest| rest.get(..16))
+            .is_some_and(is_generation_name)
 }
 
 /// Whether `name` is what [`Generation::new`] names a generation: 16
@@ -279,6 +288,12 @@ fn remove_unheld(dir: &Path) -> Result<bool, PinsError> {
             });
         }
     };
+    remove_if_exclusive(&handle, dir)
+}
+
+/// Removes `dir` if `handle` (open on it) can be locked exclusively, that
+/// is if no agent holds it; whether it was removed.
+fn remove_if_exclusive(handle: &File, dir: &Path) -> Result<bool, PinsError> {
     match handle.try_lock() {
         Ok(()) => remove_tree(dir).map(|()| true),
         Err(std::fs::TryLockError::WouldBlock) => Ok(false),
@@ -320,6 +335,21 @@ mod tests {
             ("", false),
         ] {
             assert_eq!(is_generation_name(name), ok, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn only_generations_and_their_staging_are_the_agents_to_remove() {
+        for (name, ours) in [
+            ("0123456789abcdef", true),
+            ("staging-0123456789abcdef-00000000deadbeef", true),
+            ("staging-", false),
+            ("staging-0123", false),
+            ("cilium", false),
+            ("tc", false),
+            ("my-tool-0123456789abcdef", false),
+        ] {
+            assert_eq!(is_agents_name(name), ours, "{name:?}");
         }
     }
 }

@@ -123,6 +123,14 @@ pub fn offer(
     accepting: watch::Sender<Accepting>,
     programs: Option<Arc<Attribution>>,
 ) -> io::Result<Offer> {
+    // Unpinned programs have no key a successor could read, so a successor
+    // could not prove it is an agent: any root peer would get the
+    // listeners. No offer then (the next agent binds once this one is gone).
+    if programs.as_ref().is_some_and(|p| p.generation().is_none()) {
+        return Err(io::Error::other(
+            "the kernel programs are not pinned, so no successor could prove it holds their key",
+        ));
+    }
     let offer = Offer::new();
     let socket = bind_private(&path)?;
     let giver = Giver {

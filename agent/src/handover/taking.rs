@@ -119,10 +119,6 @@ impl Inherited {
         Some(self.listeners.swap_remove(at).1)
     }
 
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
     /// The previous agent, once the listeners this agent serves are taken
     /// (any other — an address this agent no longer serves — is closed
     /// here, and goes when the previous agent exits). In place before this

@@ -119,8 +119,10 @@ pub fn nonce() -> io::Result<u64> {
     crate::caller::attribution::random_u64()
 }
 
-/// Largest message (a few hundred bytes in practice).
-const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest message (a few hundred bytes in practice; a larger one is
+/// refused as truncated). Lookups receive one per accepted connection
+/// during a handover: a small buffer.
+const MAX_MESSAGE: usize = 8 * 1024;
 
 /// One end of a handover connection: a `SOCK_SEQPACKET` Unix socket, so
 /// every message is one record (no framing to get wrong) and arrives with

@@ -153,7 +153,7 @@ async fn answer<B>(
     debug!(client_addr = %client, target_host = host, "validating call to requested target host");
     let called = host.parse::<IpAddr>().ok();
     if !called.is_some_and(|ip| state.served_hosts.contains(&ip)) {
-        return Rejection::InvalidHost(host).answer(state, client, event);
+        return Rejection::InvalidHost(host.to_owned()).answer(state, client, event);
     }
     debug!(client_addr = %client, "target host valid");
     // 2. Token present.
@@ -181,16 +181,16 @@ async fn answer<B>(
     // 4. Who is calling (the kernel's record, resolved when the connection
     // was accepted), 5. checks before EKS Auth.
     let mut audit_only: Option<Violation> = None;
-    let mut verified_pod: Option<PodCgroup> = None;
+    let mut verified_pod: Option<&PodCgroup> = None;
     if let Some(verification) = &state.verification {
         // A connection the agent did not identify is nobody's: refused,
         // never waved through.
-        let nobody = Caller::Unattributed;
-        let caller = conn.identified.as_ref().map_or(&nobody, |i| &i.caller);
+        static NOBODY: Caller = Caller::Unattributed;
+        let caller = conn.identified.as_ref().map_or(&NOBODY, |i| &i.caller);
         match policy::before_upstream(caller, claims, verification.node_name.as_deref()) {
             Ok(()) => {
                 if let Caller::Pod(pod) = caller {
-                    verified_pod = Some(pod.clone());
+                    verified_pod = Some(pod);
                 }
             }
             Err(violation) if verification.enforce => {
@@ -201,7 +201,7 @@ async fn answer<B>(
     }
     // 7. Credentials. In enforce mode keyed by the kernel-verified pod and
     // its service account, so the kubelet's rotated tokens share the entry.
-    let key = match (&state.verification, &verified_pod) {
+    let key = match (&state.verification, verified_pod) {
         (Some(verification), Some(pod)) if verification.enforce => CacheKey::Pod {
             uid: pod.pod_uid.clone(),
             namespace: claims.namespace().unwrap_or_default().to_owned(),
@@ -214,7 +214,7 @@ async fn answer<B>(
         Err(e) => return Rejection::Upstream(e).answer(state, client, event),
     };
     if let (Some(verification), Some(pod), Source::Upstream) =
-        (&state.verification, &verified_pod, source)
+        (&state.verification, verified_pod, source)
     {
         // A newly cached identity: remember its pod, so the entry goes
         // when the pod does.
@@ -368,14 +368,14 @@ fn fill_caller(event: &mut AuditEvent, identified: &Identified) {
 }
 
 /// The Host header without port or brackets (`[fd00:ec2::23]:80` → `fd00:ec2::23`).
-fn host_of<B>(req: &Request<B>) -> String {
+fn host_of<B>(req: &Request<B>) -> &str {
     let raw = req
         .headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().host())
         .unwrap_or_default();
-    strip_port(raw).to_owned()
+    strip_port(raw)
 }
 
 fn strip_port(host: &str) -> &str {

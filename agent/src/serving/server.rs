@@ -161,6 +161,12 @@ pub async fn serve<A, C, H, F>(
     let handle = Arc::new(handle);
     // Asked once: a listener that keeps no SYNs has none to read.
     let saves_syns = syn::saves_syns(&listener);
+    // A listener bound to one address accepts only on it: its connections'
+    // local address needs no syscall each (a wildcard one's does).
+    let bound_to = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         let now = *accepting.borrow_and_update();
         match now {
@@ -176,7 +182,12 @@ pub async fn serve<A, C, H, F>(
             }
         }
         let (stream, peer) = tokio::select! {
-            _ = accepting.changed() => continue,
+            changed = accepting.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -191,7 +202,7 @@ pub async fn serve<A, C, H, F>(
         let (watcher, first_request) = (graceful.watcher(), limits.first_request_timeout);
         let draining = accepting.clone();
         tokio::spawn(async move {
-            let Ok(local) = stream.local_addr() else {
+            let Some(local) = bound_to.or_else(|| stream.local_addr().ok()) else {
                 return;
             };
             let syn = if saves_syns {

@@ -8,10 +8,7 @@
 //! orchestrator traces whole requests at TRACE, and what it redacts is its
 //! business, not a guarantee of ours — unless `--log-filter` names them.
 
-use std::{
-    fmt::{self, Write as _},
-    sync::OnceLock,
-};
+use std::{fmt, sync::OnceLock};
 
 use tracing::{Event, Subscriber, field::Field};
 use tracing_subscriber::{
@@ -204,12 +201,12 @@ where
             tracing::Level::TRACE => "trace",
         };
         let mut line = Line {
-            text: String::with_capacity(256),
+            text: Vec::with_capacity(256),
             has_message: false,
             // Only the audit trail's own events carry a pre-encoded record.
             takes_record: event.metadata().target() == AUDIT_TARGET,
         };
-        line.text.push('{');
+        line.text.push(b'{');
         event.record(&mut line);
         if !line.has_message {
             line.put_raw("msg", "\"\"");
@@ -217,8 +214,10 @@ where
         line.put_str("level", level);
         line.put_str("time", &now_rfc3339());
         line.text.pop();
-        line.text.push('}');
-        writeln!(writer, "{}", line.text)
+        line.text.push(b'}');
+        // Only JSON (UTF-8) was written into it.
+        let text = std::str::from_utf8(&line.text).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
     }
 }
 
@@ -226,7 +225,9 @@ where
 /// field named [`RECORD_FIELD`] carries an already-encoded JSON object (an
 /// audit event) and is written as that object, not as an escaped string.
 struct Line {
-    text: String,
+    /// Bytes, so strings are escaped straight into it (serde_json writes
+    /// to an `io::Write`): no allocation per field.
+    text: Vec<u8>,
     has_message: bool,
     takes_record: bool,
 }
@@ -246,38 +247,33 @@ impl Line {
             }
             other => other,
         };
-        self.text.push('"');
+        self.text.push(b'"');
         // Field names are Rust identifiers: nothing to escape.
         self.text
-            .extend(name.chars().map(|c| if c == '_' { '-' } else { c }));
-        self.text.push_str("\":");
+            .extend(name.bytes().map(|c| if c == b'_' { b'-' } else { c }));
+        self.text.extend_from_slice(b"\":");
     }
 
     fn put_raw(&mut self, field: &str, json: &str) {
         self.key(field);
-        self.text.push_str(json);
-        self.text.push(',');
+        self.text.extend_from_slice(json.as_bytes());
+        self.text.push(b',');
     }
 
     fn put_str(&mut self, field: &str, value: &str) {
         self.key(field);
-        escape_into(&mut self.text, value);
-        self.text.push(',');
+        // Writing a string into a Vec cannot fail.
+        if serde_json::to_writer(&mut self.text, value).is_err() {
+            self.text.extend_from_slice(b"\"\"");
+        }
+        self.text.push(b',');
     }
 
     fn put_value(&mut self, field: &str, value: impl fmt::Display) {
         self.key(field);
         // Numbers and booleans: their Display is their JSON.
-        let _ = write!(self.text, "{value}");
-        self.text.push(',');
-    }
-}
-
-/// `value` as a JSON string.
-fn escape_into(out: &mut String, value: &str) {
-    match serde_json::to_string(value) {
-        Ok(quoted) => out.push_str(&quoted),
-        Err(_) => out.push_str("\"\""),
+        let _ = std::io::Write::write_fmt(&mut self.text, format_args!("{value}"));
+        self.text.push(b',');
     }
 }
 

@@ -47,34 +47,25 @@ impl Seen {
     /// What grew since `self`: (sink, reason, lines).
     fn grown(&self, now: &Seen) -> Vec<(&'static str, &'static str, u64)> {
         [
-            (
-                "stdout",
-                "queue-full",
-                self.stdout.dropped,
-                now.stdout.dropped,
-            ),
-            (
-                "stdout",
-                "write-error",
-                self.stdout.failed,
-                now.stdout.failed,
-            ),
-            (
-                "audit-file",
-                "queue-full",
-                self.audit.dropped,
-                now.audit.dropped,
-            ),
-            (
-                "audit-file",
-                "write-error",
-                self.audit.failed,
-                now.audit.failed,
-            ),
+            ("stdout", self.stdout, now.stdout),
+            ("audit-file", self.audit, now.audit),
         ]
         .into_iter()
-        .filter(|(_, _, before, after)| after > before)
-        .map(|(sink, reason, before, after)| (sink, reason, after - before))
+        .flat_map(|(sink, before, after)| {
+            [
+                (
+                    sink,
+                    "queue-full",
+                    after.dropped.saturating_sub(before.dropped),
+                ),
+                (
+                    sink,
+                    "write-error",
+                    after.failed.saturating_sub(before.failed),
+                ),
+            ]
+        })
+        .filter(|&(_, _, lines)| lines > 0)
         .collect()
     }
 }

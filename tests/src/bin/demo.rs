@@ -26,12 +26,12 @@ use harness::{
     cluster::{Cluster, Who},
     netns::Netns,
     pod::pod_command,
+    topology::V4_URI,
     wait::wait_for,
 };
 use serde_json::Value;
 
 const NODE: &str = "demo-node";
-const FULL_URI: &str = "http://169.254.170.23/v1/credentials";
 const TOKEN_PATH: &str =
     "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token";
 
@@ -317,7 +317,7 @@ impl Demo {
         std::fs::write(
             &env_file,
             format!(
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI={FULL_URI}\nAWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}\nAWS_REGION=us-west-2\n",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI={V4_URI}\nAWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}\nAWS_REGION=us-west-2\n",
                 token_file.display()
             ),
         )?;

@@ -26,7 +26,7 @@ use crate::goals::{Goals, Want};
 use harness::{
     agent_bin::built_binary,
     agent_proc::AgentProcess,
-    cluster::{Cluster, Who},
+    cluster::{Cluster, UNLIMITED, Who},
     http,
     pod::pod_command,
     topology::AGENT_V4,
@@ -38,14 +38,13 @@ const IDENTITIES: usize = 10_000;
 const PROBE: u16 = 2703;
 
 pub fn run(cluster: &Cluster, goals: &mut Goals) -> Result<()> {
-    let unlimited = ["--pod-rate-limit", "0", "--max-request-rate", "0"];
     let mut starts = Vec::new();
     for _ in 0..STARTS {
         let pins = cluster.node.netns.pin_dir();
         if pins.exists() {
             std::fs::remove_dir_all(&pins).with_context(|| format!("{}", pins.display()))?;
         }
-        let args = cluster.agent_args("enforce", &unlimited);
+        let args = cluster.agent_args("enforce", &UNLIMITED);
         let started = Instant::now();
         let agent = AgentProcess::spawn(&cluster.node.netns, &args, None)?;
         let ready = cluster.node.netns.run_in(|| ready_after(started))?;
@@ -53,7 +52,7 @@ pub fn run(cluster: &Cluster, goals: &mut Goals) -> Result<()> {
         drop(agent);
     }
     let cache_size = IDENTITIES.to_string();
-    let mut args = cluster.agent_args("audit", &unlimited);
+    let mut args = cluster.agent_args("audit", &UNLIMITED);
     args.extend(["--max-cache-size".to_owned(), cache_size]);
     let agent = AgentProcess::start(&cluster.node.netns, &args)?;
     let idle = resident_mib(agent.pid())?;

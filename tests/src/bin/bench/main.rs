@@ -39,8 +39,8 @@ use anyhow::{Context as _, Result, ensure};
 use goals::{Goals, Want};
 use harness::{
     agent_bin::built_binary,
-    agent_proc::AgentProcess,
-    cluster::{Cluster, Who},
+    agent_proc::{AgentProcess, scrape_metrics},
+    cluster::{Cluster, UNLIMITED, Who, metric_value},
     netns::Netns,
     pod::{first_line, pod_command},
     topology::{AGENT_V4, AGENT_V6},
@@ -204,7 +204,7 @@ fn attribution_cost(
     // Credential requests served from cache, attribution off vs enforce.
     let mut per_mode = Vec::new();
     for mode in ["off", "enforce"] {
-        let args = cluster.agent_args(mode, &["--pod-rate-limit", "0", "--max-request-rate", "0"]);
+        let args = cluster.agent_args(mode, &UNLIMITED);
         let agent = AgentProcess::start(&node.netns, &args)?;
         let per_request = best(|| {
             let started = Instant::now();
@@ -227,27 +227,11 @@ fn attribution_cost(
         })?;
         per_mode.push(per_request);
         if mode == "enforce" {
-            let metrics = node.netns.run_in(|| {
-                harness::http::request(
-                    ([127, 0, 0, 1], 2705).into(),
-                    "GET",
-                    "/metrics",
-                    &[("Host", "localhost")],
-                )
-            })?;
-            let value = |name: &str| {
-                metrics
-                    .body
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix(name)
-                            .and_then(|v| v.trim().parse::<f64>().ok())
-                    })
-                    .unwrap_or(f64::NAN)
-            };
+            let metrics = scrape_metrics(&node.netns)?;
+            let value = |name: &str| metric_value(&metrics, name).unwrap_or(f64::NAN);
             let (sum, count) = (
-                value("pod_identity_caller_resolve_duration_seconds_sum "),
-                value("pod_identity_caller_resolve_duration_seconds_count "),
+                value("pod_identity_caller_resolve_duration_seconds_sum"),
+                value("pod_identity_caller_resolve_duration_seconds_count"),
             );
             println!(
                 "caller resolution inside the agent (map lookup + cgroup → pod): mean {:.2} µs over {count} requests",
@@ -255,7 +239,7 @@ fn attribution_cost(
             );
             println!(
                 "agent resident memory after {count} requests: {:.1} MiB (sizes the manifest's requests/limits)",
-                value("process_resident_memory_bytes ") / 1_048_576.0
+                value("process_resident_memory_bytes") / 1_048_576.0
             );
         }
         drop(agent);
@@ -278,10 +262,7 @@ const UPGRADE_ROUNDS: usize = 5;
 /// Section 4: handovers and crashes of an enforcing agent while pod A
 /// requests credentials back to back (`pod-client outage`).
 fn upgrade_windows(cluster: &Cluster, token_file: &std::path::Path) -> Result<()> {
-    let args = cluster.agent_args(
-        "enforce",
-        &["--pod-rate-limit", "0", "--max-request-rate", "0"],
-    );
+    let args = cluster.agent_args("enforce", &UNLIMITED);
     let target = SocketAddr::from((AGENT_V4, 80)).to_string();
     let (cgroup, netns) = (&cluster.cg_a, &cluster.net_a.netns);
     // A watcher: says `served` once the agent answers, then reports the

@@ -17,8 +17,13 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::goals::{Goals, Want};
 use harness::{
-    agent_proc::AgentProcess, cluster::Cluster, http, pod::pod_command, tempdir::TempDir,
-    topology::AGENT_V4, wait::wait_for,
+    agent_proc::AgentProcess,
+    cluster::{Cluster, UNLIMITED},
+    http,
+    pod::pod_command,
+    tempdir::TempDir,
+    topology::AGENT_V4,
+    wait::wait_for,
 };
 
 const ROUNDS: usize = 5;
@@ -58,7 +63,7 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
     let mut nginx: Option<Nginx> = None;
     let mut table = Vec::new();
     for mode in ["off", "audit", "enforce"] {
-        let args = cluster.agent_args(mode, &["--pod-rate-limit", "0", "--max-request-rate", "0"]);
+        let args = cluster.agent_args(mode, &UNLIMITED);
         let agent = AgentProcess::start(&cluster.node.netns, &args)?;
         let agent_url = format!("http://{AGENT_V4}/v1/credentials");
         // The first request fills the cache (and, with attribution off,
