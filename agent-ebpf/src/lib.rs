@@ -52,6 +52,99 @@ pub const MAX_RECORDS_PER_OWNER: u32 = 4096;
 /// cgroup id (cgroup ids never have the top bit set).
 pub const QUOTA_KEY_UID: u64 = 1 << 63;
 
+/// Map: cgroup id → [`ImdsVerdict`], written by the agent only. It holds
+/// an entry for each of kubelet's pod roots (what a pod not classified yet
+/// gets) and one for each classified pod's cgroup; `connect4|6` walks the
+/// caller's ancestors and takes the deepest entry. No entry on the way: a
+/// node process.
+pub const IMDS_VERDICTS_MAP: &str = "IMDS_VERDICTS";
+/// Capacity of [`IMDS_VERDICTS_MAP`]: pods on one node, with room to spare.
+pub const IMDS_VERDICTS_CAPACITY: u32 = 16_384;
+/// Map: ring buffer of [`ImdsEvent`]s, one per published IMDS connect.
+pub const IMDS_EVENTS_MAP: &str = "IMDS_EVENTS";
+/// Size of [`IMDS_EVENTS_MAP`] in bytes (a power of two, page multiple):
+/// about 2 700 events waiting for the agent.
+pub const IMDS_EVENTS_BYTES: u32 = 256 * 1024;
+/// Map: per-CPU count (index 0) of events the ring buffer had no room for.
+pub const IMDS_LOST_MAP: &str = "IMDS_LOST";
+/// Map: flood scope (a pod's cgroup, else the caller's own) →
+/// [`ImdsFlood`]. Each scope publishes at most [`IMDS_BURST`] events per
+/// [`IMDS_WINDOW_NS`]; what it connects beyond that is only counted, by
+/// decision, for the agent to report: one pod in a loop can neither fill
+/// the ring for everyone nor cost the node more than a counter increment
+/// per connect.
+pub const IMDS_FLOOD_MAP: &str = "IMDS_FLOOD";
+/// Capacity of [`IMDS_FLOOD_MAP`]; a scope that finds it full publishes
+/// unthrottled (the ring's bound and its lost count still hold).
+pub const IMDS_FLOOD_CAPACITY: u32 = 16_384;
+/// Events one scope publishes per window.
+pub const IMDS_BURST: u64 = 32;
+/// The flood window.
+pub const IMDS_WINDOW_NS: u64 = 1_000_000_000;
+/// Ancestor levels `connect4|6` walks for a verdict (kubelet's pods sit
+/// three to five levels deep).
+pub const IMDS_MAX_DEPTH: u32 = 16;
+
+/// [`ImdsVerdict::decision`]: the connect proceeds.
+pub const IMDS_ALLOW: u32 = 0;
+/// The connect fails with `EPERM`.
+pub const IMDS_DENY: u32 = 1;
+/// Would be denied; proceeds because the guard only audits.
+pub const IMDS_AUDIT_ONLY: u32 = 2;
+/// [`ImdsVerdict::reason`]: no pod root above the caller.
+pub const IMDS_REASON_NODE: u32 = 0;
+/// Below a pod root, in no classified pod (yet).
+pub const IMDS_REASON_UNCLASSIFIED: u32 = 1;
+/// The pod's namespace is allowed.
+pub const IMDS_REASON_NAMESPACE: u32 = 2;
+/// The pod's name matches an allowed prefix in its namespace.
+pub const IMDS_REASON_POD: u32 = 3;
+/// No allow rule matches the pod.
+pub const IMDS_REASON_NOT_ALLOWED: u32 = 4;
+
+/// What the agent decided for the cgroups below one [`IMDS_VERDICTS_MAP`]
+/// entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ImdsVerdict {
+    pub decision: u32,
+    pub reason: u32,
+}
+
+/// One connect to the IMDS, as `connect4|6` saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImdsEvent {
+    /// The caller's cgroup.
+    pub cgroup_id: u64,
+    /// The cgroup whose verdict applied (a pod's, or a pod root's), else
+    /// the caller's own; also the flood scope.
+    pub scope_id: u64,
+    pub pid_tgid: u64,
+    /// The socket's network namespace (`bpf_get_netns_cookie`): the node's
+    /// for a hostNetwork pod.
+    pub netns_cookie: u64,
+    pub comm: [u8; COMM_LEN],
+    /// Destination in canonical form ([`RawAddr`]).
+    pub dst_addr: RawAddr,
+    /// Destination port, host byte order.
+    pub dst_port: u32,
+    pub verdict: ImdsVerdict,
+    pub _pad: u32,
+}
+
+/// [`IMDS_FLOOD_MAP`]'s value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImdsFlood {
+    pub window_start_ns: u64,
+    /// Events published in the current window.
+    pub in_window: u64,
+    /// Connects not published, ever, by decision (allow, deny, audit-only):
+    /// only ever incremented, so the agent reports differences.
+    pub suppressed: [u64; 3],
+}
+
 /// TCP option kind for experiments with an ExID (RFC 6994).
 pub const TCP_OPT_EXPERIMENT: u8 = 253;
 /// The 16-bit experiment id that marks the agent's stamp among experiments.
@@ -87,6 +180,14 @@ pub struct Config {
     /// each local caller its own connection budget, so no pod can starve
     /// kubelet's liveness probe.
     pub probe_port: u32,
+    /// The instance metadata service's IPv4 address (valid if `imds_v4_set`).
+    pub imds_v4: u32,
+    /// Its IPv6 address (valid if `imds_v6_set`).
+    pub imds_v6: RawAddr,
+    /// Its TCP port, host byte order; 0: the IMDS guard is off.
+    pub imds_port: u32,
+    pub imds_v4_set: u32,
+    pub imds_v6_set: u32,
 }
 
 impl Config {
@@ -99,6 +200,11 @@ impl Config {
         v6_count: 0,
         port: 0,
         probe_port: 0,
+        imds_v4: 0,
+        imds_v6: [0; 4],
+        imds_port: 0,
+        imds_v4_set: 0,
+        imds_v6_set: 0,
     };
 
     /// Builds the config for the served socket addresses. All must share one
@@ -127,6 +233,26 @@ impl Config {
             }
         }
         Ok(config)
+    }
+
+    /// Also recognise connects to the instance metadata service at
+    /// `addrs` (at most one per family) on `port`.
+    pub fn with_imds(mut self, addrs: &[IpAddr], port: u16) -> Result<Config, ConfigError> {
+        self.imds_port = u32::from(port);
+        for addr in addrs {
+            match addr {
+                IpAddr::V4(v4) if self.imds_v4_set == 0 => {
+                    self.imds_v4 = raw_v4(*v4);
+                    self.imds_v4_set = 1;
+                }
+                IpAddr::V6(v6) if self.imds_v6_set == 0 => {
+                    self.imds_v6 = raw_v6(*v6);
+                    self.imds_v6_set = 1;
+                }
+                _ => return Err(ConfigError::TooManyAddresses),
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -396,6 +522,9 @@ mod pod {
     unsafe impl aya::Pod for super::SocketOwner {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::Stamp {}
+    unsafe impl aya::Pod for super::ImdsVerdict {}
+    unsafe impl aya::Pod for super::ImdsEvent {}
+    unsafe impl aya::Pod for super::ImdsFlood {}
 }
 
 // No implicit padding anywhere: a padded key would hash uninitialised bytes.
@@ -404,7 +533,10 @@ const _: () = assert!(core::mem::size_of::<ConnOwner>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 32 + 36 + 4 + VARIANT_BYTES);
 const _: () = assert!(core::mem::size_of::<Stamp>() == 16);
 const _: () = assert!(core::mem::size_of::<SocketOwner>() == 72 + VARIANT_BYTES + 16 + 8 + 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 16 + 32);
+const _: () = assert!(core::mem::size_of::<ImdsVerdict>() == 8);
+const _: () = assert!(core::mem::size_of::<ImdsEvent>() == 32 + 16 + 16 + 4 + 8 + 4);
+const _: () = assert!(core::mem::size_of::<ImdsFlood>() == 40);
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,15 @@
 //!   most `MAX_RECORDS_PER_OWNER` live attributed sockets, so nobody can
 //!   fill the table for everyone else.
 //!
+//! * The same `connect4|6` also recognise connects to the instance
+//!   metadata service (IMDS guard): they take the caller's verdict from
+//!   `IMDS_VERDICTS` (the deepest entry among its cgroup's ancestors: a
+//!   pod's, or a pod root's for pods not classified yet; none for node
+//!   processes), publish an `ImdsEvent` to the `IMDS_EVENTS` ring (at most
+//!   `IMDS_BURST` per scope and window, the rest counted in `IMDS_FLOOD`;
+//!   a full ring counted in `IMDS_LOST`), and fail a denied connect with
+//!   EPERM.
+//!
 //! Both programs run for every connect()/TCP event on the node, so each
 //! rejects foreign traffic with a couple of context loads and compares before
 //! touching any helper or map.
@@ -34,8 +43,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_ebpf::{
-    Config, ConnKey, ConnOwner, ConnRecord, MAX_RECORDS_PER_OWNER, MAX_SERVED_ADDRS, QUOTA_KEY_UID,
-    RawAddr, STAMP_OPTION_LEN, SocketOwner, Stamp, is_v4_mapped, mapped_v4, stamp_mac,
+    Config, ConnKey, ConnOwner, ConnRecord, IMDS_AUDIT_ONLY, IMDS_BURST, IMDS_DENY, IMDS_MAX_DEPTH,
+    IMDS_REASON_UNCLASSIFIED, IMDS_WINDOW_NS, ImdsEvent, ImdsFlood, ImdsVerdict,
+    MAX_RECORDS_PER_OWNER, MAX_SERVED_ADDRS, QUOTA_KEY_UID, RawAddr, STAMP_OPTION_LEN, SocketOwner,
+    Stamp, is_v4_mapped, mapped_v4, stamp_mac,
 };
 use aya_ebpf::{
     bindings::{
@@ -44,10 +55,11 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, bpf_sock,
     },
-    btf_maps::{Array, HashMap, LruHashMap, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_prandom_u32, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -57,8 +69,11 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-/// cgroup/connect* verdict: let the syscall proceed. We only observe.
+/// cgroup/connect* verdict: let the syscall proceed. Attribution only
+/// observes.
 const ALLOW: i32 = 1;
+/// cgroup/connect* verdict: fail the syscall with EPERM (IMDS guard only).
+const REFUSE: i32 = 0;
 const TCP_FLAG_SYN: u32 = 0x02;
 const TCP_FLAG_ACK: u32 = 0x10;
 /// 127.0.0.1 as `user_ip4` presents it.
@@ -93,6 +108,29 @@ static STAMP_KEY: Array<agent_ebpf::StampKey, 1> = Array::new();
 #[btf_map]
 static OWNER_QUOTA: LruHashMap<u64, u64, { agent_ebpf::OWNER_QUOTA_CAPACITY as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+static IMDS_VERDICTS: HashMap<
+    u64,
+    ImdsVerdict,
+    { agent_ebpf::IMDS_VERDICTS_CAPACITY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+static IMDS_EVENTS: RingBuf<ImdsEvent, { agent_ebpf::IMDS_EVENTS_BYTES as usize }> =
+    RingBuf::new();
+
+#[btf_map]
+static IMDS_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+#[btf_map]
+static IMDS_FLOOD: HashMap<
+    u64,
+    ImdsFlood,
+    { agent_ebpf::IMDS_FLOOD_CAPACITY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Reads one field of [`CONFIG`]. Volatile, field by field: the compiler
 /// would otherwise fold the `EMPTY` initialiser into the code (the loader
@@ -172,12 +210,18 @@ fn ours(port: Port, addr: &RawAddr) -> bool {
     }
 }
 
+/// Whether the agent that loaded these programs serves (see `ACTIVE`).
+#[inline(always)]
+fn active() -> bool {
+    ACTIVE.get(0).is_some_and(|active| *active != 0)
+}
+
 /// Records the caller in the socket's storage. Only called for our
 /// destination, so the helper calls are off the hot path. Not while another
 /// build of the programs serves (see `ACTIVE`).
 #[inline(always)]
 fn remember_owner(ctx: &SockAddrContext) {
-    if ACTIVE.get(0).is_none_or(|active| *active == 0) {
+    if !active() {
         return;
     }
     // SAFETY: plain helpers, valid in sock_addr programs.
@@ -216,11 +260,166 @@ fn remember_owner(ctx: &SockAddrContext) {
     }
 }
 
+/// Whether `port` is the IMDS's (first compare fails for nearly all).
+#[inline(always)]
+fn imds_port(port: u16) -> bool {
+    u32::from(port) == config!(imds_port)
+}
+
+#[inline(always)]
+fn imds_v4(addr: u32) -> bool {
+    addr == config!(imds_v4) && config!(imds_v4_set) != 0
+}
+
+#[inline(always)]
+fn imds_v6(addr: &RawAddr) -> bool {
+    if is_v4_mapped(addr) {
+        return imds_v4(addr[3]);
+    }
+    *addr == config!(imds_v6) && config!(imds_v6_set) != 0
+}
+
+/// A connect to the IMDS: its verdict, its event, its outcome. Not while
+/// another build of the programs serves (its own programs decide).
+#[inline(always)]
+fn imds(ctx: &SockAddrContext, dst: RawAddr, port: u16) -> i32 {
+    if !active() {
+        return ALLOW;
+    }
+    // SAFETY: plain helper.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (verdict, scope_id) = imds_verdict(cgroup_id);
+    if may_publish(scope_id, verdict.decision) {
+        publish(ctx, cgroup_id, scope_id, verdict, dst, port);
+    }
+    if verdict.decision == IMDS_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+/// The deepest verdict among the caller's cgroup and its ancestors, and
+/// the scope it applies to: a classified pod's cgroup, else the caller's.
+#[inline(always)]
+fn imds_verdict(cgroup_id: u64) -> (ImdsVerdict, u64) {
+    let mut verdict = ImdsVerdict::default();
+    let mut scope_id = cgroup_id;
+    let mut level = 0;
+    while level < IMDS_MAX_DEPTH {
+        // SAFETY: plain helper; 0 past the caller's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: a copy out of the map value, read at once.
+        if let Some(found) = unsafe { IMDS_VERDICTS.get(id) } {
+            verdict = *found;
+            scope_id = if found.reason == IMDS_REASON_UNCLASSIFIED {
+                cgroup_id
+            } else {
+                id
+            };
+        }
+        level += 1;
+    }
+    (verdict, scope_id)
+}
+
+/// Whether `scope` may publish one more event in its window; if not, the
+/// connect is counted under its decision instead. Concurrent callers may
+/// overshoot the burst by a few; the counts stay exact (atomic adds).
+#[inline(always)]
+fn may_publish(scope: u64, decision: u32) -> bool {
+    // SAFETY: plain helper.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flood = match IMDS_FLOOD.get_ptr_mut(scope) {
+        Some(flood) => flood,
+        None => {
+            let fresh = ImdsFlood {
+                window_start_ns: now,
+                ..ImdsFlood::default()
+            };
+            let _ = IMDS_FLOOD.insert(scope, fresh, BPF_NOEXIST.into());
+            match IMDS_FLOOD.get_ptr_mut(scope) {
+                Some(flood) => flood,
+                // Full: publish; the ring bounds it and counts its losses.
+                None => return true,
+            }
+        }
+    };
+    let slot = if decision == IMDS_DENY {
+        1
+    } else if decision == IMDS_AUDIT_ONLY {
+        2
+    } else {
+        0
+    };
+    // SAFETY: a live map value, 8-byte aligned fields.
+    unsafe {
+        let start = &raw mut (*flood).window_start_ns;
+        let published = &raw mut (*flood).in_window;
+        if now.wrapping_sub(core::ptr::read_volatile(start)) >= IMDS_WINDOW_NS {
+            core::ptr::write_volatile(start, now);
+            core::ptr::write_volatile(published, 0);
+        }
+        if core::ptr::read_volatile(published) < IMDS_BURST {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(published, 1);
+            true
+        } else {
+            let suppressed = &raw mut (*flood).suppressed[slot];
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(suppressed, 1);
+            false
+        }
+    }
+}
+
+#[inline(always)]
+fn publish(
+    ctx: &SockAddrContext,
+    cgroup_id: u64,
+    scope_id: u64,
+    verdict: ImdsVerdict,
+    dst: RawAddr,
+    port: u16,
+) {
+    let Some(mut entry) = IMDS_EVENTS.reserve(0) else {
+        if let Some(lost) = IMDS_LOST.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot of a live map value.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    // SAFETY: plain helpers; the ctx is the kernel's.
+    let (pid_tgid, netns_cookie) = unsafe {
+        (
+            bpf_get_current_pid_tgid(),
+            bpf_get_netns_cookie(ctx.sock_addr.cast()),
+        )
+    };
+    entry.write(ImdsEvent {
+        cgroup_id,
+        scope_id,
+        pid_tgid,
+        netns_cookie,
+        comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or_default(),
+        dst_addr: dst,
+        dst_port: u32::from(port),
+        verdict,
+        _pad: 0,
+    });
+    entry.submit(0);
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: ctx is the kernel's bpf_sock_addr; full-width field reads.
     let sa = unsafe { &*ctx.sock_addr };
-    let Some(port) = our_port(u16::from_be(sa.user_port as u16)) else {
+    let port = u16::from_be(sa.user_port as u16);
+    if imds_port(port) && imds_v4(sa.user_ip4) && sa.type_ == SOCK_STREAM {
+        return imds(&ctx, mapped_v4(sa.user_ip4), port);
+    }
+    let Some(port) = our_port(port) else {
         return ALLOW;
     };
     if !ours(port, &mapped_v4(sa.user_ip4)) || sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP
@@ -235,7 +434,19 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
-    let Some(port) = our_port(u16::from_be(sa.user_port as u16)) else {
+    let port = u16::from_be(sa.user_port as u16);
+    if imds_port(port) && sa.type_ == SOCK_STREAM {
+        let dst = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
+        if imds_v6(&dst) {
+            return imds(&ctx, dst, port);
+        }
+    }
+    let Some(port) = our_port(port) else {
         return ALLOW;
     };
     let dst = [
