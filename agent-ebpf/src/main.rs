@@ -118,8 +118,7 @@ static IMDS_VERDICTS: HashMap<
 > = HashMap::new();
 
 #[btf_map]
-static IMDS_EVENTS: RingBuf<ImdsEvent, { agent_ebpf::IMDS_EVENTS_BYTES as usize }> =
-    RingBuf::new();
+static IMDS_EVENTS: RingBuf<ImdsEvent, { agent_ebpf::IMDS_EVENTS_BYTES as usize }> = RingBuf::new();
 
 #[btf_map]
 static IMDS_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();

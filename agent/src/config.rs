@@ -250,6 +250,44 @@ pub struct ServerArgs {
     /// How often to drop cached credentials of pods whose cgroup is gone.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub pod_gc_interval: std::time::Duration,
+
+    /// IMDS guard: audit (record every pod's connects to the instance
+    /// metadata service), enforce (also refuse, EPERM, those of pods no
+    /// --imds-allow rule names), off. Needs the kernel programs.
+    #[arg(long, value_enum, default_value_t = crate::imds::policy::ImdsMode::Audit, env = "EKS_POD_IDENTITY_IMDS")]
+    pub imds: crate::imds::policy::ImdsMode,
+
+    /// Pods that may use the IMDS: a namespace (`kube-system`) or a pod
+    /// name prefix within one (`kube-system/aws-node`). Repeat, or separate
+    /// with commas. Node processes (outside pods) always may.
+    #[arg(long = "imds-allow", value_name = "NAMESPACE[/POD-PREFIX]", value_delimiter = ',', value_parser = crate::imds::policy::AllowRule::parse)]
+    pub imds_allow: Vec<crate::imds::policy::AllowRule>,
+
+    /// What a connect from a pod not classified yet (its log directory not
+    /// seen, or a cgroup not in kubelet's layout) gets. Default: allow in
+    /// audit, deny in enforce.
+    #[arg(long, value_enum)]
+    pub imds_unclassified: Option<crate::imds::policy::Unclassified>,
+
+    /// The instance metadata service's addresses (one per family).
+    #[arg(long, default_value = "169.254.169.254,[fd00:ec2::254]", value_delimiter = ',', value_parser = parse_host)]
+    pub imds_hosts: Vec<IpAddr>,
+
+    /// The instance metadata service's port.
+    #[arg(long, default_value_t = 80)]
+    pub imds_port: u16,
+
+    /// kubelet's pod log directory (`<namespace>_<pod>_<uid>` per pod):
+    /// where the IMDS guard learns a pod's namespace and name without the
+    /// Kubernetes API. A read-only hostPath.
+    #[arg(long, default_value = "/var/log/pods")]
+    pub pod_log_dir: std::path::PathBuf,
+
+    /// A pod connecting to the IMDS in a loop gets one audit event at its
+    /// first connect of an interval and one summary (with a count) at the
+    /// interval's end.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub imds_audit_interval: std::time::Duration,
 }
 
 impl ServerArgs {

@@ -32,6 +32,7 @@ use crate::{
         taking::{Predecessor, WithPredecessor},
     },
     hygiene::PodRegistry,
+    imds::{self, policy::ImdsMode},
     link::Netlink,
     node_credentials::RotatingSharedCredentials,
     serving::admission::{self, ConnectionBudget},
@@ -93,6 +94,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         identifier,
         attribution,
         detail: attribution_detail,
+        imds,
     } = verification(&args, &metrics, &predecessor)?;
     let attributed = verification.is_some();
     // Programs first, then the listeners: taken from the agent serving on
@@ -170,7 +172,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         served_hosts: args.bind_hosts.clone(),
         credentials: credentials.clone(),
         metrics: metrics.clone(),
-        auditor,
+        auditor: Arc::new(auditor),
         verification,
         identifier,
         limiter: ClientRateLimiter::new(args.pod_rate_limit, args.pod_rate_burst),
@@ -255,6 +257,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let state = state.clone();
         losses::watch(metrics.clone(), move || state.auditor.lost())
     });
+    let imds_reader = imds.map(|guard| {
+        tokio::spawn(guard.read(
+            state.auditor.clone(),
+            metrics.clone(),
+            accepting_rx.clone(),
+            args.imds_audit_interval,
+        ))
+    });
     let housekeeping = tokio::spawn(pod_housekeeping(
         state.clone(),
         attribution.clone(),
@@ -321,6 +331,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
     refresher.abort();
     losses.abort();
+    // It settled its summaries when accepting stopped.
+    if let Some(reader) = imds_reader {
+        let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+    }
     housekeeping.abort();
     while tasks.join_next().await.is_some() {}
     let graceful = Arc::try_unwrap(graceful)
@@ -409,16 +423,31 @@ struct Attached {
     attribution: Option<Arc<Attribution>>,
     /// One line for /healthz's details.
     detail: String,
+    /// The IMDS guard, watching pods, its events to read once serving.
+    imds: Option<imds::guard::Watching>,
 }
 
 impl Attached {
-    fn off(detail: String) -> Attached {
-        Attached {
+    /// Without the kernel programs: the IMDS guard cannot run either. In
+    /// enforce that is a refusal to start, in audit a warning.
+    fn off(args: &ServerArgs, detail: String) -> anyhow::Result<Attached> {
+        match args.imds {
+            ImdsMode::Enforce => bail!(
+                "--imds enforce needs the kernel programs, and they are off here ({detail}); run with --attribution enforce or audit on a node that supports them, or --imds audit|off"
+            ),
+            ImdsMode::Audit => warn!(
+                detail,
+                "IMDS GUARD IS OFF: it needs the kernel programs; pods' connects to the instance metadata service go unrecorded"
+            ),
+            ImdsMode::Off => {}
+        }
+        Ok(Attached {
             verification: None,
             identifier: None,
             attribution: None,
             detail,
-        }
+            imds: None,
+        })
     }
 }
 
@@ -448,10 +477,10 @@ fn verification(
 ) -> anyhow::Result<Attached> {
     if args.attribution == AttributionMode::Off {
         metrics.set_attribution_mode(ModeInForce::Off);
-        return Ok(Attached::off("attribution: off (--attribution off)".into()));
+        return Attached::off(args, "attribution: off (--attribution off)".into());
     }
-    let attached = attach(args);
-    let (attribution, resolver, layout, root) = match attached {
+    let attached = attach(args, metrics);
+    let (attribution, resolver, layout, root, imds) = match attached {
         Ok(ok) => ok,
         // A privilege withheld (a capability, a seccomp profile, an LSM) is
         // a deployment mistake, not a node without the feature: running on,
@@ -471,9 +500,7 @@ fn verification(
                 "CALLER VERIFICATION IS OFF: this node cannot attribute connections to pods; any process holding a pod's token gets its credentials"
             );
             metrics.set_attribution_mode(ModeInForce::Off);
-            return Ok(Attached::off(format!(
-                "attribution: off (unsupported here: {e:#})"
-            )));
+            return Attached::off(args, format!("attribution: off (unsupported here: {e:#})"));
         }
         Err(e) => {
             return Err(e.context(format!(
@@ -506,12 +533,21 @@ fn verification(
         identifier: Some(Identifier::new(lookup, resolver, layout, metrics.clone())),
         attribution: Some(attribution),
         detail: format!("attribution: {mode} (attached at {})", root.display()),
+        imds,
     })
 }
 
-fn attach(
-    args: &ServerArgs,
-) -> anyhow::Result<(Attribution, CgroupResolver, PodLayout, std::path::PathBuf)> {
+/// The attached programs, how cgroups are resolved, where they attach, and
+/// the IMDS guard (watching pods) if on.
+type AttachedParts = (
+    Attribution,
+    CgroupResolver,
+    PodLayout,
+    std::path::PathBuf,
+    Option<imds::guard::Watching>,
+);
+
+fn attach(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<AttachedParts> {
     capabilities::require(capabilities::ATTRIBUTION)?;
     let mount = match &args.cgroup_mount {
         Some(mount) => mount.clone(),
@@ -535,12 +571,14 @@ fn attach(
     let root_id =
         CgroupResolver::id_of(&root).with_context(|| format!("stat {}", root.display()))?;
     resolver.path_of(root_id)?;
+    let guard = imds::guard::prepare(args, &mount, &layout)?;
     let mut options = AttachOptions {
         cgroup: root.clone(),
         addresses: args.bind_hosts.clone(),
         port: args.port,
         probe_port: args.probe_port,
         pin_dir: args.pin_dir().map(Path::to_owned),
+        imds: guard.as_ref().map(|g| g.attach_options(args)),
     };
     let (attribution, provenance) = match Attribution::attach(&options) {
         Err(AttributionError::Pins(e)) => {
@@ -564,7 +602,11 @@ fn attach(
             )
         }
     }
-    Ok((attribution, resolver, layout, root))
+    let imds = match (guard, attribution.take_imds()) {
+        (Some(guard), Some(maps)) => Some(guard.start(maps, metrics.clone())?),
+        _ => None,
+    };
+    Ok((attribution, resolver, layout, root, imds))
 }
 
 /// Unpins the kernel programs of other builds or configurations.

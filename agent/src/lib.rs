@@ -4,7 +4,7 @@
 //! Folders group what belongs together (docs/architecture.md §1):
 //! `caller` — who opened a connection and whether that is the token's pod;
 //! `serving` — listeners, admission, the request flow, probes;
-//! `telemetry` — metrics, the audit trail, logs. One module per concern
+//! `imds` — the IMDS guard; `telemetry` — metrics, the audit trail, logs. One module per concern
 //! inside each; the request flow reads top to bottom in
 //! `serving::handler`, each step a call into the module that owns it.
 
@@ -45,6 +45,16 @@ pub mod handover {
     pub mod giving;
     pub mod taking;
     pub mod wire;
+}
+
+/// The IMDS guard: which pods reach for the node's own credentials, and
+/// stopping those that may not.
+pub mod imds {
+    pub mod events;
+    pub mod guard;
+    pub mod inventory;
+    pub mod policy;
+    pub mod watch;
 }
 
 /// Metrics, the audit trail, logs.

@@ -47,6 +47,7 @@ fn fixture(extra_listeners: &[SocketAddr]) -> Result<Fixture> {
             port: 80,
             probe_port: 0,
             pin_dir: None,
+            imds: None,
         })?
         .0,
     );
@@ -323,6 +324,7 @@ fn the_programs_coexist_with_a_cnis_in_either_order_and_either_attach_api() -> R
                     port: 80,
                     probe_port: 0,
                     pin_dir: None,
+                    imds: None,
                 })
                 .map(|(attribution, _)| attribution)
                 .with_context(|| format!("{what}: attaching ours"))

@@ -20,11 +20,12 @@ use crate::caller::{pins, syn::SavedSyn};
 
 use agent_ebpf::{
     ACTIVE_MAP, CONFIG_SYMBOL, CONNECTIONS_MAP, Config, ConnKey, ConnOwner, ConnRecord,
-    STAMP_KEY_MAP, StampKey,
+    IMDS_EVENTS_MAP, IMDS_FLOOD_MAP, IMDS_LOST_MAP, IMDS_VERDICTS_MAP, ImdsVerdict, STAMP_KEY_MAP,
+    StampKey,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError},
@@ -163,6 +164,43 @@ pub struct AttachOptions {
     /// upgrade) adopts them and attributes connections opened before it
     /// started. `None`: they are detached when the agent exits.
     pub pin_dir: Option<PathBuf>,
+    /// The IMDS guard, if on.
+    pub imds: Option<ImdsAttach>,
+}
+
+/// What the IMDS guard needs of the kernel programs.
+#[derive(Clone, Debug)]
+pub struct ImdsAttach {
+    /// The IMDS's addresses (at most one per family) and port.
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
+    /// The policy as text: programs pinned under another policy are not
+    /// adopted (their verdicts would be another policy's).
+    pub policy: String,
+    /// Verdicts in place before the programs are attached.
+    pub initial: Vec<(u64, ImdsVerdict)>,
+}
+
+/// The IMDS guard's maps: the verdicts it writes, the events and counts
+/// it reads.
+pub struct ImdsMaps {
+    pub verdicts: HashMap<MapData, u64, ImdsVerdict>,
+    pub events: RingBuf<MapData>,
+    pub lost: PerCpuArray<MapData, u64>,
+    pub flood: HashMap<MapData, u64, agent_ebpf::ImdsFlood>,
+}
+
+impl ImdsMaps {
+    fn open(
+        mut take: impl FnMut(&'static str) -> Result<Map, AttributionError>,
+    ) -> Result<Self, AttributionError> {
+        Ok(ImdsMaps {
+            verdicts: HashMap::try_from(take(IMDS_VERDICTS_MAP)?).map_err(AttributionError::Map)?,
+            events: RingBuf::try_from(take(IMDS_EVENTS_MAP)?).map_err(AttributionError::Map)?,
+            lost: PerCpuArray::try_from(take(IMDS_LOST_MAP)?).map_err(AttributionError::Map)?,
+            flood: HashMap::try_from(take(IMDS_FLOOD_MAP)?).map_err(AttributionError::Map)?,
+        })
+    }
 }
 
 /// How the programs came to be attached.
@@ -191,6 +229,8 @@ pub struct Attribution {
     mac_key: StampKey,
     /// The programs' switch (`agent_ebpf::ACTIVE_MAP`).
     active: std::sync::Mutex<Array<MapData, u32>>,
+    /// Until the IMDS guard takes them.
+    imds: std::sync::Mutex<Option<ImdsMaps>>,
     /// The generation and this agent's hold on it, when pinned.
     pins: Option<(pins::Generation, std::fs::File)>,
     // Own the programs and their links when they are not pinned (dropping
@@ -208,13 +248,22 @@ impl Attribution {
         let mut config = Config::new(&options.addresses, options.port)
             .map_err(|_| AttributionError::TooManyAddresses)?;
         config.probe_port = u32::from(options.probe_port);
+        if let Some(imds) = &options.imds {
+            config = config
+                .with_imds(&imds.addresses, imds.port)
+                .map_err(|_| AttributionError::TooManyAddresses)?;
+        }
         let Some(pin_dir) = &options.pin_dir else {
             return Ok((Self::load(options, &config, None)?, Provenance::Loaded));
         };
+        let policy = options
+            .imds
+            .as_ref()
+            .map_or("", |imds| imds.policy.as_str());
         let generation = pins::Generation::new(
             pin_dir,
             EBPF_OBJECT,
-            &format!("{config:?} {}", options.cgroup.display()),
+            &format!("{config:?} {} {policy}", options.cgroup.display()),
         )?;
         match Self::adopt(&generation) {
             Ok(Some(adopted)) => {
@@ -253,10 +302,12 @@ impl Attribution {
         let mac_key = read_stamp_key(&generation.path(STAMP_KEY_MAP))?;
         let active = Array::try_from(open_pinned(&generation.path(ACTIVE_MAP))?)
             .map_err(AttributionError::Map)?;
+        let imds = ImdsMaps::open(|name| open_pinned(&generation.path(name)))?;
         let attribution = Attribution {
             connections: std::sync::Mutex::new(connections),
             mac_key,
             active: std::sync::Mutex::new(active),
+            imds: std::sync::Mutex::new(Some(imds)),
             pins: Some((generation.clone(), hold)),
             _links: Vec::new(),
             _ebpf: None,
@@ -289,6 +340,19 @@ impl Attribution {
         )
         .map_err(AttributionError::Map)?;
         switch.set(0, 1, 0).map_err(AttributionError::Map)?;
+        // Verdicts before any program can ask for them.
+        if let Some(imds) = &options.imds {
+            let mut verdicts: HashMap<&mut MapData, u64, ImdsVerdict> = HashMap::try_from(
+                ebpf.map_mut(IMDS_VERDICTS_MAP)
+                    .ok_or(AttributionError::MissingMap(IMDS_VERDICTS_MAP))?,
+            )
+            .map_err(AttributionError::Map)?;
+            for (id, verdict) in &imds.initial {
+                verdicts
+                    .insert(id, verdict, 0)
+                    .map_err(AttributionError::Map)?;
+            }
+        }
 
         let cgroup = File::open(&options.cgroup).map_err(|source| AttributionError::Cgroup {
             path: options.cgroup.clone(),
@@ -343,6 +407,7 @@ impl Attribution {
         let connections =
             HashMap::try_from(take(CONNECTIONS_MAP)?).map_err(AttributionError::Map)?;
         let active = Array::try_from(take(ACTIVE_MAP)?).map_err(AttributionError::Map)?;
+        let imds = ImdsMaps::open(&mut take)?;
         let pins = match pins {
             Some(generation) => {
                 let hold = generation.hold()?;
@@ -354,6 +419,7 @@ impl Attribution {
             connections: std::sync::Mutex::new(connections),
             mac_key,
             active: std::sync::Mutex::new(active),
+            imds: std::sync::Mutex::new(Some(imds)),
             pins,
             _links: links,
             _ebpf: Some(ebpf),
@@ -367,6 +433,14 @@ impl Attribution {
         self.pins
             .as_ref()
             .map(|_| crate::handover::wire::prove(&self.mac_key, nonce))
+    }
+
+    /// The IMDS guard's maps, once (the guard owns them from then on).
+    pub fn take_imds(&self) -> Option<ImdsMaps> {
+        self.imds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// The generation's name, when pinned.

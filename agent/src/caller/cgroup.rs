@@ -384,7 +384,7 @@ fn looks_like_pod_or_root(seg: &str) -> bool {
 }
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase hex.
-fn canonical_uid(raw: &str) -> Option<String> {
+pub(crate) fn canonical_uid(raw: &str) -> Option<String> {
     let uid = raw.to_ascii_lowercase();
     let groups: Vec<&str> = uid.split('-').collect();
     let shape_ok = groups.len() == 5

@@ -5,7 +5,7 @@
 //! instead of reloading: connections opened while no agent ran, or under
 //! the previous one, are still attributed (docs/architecture.md §9).
 //!
-//! Layout: `<pin dir>/<generation>/{CONNECTIONS,STAMP_KEY,ACTIVE,connect4,connect6,sock_ops}`.
+//! Layout: `<pin dir>/<generation>/{CONNECTIONS,STAMP_KEY,ACTIVE,IMDS_*,connect4,connect6,sock_ops}`.
 //! A generation is written under a temporary name and renamed into place,
 //! so a directory with the generation's name is always complete.
 //!
@@ -30,10 +30,14 @@ use thiserror::Error;
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
 /// The maps a generation pins: what an adopting agent reads.
-pub const MAPS: [&str; 3] = [
+pub const MAPS: [&str; 7] = [
     agent_ebpf::CONNECTIONS_MAP,
     agent_ebpf::STAMP_KEY_MAP,
     agent_ebpf::ACTIVE_MAP,
+    agent_ebpf::IMDS_VERDICTS_MAP,
+    agent_ebpf::IMDS_EVENTS_MAP,
+    agent_ebpf::IMDS_LOST_MAP,
+    agent_ebpf::IMDS_FLOOD_MAP,
 ];
 /// Its links, pinned under their programs' names.
 const LINKS: [&str; 3] = crate::caller::attribution::PROGRAMS;

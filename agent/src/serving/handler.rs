@@ -51,7 +51,7 @@ pub struct AppState {
     pub served_hosts: Vec<IpAddr>,
     pub credentials: CredentialCache,
     pub metrics: Arc<Metrics>,
-    pub auditor: Auditor,
+    pub auditor: Arc<Auditor>,
     /// Caller verification; `None` when attribution is off.
     pub verification: Option<Verification>,
     /// Who opened a connection (used when it is admitted); `None` when
@@ -547,7 +547,7 @@ mod tests {
                     },
                 ),
                 metrics: metrics.clone(),
-                auditor: Auditor::new("c", Some(&audit_file), metrics.clone()).unwrap(),
+                auditor: Arc::new(Auditor::new("c", Some(&audit_file), metrics.clone()).unwrap()),
                 verification: row.mode.map(|enforce| Verification {
                     enforce,
                     node_name: None,

@@ -64,6 +64,33 @@ pub struct AuditEvent {
     pub latency_ms: f64,
 }
 
+/// One connect to the instance metadata service (or, `aggregated`, the
+/// `count` further connects of the same pod and decision in one interval).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImdsAuditEvent {
+    pub time: String,
+    /// Always `imds-connect`: tells these from credential requests.
+    pub event: &'static str,
+    /// `allow`, `deny`, or `audit-only`.
+    pub decision: &'static str,
+    pub reason: &'static str,
+    /// The guard's mode (`audit`, `enforce`).
+    pub mode: &'static str,
+    pub pod_uid: Option<String>,
+    pub namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub container_id: Option<String>,
+    pub pid: u32,
+    pub process: String,
+    pub cgroup_id: u64,
+    /// Whether the caller shares the node's network namespace (a
+    /// hostNetwork pod, or a node process).
+    pub host_network: bool,
+    pub destination: String,
+    pub count: u64,
+    pub aggregated: bool,
+}
+
 /// Where audit events go. Each event is encoded once; the log line embeds
 /// that encoding, the audit file gets it as a line. Neither write blocks
 /// the request: both go through bounded spools whose drops are counted.
@@ -107,14 +134,9 @@ impl Auditor {
     }
 
     pub fn emit(&self, event: &AuditEvent) {
-        let mut json = match serde_json::to_string(event) {
-            Ok(j) => j,
-            Err(e) => {
-                warn!(error = %e, "audit event could not be encoded");
-                return;
-            }
+        let Some(json) = self.encode(event) else {
+            return;
         };
-        self.metrics.audit_event();
         // The request's one log line, with the reference agent's fields
         // and the event as an object.
         info!(
@@ -124,6 +146,38 @@ impl Auditor {
             audit = json.as_str(),
             "credential request"
         );
+        self.append(json);
+    }
+
+    /// An IMDS guard event: same sinks, same shape (the event as an
+    /// `audit` object in the log line).
+    pub fn emit_imds(&self, event: &ImdsAuditEvent) {
+        let Some(json) = self.encode(event) else {
+            return;
+        };
+        info!(
+            target: AUDIT_TARGET,
+            cluster_name = self.cluster_name,
+            audit = json.as_str(),
+            "imds connect"
+        );
+        self.append(json);
+    }
+
+    fn encode(&self, event: &impl Serialize) -> Option<String> {
+        match serde_json::to_string(event) {
+            Ok(json) => {
+                self.metrics.audit_event();
+                Some(json)
+            }
+            Err(e) => {
+                warn!(error = %e, "audit event could not be encoded");
+                None
+            }
+        }
+    }
+
+    fn append(&self, mut json: String) {
         if let Some(file) = &self.file {
             json.push('\n');
             // Whole lines: those of concurrent requests never interleave.

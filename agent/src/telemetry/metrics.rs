@@ -59,6 +59,9 @@ pub struct Metrics {
     connections_refused: IntCounterVec,
     audit_events: IntCounter,
     lines_dropped: IntCounterVec,
+    imds_connects: IntCounterVec,
+    imds_events_lost: IntCounter,
+    imds_pods: IntGauge,
     /// The series every served request counts, looked up once.
     hot: Hot,
 }
@@ -212,7 +215,7 @@ impl Metrics {
             audit_events: registered(&r, || {
                 IntCounter::new(
                     "pod_identity_audit_events_total",
-                    "Audit events emitted (one per credential request answered)",
+                    "Audit events emitted (one per credential request answered; one per IMDS connect or summary of connects)",
                 )
             }),
             lines_dropped: counters(
@@ -221,9 +224,41 @@ impl Metrics {
                 "Log and audit lines lost: their writer's queue was full (reason=queue-full, the output too slow) or the output refused the write (reason=write-error); sink=stdout|audit-file",
                 &["sink", "reason"],
             ),
+            imds_connects: counters(
+                &r,
+                "pod_identity_imds_connects_total",
+                "Connects to the instance metadata service by pod namespace (_node: node processes, _unclassified: pods not classified yet, _other: namespaces beyond the first 256) and decision (allow|deny|audit-only)",
+                &["namespace", "decision"],
+            ),
+            imds_events_lost: registered(&r, || {
+                IntCounter::new(
+                    "pod_identity_imds_events_lost_total",
+                    "IMDS connects the kernel could not report: its ring buffer was full",
+                )
+            }),
+            imds_pods: registered(&r, || {
+                IntGauge::new(
+                    "pod_identity_imds_classified_pods",
+                    "Pods the IMDS guard has classified (a verdict of their own in the kernel)",
+                )
+            }),
             hot: Hot::default(),
             registry: r,
         }
+    }
+
+    pub fn imds_connects(&self, namespace: &str, decision: &str, connects: u64) {
+        self.imds_connects
+            .with_label_values(&[namespace, decision])
+            .inc_by(connects);
+    }
+
+    pub fn imds_events_lost(&self, events: u64) {
+        self.imds_events_lost.inc_by(events);
+    }
+
+    pub fn set_imds_pods(&self, pods: usize) {
+        self.imds_pods.set(pods as i64);
     }
 
     pub fn audit_event(&self) {

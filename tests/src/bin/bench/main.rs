@@ -174,6 +174,7 @@ fn attribution_cost(
         port: 80,
         probe_port: 0,
         pin_dir: None,
+        imds: None,
     })?
     .0;
     let with_other = best(|| connect_ns(cgroup, &net.netns, other))?;

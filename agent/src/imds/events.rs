@@ -1,0 +1,357 @@
+//! Reads the kernel's IMDS events and turns them into audit events and
+//! metrics, aggregated per pod: the first connect of a (pod, decision) in
+//! an interval is recorded at once, with everything the kernel and the
+//! inventory know of it; the rest of the interval's connects — those
+//! published and those the kernel only counted (`IMDS_FLOOD`) — become one
+//! summary event with their `count` at the interval's end. A pod that
+//! connects in a loop costs two audit lines per interval.
+//!
+//! Only the serving agent reads (two agents sharing pinned programs would
+//! split the ring between them): reading pauses while a successor serves.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agent_ebpf::{
+    IMDS_REASON_NODE, IMDS_REASON_UNCLASSIFIED, ImdsEvent, ImdsFlood, RawAddr, is_v4_mapped,
+};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::watch};
+use tracing::warn;
+
+use super::{
+    inventory::PodTable,
+    policy::{decision_label, reason_label},
+};
+use crate::{
+    caller::cgroup::{CgroupResolver, PodLayout},
+    serving::server::Accepting,
+    telemetry::{
+        audit::{Auditor, ImdsAuditEvent},
+        metrics::Metrics,
+    },
+};
+
+/// Distinct namespaces the connects metric labels; the rest are `_other`.
+const MAX_NAMESPACE_LABELS: usize = 256;
+
+/// The kernel side the reader consumes.
+pub struct KernelEvents {
+    pub ring: RingBuf<MapData>,
+    pub lost: PerCpuArray<MapData, u64>,
+    pub flood: BpfHashMap<MapData, u64, ImdsFlood>,
+}
+
+/// What the reader needs besides the kernel.
+pub struct Context {
+    pub pods: Arc<PodTable>,
+    pub resolver: CgroupResolver,
+    pub layout: PodLayout,
+    pub auditor: Arc<Auditor>,
+    pub metrics: Arc<Metrics>,
+    pub mode: &'static str,
+    pub interval: Duration,
+}
+
+/// A (scope, decision)'s connects in the current interval after the first.
+struct Pending {
+    template: ImdsAuditEvent,
+    more: u64,
+}
+
+struct Reader {
+    kernel_lost: PerCpuArray<MapData, u64>,
+    flood: BpfHashMap<MapData, u64, ImdsFlood>,
+    cx: Context,
+    /// The node's network namespace (this agent's: it runs hostNetwork).
+    host_netns: Option<u64>,
+    pending: HashMap<(u64, &'static str), Pending>,
+    /// Last event seen per scope: who the kernel's counted connects are.
+    last_seen: HashMap<u64, ImdsAuditEvent>,
+    /// `IMDS_FLOOD`'s counts already reported, per scope.
+    reported: HashMap<u64, [u64; 3]>,
+    lost_reported: u64,
+    namespaces: HashSet<String>,
+}
+
+/// Runs until the agent stops: reads events as they come, settles the
+/// interval's summaries on each tick, and pauses while `accepting` is not
+/// `Yes` (settling first).
+pub async fn run(
+    kernel: KernelEvents,
+    cx: Context,
+    mut accepting: watch::Receiver<Accepting>,
+) -> std::io::Result<()> {
+    // SAFETY: the ring owns its map's descriptor, open and unchanged for
+    // as long as the AsyncFd holds it.
+    let mut ring = unsafe { AsyncFd::register(kernel.ring) }.map_err(std::io::Error::from)?;
+    let mut reader = Reader {
+        host_netns: own_netns_cookie(),
+        reported: kernel
+            .flood
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(scope, flood)| (scope, flood.suppressed))
+            .collect(),
+        lost_reported: sum(&kernel.lost),
+        kernel_lost: kernel.lost,
+        flood: kernel.flood,
+        pending: HashMap::new(),
+        last_seen: HashMap::new(),
+        namespaces: HashSet::new(),
+        cx,
+    };
+    let mut tick = tokio::time::interval(reader.cx.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if *accepting.borrow_and_update() != Accepting::Yes {
+            reader.settle();
+            if accepting.changed().await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if let Some(event) = parse(&item) {
+                        reader.event(&event);
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => reader.settle(),
+            changed = accepting.changed() => {
+                if changed.is_err() {
+                    reader.settle();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Option<ImdsEvent> {
+    (bytes.len() >= std::mem::size_of::<ImdsEvent>()).then(|| {
+        // SAFETY: the length is checked; ImdsEvent is plain integers.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ImdsEvent>()) }
+    })
+}
+
+fn sum(lost: &PerCpuArray<MapData, u64>) -> u64 {
+    lost.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
+}
+
+impl Reader {
+    fn event(&mut self, event: &ImdsEvent) {
+        let decision = decision_label(event.verdict.decision);
+        let record = self.describe(event);
+        let label = self.namespace_label(event.verdict.reason, record.namespace.as_deref());
+        self.cx.metrics.imds_connects(&label, decision, 1);
+        self.last_seen.insert(event.scope_id, record.clone());
+        match self.pending.get_mut(&(event.scope_id, decision)) {
+            Some(pending) => {
+                pending.more += 1;
+                pending.template = record;
+            }
+            None => {
+                self.cx.auditor.emit_imds(&record);
+                self.pending.insert(
+                    (event.scope_id, decision),
+                    Pending {
+                        template: record,
+                        more: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Everything the agent knows of the connect.
+    fn describe(&self, event: &ImdsEvent) -> ImdsAuditEvent {
+        let (pod, container) = match event.verdict.reason {
+            IMDS_REASON_NODE => (None, None),
+            _ => {
+                let placed = self
+                    .cx
+                    .resolver
+                    .path_of(event.cgroup_id)
+                    .ok()
+                    .flatten()
+                    .and_then(|path| self.cx.layout.pod_of_path(&path).ok().flatten());
+                let pod = (event.verdict.reason != IMDS_REASON_UNCLASSIFIED)
+                    .then(|| self.cx.pods.get(event.scope_id))
+                    .flatten();
+                (pod, placed)
+            }
+        };
+        ImdsAuditEvent {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event: "imds-connect",
+            decision: decision_label(event.verdict.decision),
+            reason: reason_label(event.verdict.reason),
+            mode: self.cx.mode,
+            pod_uid: pod
+                .as_ref()
+                .map(|p| p.uid.clone())
+                .or_else(|| container.as_ref().map(|c| c.pod_uid.clone())),
+            namespace: pod.as_ref().map(|p| p.namespace.clone()),
+            pod_name: pod.as_ref().map(|p| p.name.clone()),
+            container_id: container.and_then(|c| c.container_id),
+            pid: (event.pid_tgid >> 32) as u32,
+            process: String::from_utf8_lossy(agent_ebpf::comm_str(&event.comm)).into_owned(),
+            cgroup_id: event.cgroup_id,
+            host_network: self.host_netns == Some(event.netns_cookie),
+            destination: SocketAddr::new(ip(&event.dst_addr), event.dst_port as u16).to_string(),
+            count: 1,
+            aggregated: false,
+        }
+    }
+
+    /// The connects metric's namespace label: bounded.
+    fn namespace_label(&mut self, reason: u32, namespace: Option<&str>) -> String {
+        match (reason, namespace) {
+            (IMDS_REASON_NODE, _) => "_node".into(),
+            (_, None) => "_unclassified".into(),
+            (_, Some(ns)) => {
+                if self.namespaces.contains(ns) || self.namespaces.len() < MAX_NAMESPACE_LABELS {
+                    self.namespaces.insert(ns.to_owned());
+                    ns.to_owned()
+                } else {
+                    "_other".into()
+                }
+            }
+        }
+    }
+
+    /// The interval ends: the kernel's counted connects join their scope's
+    /// summary, every summary is emitted, losses are reported, and scopes
+    /// whose cgroup is gone are forgotten.
+    fn settle(&mut self) {
+        let counts: Vec<(u64, ImdsFlood)> = self.flood.iter().filter_map(Result::ok).collect();
+        for (scope, flood) in counts {
+            let before = self
+                .reported
+                .insert(scope, flood.suppressed)
+                .unwrap_or_default();
+            for (slot, decision) in ["allow", "deny", "audit-only"].into_iter().enumerate() {
+                let more = flood.suppressed[slot].saturating_sub(before[slot]);
+                if more > 0 {
+                    self.counted(scope, decision, more);
+                }
+            }
+            if self.cx.resolver.path_of(scope).ok().flatten().is_none() {
+                let _ = self.flood.remove(&scope);
+                self.reported.remove(&scope);
+                self.last_seen.remove(&scope);
+            }
+        }
+        for (_, pending) in self.pending.drain() {
+            if pending.more > 0 {
+                let mut summary = pending.template;
+                summary.time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+                summary.count = pending.more;
+                summary.aggregated = true;
+                self.cx.auditor.emit_imds(&summary);
+            }
+        }
+        let lost = sum(&self.kernel_lost);
+        if lost > self.lost_reported {
+            let more = lost - self.lost_reported;
+            self.cx.metrics.imds_events_lost(more);
+            warn!(
+                lost = more,
+                "IMDS guard: the kernel's event ring was full; connects went unrecorded (counted in pod_identity_imds_events_lost_total)"
+            );
+        }
+        self.lost_reported = lost;
+    }
+
+    /// `more` connects of `scope` the kernel counted without an event.
+    fn counted(&mut self, scope: u64, decision: &'static str, more: u64) {
+        let template = self
+            .last_seen
+            .get(&scope)
+            .cloned()
+            .unwrap_or_else(|| ImdsAuditEvent {
+                event: "imds-connect",
+                decision,
+                reason: "unknown",
+                mode: self.cx.mode,
+                cgroup_id: scope,
+                ..ImdsAuditEvent::default()
+            });
+        let reason = match template.reason {
+            "node-process" => IMDS_REASON_NODE,
+            "unclassified" | "unknown" => IMDS_REASON_UNCLASSIFIED,
+            _ => u32::MAX,
+        };
+        let label = self.namespace_label(reason, template.namespace.as_deref());
+        self.cx.metrics.imds_connects(&label, decision, more);
+        let pending = self.pending.entry((scope, decision)).or_insert(Pending {
+            template: ImdsAuditEvent {
+                decision,
+                ..template
+            },
+            more: 0,
+        });
+        pending.more += more;
+    }
+}
+
+fn ip(raw: &RawAddr) -> IpAddr {
+    if is_v4_mapped(raw) {
+        return IpAddr::V4(Ipv4Addr::from(raw[3].to_ne_bytes()));
+    }
+    let mut octets = [0u8; 16];
+    for (i, word) in raw.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    IpAddr::V6(Ipv6Addr::from(octets))
+}
+
+/// This process's network namespace cookie (`SO_NETNS_COOKIE`, Linux
+/// 5.14+): the agent runs in the node's, so an event from a socket in the
+/// same namespace is a hostNetwork caller's. `None` where unsupported.
+fn own_netns_cookie() -> Option<u64> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    // SAFETY: a plain socket(2); the fd is owned (and closed) below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned to us.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_read_back_from_the_kernel_form() {
+        for text in ["169.254.169.254", "fd00:ec2::254"] {
+            let addr: IpAddr = text.parse().unwrap();
+            assert_eq!(ip(&agent_ebpf::raw_ip(addr)), addr);
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Which cgroup is which pod, by name: the kubelet's pod cgroups (from the
+//! cgroup tree) joined with its pod log directories
+//! (`<namespace>_<pod>_<uid>`), so the guard knows a pod's namespace and
+//! name without the Kubernetes API — and the verdict map that follows.
+//!
+//! Pure state: the watcher (`imds::watch`) feeds it what it finds on disk
+//! and writes the [`Change`]s it returns to the kernel map.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use agent_ebpf::ImdsVerdict;
+
+use super::policy::{ImdsPolicy, is_dns_label};
+use crate::caller::cgroup::canonical_uid;
+
+/// A classified pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A write to the kernel's verdict map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Set(u64, ImdsVerdict),
+    Remove(u64),
+}
+
+/// A kubelet pod log directory's name: `(uid, namespace, pod name)`.
+/// Namespaces (DNS labels) and pod names (DNS subdomains) never hold `_`,
+/// so the first and last `_` split it.
+pub fn parse_log_dir(name: &str) -> Option<PodInfo> {
+    let (namespace, rest) = name.split_once('_')?;
+    let (pod, uid) = rest.rsplit_once('_')?;
+    let valid_pod = !pod.is_empty()
+        && pod.len() <= 253
+        && pod
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !is_dns_label(namespace) || !valid_pod {
+        return None;
+    }
+    // kubelet writes the UID as the API gives it: canonical already.
+    let uid = canonical_uid(uid).filter(|c| c == uid)?;
+    Some(PodInfo {
+        uid,
+        namespace: namespace.to_owned(),
+        name: pod.to_owned(),
+    })
+}
+
+/// Classified pods by their pod cgroup's id: what the event reader names
+/// a connect's pod with. Written by the watcher only.
+#[derive(Default)]
+pub struct PodTable(RwLock<HashMap<u64, Arc<PodInfo>>>);
+
+impl PodTable {
+    pub fn get(&self, cgroup_id: u64) -> Option<Arc<PodInfo>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&cgroup_id)
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<PodInfo>>> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What is on disk, in full (a scan).
+#[derive(Clone, Debug, Default)]
+pub struct Found {
+    /// kubelet's pod roots: (path relative to the cgroup2 mount, cgroup id).
+    pub roots: Vec<(String, u64)>,
+    /// Pod cgroups: (relative path, pod UID, cgroup id).
+    pub pods: Vec<(String, String, u64)>,
+    /// Pod log directory names.
+    pub logs: Vec<String>,
+}
+
+/// The guard's knowledge of the node's pods.
+pub struct Inventory {
+    policy: ImdsPolicy,
+    roots: HashMap<String, u64>,
+    /// Pod cgroup path → (UID, cgroup id).
+    cgroups: HashMap<String, (String, u64)>,
+    /// UID → the pod its log directory names.
+    named: HashMap<String, Arc<PodInfo>>,
+    table: Arc<PodTable>,
+}
+
+impl Inventory {
+    pub fn new(policy: ImdsPolicy, table: Arc<PodTable>) -> Inventory {
+        Inventory {
+            policy,
+            roots: HashMap::new(),
+            cgroups: HashMap::new(),
+            named: HashMap::new(),
+            table,
+        }
+    }
+
+    /// Replaces everything with a full scan; the kernel writes that take
+    /// the map from what was to what is.
+    pub fn resync(&mut self, found: Found) -> Vec<Change> {
+        self.update(|inv| {
+            inv.roots = found.roots.into_iter().collect();
+            inv.cgroups = found
+                .pods
+                .into_iter()
+                .map(|(path, uid, id)| (path, (uid, id)))
+                .collect();
+            inv.named = found
+                .logs
+                .iter()
+                .filter_map(|name| parse_log_dir(name))
+                .map(|pod| (pod.uid.clone(), Arc::new(pod)))
+                .collect();
+        })
+    }
+
+    pub fn pod_cgroup_found(&mut self, path: String, uid: String, id: u64) -> Vec<Change> {
+        self.update(|inv| {
+            inv.cgroups.insert(path, (uid, id));
+        })
+    }
+
+    /// The pod's cgroup is gone: so is its entry.
+    pub fn cgroup_gone(&mut self, path: &str) -> Vec<Change> {
+        self.update(|inv| {
+            inv.cgroups.remove(path);
+        })
+    }
+
+    pub fn log_dir_found(&mut self, name: &str) -> Vec<Change> {
+        let Some(pod) = parse_log_dir(name) else {
+            return Vec::new();
+        };
+        self.update(|inv| {
+            inv.named.insert(pod.uid.clone(), Arc::new(pod));
+        })
+    }
+
+    /// kubelet removes a pod's logs after the pod; its entry stays as long
+    /// as its cgroup does.
+    pub fn log_dir_gone(&mut self, name: &str) {
+        if let Some(pod) = parse_log_dir(name) {
+            self.named.remove(&pod.uid);
+        }
+    }
+
+    /// Pods classified (with an entry of their own in the kernel map).
+    pub fn classified(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether `path` is a pod cgroup the inventory holds.
+    pub fn holds_cgroup(&self, path: &str) -> bool {
+        self.cgroups.contains_key(path)
+    }
+
+    /// The map entries the inventory implies: each root (for pods not
+    /// classified yet) and each pod whose cgroup and log directory are both
+    /// known. A pod classified once keeps its verdict while its cgroup
+    /// lives (its logs may go first).
+    fn entries(&self) -> HashMap<u64, (ImdsVerdict, Option<Arc<PodInfo>>)> {
+        let mut entries: HashMap<_, _> = self
+            .roots
+            .values()
+            .map(|&id| (id, (self.policy.unclassified(), None)))
+            .collect();
+        for (uid, id) in self.cgroups.values() {
+            let pod = self
+                .named
+                .get(uid)
+                .cloned()
+                .or_else(|| self.table.get(*id).filter(|p| p.uid == *uid));
+            if let Some(pod) = pod {
+                let verdict = self.policy.pod(&pod.namespace, &pod.name);
+                entries.insert(*id, (verdict, Some(pod)));
+            }
+        }
+        entries
+    }
+
+    fn update(&mut self, change: impl FnOnce(&mut Inventory)) -> Vec<Change> {
+        let before = self.entries();
+        change(self);
+        let after = self.entries();
+        let mut changes = Vec::new();
+        let mut table = self.table.write();
+        for (id, (verdict, pod)) in &after {
+            if before.get(id).map(|(v, _)| v) != Some(verdict) {
+                changes.push(Change::Set(*id, *verdict));
+            }
+            match pod {
+                Some(pod) => {
+                    table.insert(*id, pod.clone());
+                }
+                None => {
+                    table.remove(id);
+                }
+            }
+        }
+        for id in before.keys().filter(|id| !after.contains_key(id)) {
+            changes.push(Change::Remove(*id));
+            table.remove(id);
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imds::policy::{AllowRule, ImdsMode};
+    use agent_ebpf::{IMDS_ALLOW, IMDS_DENY, IMDS_REASON_NAMESPACE, IMDS_REASON_NOT_ALLOWED};
+
+    const UID_A: &str = "0cc175b9-c0f1-b6a8-31c3-99e269772661";
+    const UID_B: &str = "92eb5ffe-e6ae-2fec-3ad7-1c777531578f";
+
+    #[test]
+    fn log_directory_names_parse_as_kubelet_writes_them() {
+        let cases = [
+            (
+                format!("kube-system_aws-node-x7x2k_{UID_A}"),
+                Some(("kube-system", "aws-node-x7x2k")),
+            ),
+            (
+                format!("default_web.v2-0_{UID_A}"),
+                Some(("default", "web.v2-0")),
+            ),
+            (format!("default__{UID_A}"), None),
+            (format!("Default_web_{UID_A}"), None),
+            (format!("default_web_{}", UID_A.to_uppercase()), None),
+            ("default_web_not-a-uid".to_owned(), None),
+            (format!("default_a_b_{UID_A}"), None),
+            (UID_A.to_owned(), None),
+        ];
+        for (name, expected) in cases {
+            let got = parse_log_dir(&name).map(|p| (p.namespace, p.name));
+            let expected = expected.map(|(ns, pod)| (ns.to_owned(), pod.to_owned()));
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_pod_is_classified_once_both_its_cgroup_and_its_logs_are_seen() {
+        let policy = ImdsPolicy::new(
+            ImdsMode::Enforce,
+            vec![AllowRule::parse("kube-system").unwrap()],
+            None,
+        );
+        let table = Arc::new(PodTable::default());
+        let mut inv = Inventory::new(policy.clone(), table.clone());
+        let changes = inv.resync(Found {
+            roots: vec![("kubepods".into(), 10)],
+            ..Found::default()
+        });
+        assert_eq!(changes, vec![Change::Set(10, policy.unclassified())]);
+
+        // Cgroup first (kubelet's order), then the log directory.
+        assert!(
+            inv.pod_cgroup_found("kubepods/podA".into(), UID_A.into(), 11)
+                .is_empty()
+        );
+        let allowed = ImdsVerdict {
+            decision: IMDS_ALLOW,
+            reason: IMDS_REASON_NAMESPACE,
+        };
+        assert_eq!(
+            inv.log_dir_found(&format!("kube-system_aws-node_{UID_A}")),
+            vec![Change::Set(11, allowed)]
+        );
+        assert_eq!(
+            table.get(11).map(|p| p.name.clone()),
+            Some("aws-node".into())
+        );
+        // Logs first, then the cgroup.
+        assert!(
+            inv.log_dir_found(&format!("default_app_{UID_B}"))
+                .is_empty()
+        );
+        let denied = ImdsVerdict {
+            decision: IMDS_DENY,
+            reason: IMDS_REASON_NOT_ALLOWED,
+        };
+        assert_eq!(
+            inv.pod_cgroup_found("kubepods/podB".into(), UID_B.into(), 12),
+            vec![Change::Set(12, denied)]
+        );
+        // Logs removed first: the verdict stays while the cgroup lives.
+        inv.log_dir_gone(&format!("kube-system_aws-node_{UID_A}"));
+        assert!(
+            inv.pod_cgroup_found("kubepods/podB".into(), UID_B.into(), 12)
+                .is_empty()
+        );
+        assert_eq!(inv.cgroup_gone("kubepods/podA"), vec![Change::Remove(11)]);
+        assert!(table.get(11).is_none());
+        // A full rescan that finds pod B gone and nothing new.
+        let changes = inv.resync(Found {
+            roots: vec![("kubepods".into(), 10)],
+            pods: Vec::new(),
+            logs: Vec::new(),
+        });
+        assert_eq!(changes, vec![Change::Remove(12)]);
+        assert!(table.is_empty());
+    }
+}

@@ -1,0 +1,283 @@
+//! Keeps the kernel's verdict map in step with the node's pods: one scan
+//! at start, then inotify on kubelet's pod roots, their QoS levels and the
+//! pod log directory — never a poll, never work per connect. kubelet
+//! creates a pod's cgroup, then its log directory, then starts its
+//! containers: the pod is classified between the last two.
+//!
+//! A thread of its own blocked in `read(2)` on the inotify descriptor, so
+//! a new pod's verdict lands microseconds after kubelet's `mkdir`, whatever
+//! the request path is doing.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use agent_ebpf::ImdsVerdict;
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use tracing::{debug, error, info, warn};
+
+use super::inventory::{Change, Found, Inventory};
+use crate::{
+    caller::cgroup::{CgroupResolver, PodLayout},
+    telemetry::metrics::Metrics,
+};
+
+/// The kernel's verdict map, as the agent writes it.
+pub type VerdictMap = BpfHashMap<MapData, u64, ImdsVerdict>;
+
+/// Where pods are found.
+pub struct Sources {
+    pub resolver: CgroupResolver,
+    pub layout: PodLayout,
+    pub log_dir: PathBuf,
+}
+
+impl Sources {
+    /// Everything on disk now.
+    pub fn scan(&self) -> Found {
+        let mut found = Found::default();
+        for root in self.layout.roots() {
+            let Ok(id) = CgroupResolver::id_of(&self.resolver.mount().join(root)) else {
+                continue;
+            };
+            found.roots.push((root.to_owned(), id));
+            for child in subdirectories(&self.resolver.mount().join(root)) {
+                let rel = format!("{root}/{child}");
+                match self.pod_dir(&rel) {
+                    Some((uid, id)) => found.pods.push((rel, uid, id)),
+                    None => {
+                        for grandchild in subdirectories(&self.resolver.mount().join(&rel)) {
+                            let rel = format!("{rel}/{grandchild}");
+                            if let Some((uid, id)) = self.pod_dir(&rel) {
+                                found.pods.push((rel, uid, id));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        found.logs = self.log_dirs();
+        found
+    }
+
+    /// `(pod UID, cgroup id)` if `rel` is a pod-level cgroup in kubelet's
+    /// layout, owned by root all the way down.
+    fn pod_dir(&self, rel: &str) -> Option<(String, u64)> {
+        let pod = self.layout.pod_of_path(rel).ok()??;
+        if pod.container_id.is_some() || pod.pod_path != rel {
+            return None;
+        }
+        self.resolver.require_root_owned(rel).ok()?;
+        let id = CgroupResolver::id_of(&self.resolver.mount().join(rel)).ok()?;
+        Some((pod.pod_uid, id))
+    }
+
+    /// The pod log directories kubelet made (root's; others are not its).
+    fn log_dirs(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.log_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == 0))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    }
+
+    fn log_dir_is_roots(&self, name: &OsStr) -> bool {
+        std::fs::symlink_metadata(self.log_dir.join(name)).is_ok_and(|m| m.is_dir() && m.uid() == 0)
+    }
+}
+
+fn subdirectories(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Writes `changes` to the kernel map; what fails is logged (the map keeps
+/// the previous verdict, or none: the pod root's).
+pub fn apply(map: &mut VerdictMap, changes: &[Change]) {
+    for change in changes {
+        let result = match *change {
+            Change::Set(id, verdict) => map.insert(id, verdict, 0),
+            Change::Remove(id) => match map.remove(&id) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = result {
+            error!(error = %e, ?change, "IMDS guard: writing the kernel's verdict map failed");
+        }
+    }
+}
+
+/// What a watch is on.
+#[derive(Clone, Debug)]
+enum Watched {
+    /// A pod root or a QoS level (relative path).
+    Cgroups(String),
+    Logs,
+}
+
+const CGROUP_EVENTS: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::ONLYDIR);
+
+/// Starts the watcher thread: it rescans (catching what changed since the
+/// first scan) and then follows every change.
+pub fn spawn(
+    sources: Sources,
+    mut inventory: Inventory,
+    mut map: VerdictMap,
+    metrics: Arc<Metrics>,
+) -> io::Result<()> {
+    let inotify = Inotify::init()?;
+    let mut watches: HashMap<WatchDescriptor, Watched> = HashMap::new();
+    match inotify.watches().add(&sources.log_dir, CGROUP_EVENTS) {
+        Ok(wd) => {
+            watches.insert(wd, Watched::Logs);
+        }
+        Err(e) => {
+            warn!(error = %e, dir = %sources.log_dir.display(), "IMDS guard: the pod log directory cannot be watched; pods stay unclassified (mount kubelet's /var/log/pods read-only, or set --pod-log-dir)");
+        }
+    }
+    std::thread::Builder::new()
+        .name("imds-watch".into())
+        .spawn(move || {
+            let mut watcher = Watcher {
+                inotify,
+                watches,
+                sources,
+            };
+            watcher.resync(&mut inventory, &mut map, &metrics);
+            watcher.follow(&mut inventory, &mut map, &metrics);
+        })?;
+    Ok(())
+}
+
+struct Watcher {
+    inotify: Inotify,
+    watches: HashMap<WatchDescriptor, Watched>,
+    sources: Sources,
+}
+
+impl Watcher {
+    /// Watches every root and QoS level (anew: removed ones drop out by
+    /// themselves), then replaces the inventory with a full scan.
+    fn resync(&mut self, inventory: &mut Inventory, map: &mut VerdictMap, metrics: &Metrics) {
+        let roots: Vec<String> = self.sources.layout.roots().map(str::to_owned).collect();
+        for root in roots {
+            self.watch_cgroups(&root);
+            for child in subdirectories(&self.sources.resolver.mount().join(&root)) {
+                let rel = format!("{root}/{child}");
+                if self.sources.pod_dir(&rel).is_none() {
+                    self.watch_cgroups(&rel);
+                }
+            }
+        }
+        let changes = inventory.resync(self.sources.scan());
+        apply(map, &changes);
+        metrics.set_imds_pods(inventory.classified());
+    }
+
+    fn watch_cgroups(&mut self, rel: &str) {
+        let path = self.sources.resolver.mount().join(rel);
+        match self.inotify.watches().add(&path, CGROUP_EVENTS) {
+            Ok(wd) => {
+                self.watches.insert(wd, Watched::Cgroups(rel.to_owned()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(error = %e, path = %path.display(), "IMDS guard: cannot watch a pod cgroup directory")
+            }
+        }
+    }
+
+    fn follow(&mut self, inventory: &mut Inventory, map: &mut VerdictMap, metrics: &Metrics) {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let events = match self.inotify.read_events_blocking(&mut buffer) {
+                Ok(events) => events,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!(error = %e, "IMDS guard: reading inotify failed; pods started from now on stay unclassified");
+                    return;
+                }
+            };
+            let mut rescan = false;
+            let mut changes = Vec::new();
+            let mut new_levels = Vec::new();
+            for event in events {
+                if event.mask.contains(EventMask::Q_OVERFLOW) {
+                    rescan = true;
+                    continue;
+                }
+                if event.mask.contains(EventMask::IGNORED) {
+                    self.watches.remove(&event.wd);
+                    continue;
+                }
+                let (Some(name), Some(watched)) = (event.name, self.watches.get(&event.wd)) else {
+                    continue;
+                };
+                let appeared = event
+                    .mask
+                    .intersects(EventMask::CREATE | EventMask::MOVED_TO);
+                match watched {
+                    Watched::Logs => {
+                        let Some(name) = name.to_str() else { continue };
+                        if appeared && self.sources.log_dir_is_roots(OsStr::new(name)) {
+                            changes.extend(inventory.log_dir_found(name));
+                        } else if !appeared {
+                            inventory.log_dir_gone(name);
+                        }
+                    }
+                    Watched::Cgroups(parent) => {
+                        let Some(name) = name.to_str() else { continue };
+                        let rel = format!("{parent}/{name}");
+                        if !appeared {
+                            if inventory.holds_cgroup(&rel) {
+                                changes.extend(inventory.cgroup_gone(&rel));
+                            }
+                        } else if let Some((uid, id)) = self.sources.pod_dir(&rel) {
+                            changes.extend(inventory.pod_cgroup_found(rel, uid, id));
+                        } else if self.sources.layout.roots().any(|r| r == parent) {
+                            // A QoS level made after start: watch it, and
+                            // take what it already holds.
+                            new_levels.push(rel);
+                        }
+                    }
+                }
+            }
+            apply(map, &changes);
+            for level in new_levels {
+                self.watch_cgroups(&level);
+                for child in subdirectories(&self.sources.resolver.mount().join(&level)) {
+                    let rel = format!("{level}/{child}");
+                    if let Some((uid, id)) = self.sources.pod_dir(&rel) {
+                        apply(map, &inventory.pod_cgroup_found(rel, uid, id));
+                    }
+                }
+            }
+            if rescan {
+                info!("IMDS guard: inotify queue overflowed; rescanning pods");
+                self.resync(inventory, map, metrics);
+            }
+            debug!(changes = changes.len(), "IMDS guard: pods updated");
+            metrics.set_imds_pods(inventory.classified());
+        }
+    }
+}
