@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod fake_eks_auth;
 pub mod foreign_bpf;
 pub mod http;
+pub mod imds;
 pub mod manifest;
 pub mod names;
 pub mod netns;

@@ -158,6 +158,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("imds-watch".into())
         .spawn(move || {
+            promptly();
             let mut watcher = Watcher {
                 inotify,
                 watches,
@@ -167,6 +168,22 @@ pub fn spawn(
             watcher.follow(&mut inventory, &mut map, &metrics);
         })?;
     Ok(())
+}
+
+/// Puts this thread in the real-time class (lowest priority): it sleeps
+/// in `read(2)` nearly always and does microseconds of work per event, so
+/// it costs the node nothing — but a new pod's verdict then lands as soon
+/// as kubelet's `mkdir` wakes it, not when a busy CPU next gets round to
+/// it. Without CAP_SYS_NICE it stays an ordinary thread (said once).
+fn promptly() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on the calling thread with a valid param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        info!(
+            error = %io::Error::last_os_error(),
+            "IMDS guard: the pod watcher runs at normal priority (no CAP_SYS_NICE); a pod's verdict may land a moment after its cgroup and logs appear"
+        );
+    }
 }
 
 struct Watcher {

@@ -11,6 +11,8 @@
 //!   requests, each a new connection, taking the file's tokens (one per
 //!   line) in turn; prints how many got each status.
 //! * `pod-client connect-bench ADDR COUNT`: COUNT connect/close; prints ns.
+//! * `pod-client imds-connect ADDR COUNT`: COUNT connects; prints how many
+//!   connected and how many the IMDS guard refused (EPERM).
 //! * `pod-client http-load ADDR PATH TOKEN_FILE SECONDS`,
 //!   `pod-client keepalive ADDR TOKEN_FILE COUNT PAUSE_MS`,
 //!   `pod-client outage ADDR TOKEN_FILE SECONDS`,
@@ -49,6 +51,7 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd] if cmd == "sdk-credentials" => sdk_credentials(),
         [cmd, addr, token_file, count] if cmd == "http-get" => http_get(addr, token_file, count),
         [cmd, addr, count] if cmd == "connect-bench" => connect_bench(addr, count),
+        [cmd, addr, count] if cmd == "imds-connect" => imds_connect(addr, count),
         [cmd, addr, path, token_file, seconds] if cmd == "http-load" => {
             load::http_load(addr, path, token_file, seconds)
         }
@@ -98,6 +101,37 @@ fn connect(addr: &str, count: &str) -> Result<(), String> {
             .read_to_end(&mut sink)
             .map_err(|e| format!("read {addr} (#{i}): {e}"))?;
     }
+    Ok(())
+}
+
+/// COUNT connect()+close() to ADDR (the instance metadata service), each on
+/// a new socket, as fast as possible; prints how many connected, how many
+/// were refused with EPERM (the IMDS guard) and how many failed otherwise.
+fn imds_connect(addr: &str, count: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let count: u32 = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    let (mut connected, mut eperm, mut failed) = (0u32, 0u32, 0u32);
+    let mut last_error = String::new();
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(_) => connected += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            Err(e) => {
+                failed += 1;
+                last_error = e.to_string();
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "pid": std::process::id(),
+            "connected": connected,
+            "eperm": eperm,
+            "failed": failed,
+            "last_error": last_error,
+        })
+    );
     Ok(())
 }
 

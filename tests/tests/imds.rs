@@ -1,0 +1,370 @@
+//! The IMDS guard end to end: the real agent with its kernel programs
+//! attached to this test's cgroup subtree, a fake instance metadata service
+//! on 169.254.169.254:80 and [fd00:ec2::254]:80 in the node's namespace,
+//! pods laid out as kubelet lays them out (cgroup, then log directory),
+//! each connecting from its own cgroup: pod A in its own network namespace,
+//! pod B hostNetwork (the case the IMDSv2 hop limit cannot stop).
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, ensure};
+use harness::{
+    agent_proc::{AgentProcess, get_local, scrape_metrics},
+    cgroups::{Driver, PodSpec},
+    cluster::{Cluster, UNLIMITED, Who},
+    imds::{IMDS_V4, IMDS_V4_MAPPED, IMDS_V6, PodLogs, start_fake_imds},
+    netns::Netns,
+    served::Served,
+    topology::V4_URI,
+    wait::wait_for,
+};
+use serde_json::Value;
+
+const NODE: &str = "node-imds";
+
+/// A served cluster with the fake IMDS and kubelet's pod log directory;
+/// pods A and B are in namespace `default` (pods `pod-a`, `pod-b`).
+struct Guarded {
+    served: Served,
+    logs: PodLogs,
+}
+
+impl std::ops::Deref for Guarded {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.served
+    }
+}
+
+fn guarded(mode: &str, extra: &[&str]) -> Result<Guarded> {
+    let cluster = Cluster::new(NODE)?;
+    start_fake_imds(&cluster.node.netns)?;
+    let logs = PodLogs::new()?;
+    logs.add("default", "pod-a", &cluster.pod_a.uid)?;
+    logs.add("default", "pod-b", &cluster.pod_b.uid)?;
+    let mut args = vec![
+        "--imds",
+        mode,
+        "--imds-allow",
+        "kube-system,monitoring/node-exporter",
+        "--pod-log-dir",
+    ];
+    let dir = logs.path().to_string_lossy().into_owned();
+    args.push(&dir);
+    args.extend(["--imds-audit-interval", "1s"]);
+    args.extend(UNLIMITED);
+    args.extend(extra);
+    let agent = AgentProcess::start(&cluster.node.netns, &cluster.agent_args("enforce", &args))?;
+    Ok(Guarded {
+        served: Served { agent, cluster },
+        logs,
+    })
+}
+
+/// `pod-client imds-connect` from `cgroup` in `netns`.
+fn imds_connect(
+    env: &Served,
+    cgroup: &Path,
+    netns: &Netns,
+    addr: &str,
+    count: u32,
+) -> Result<Value> {
+    let out = env
+        .pod_client(cgroup, netns)?
+        .args(["imds-connect", addr, &count.to_string()])
+        .output()
+        .context("run pod-client")?;
+    ensure!(
+        out.status.success(),
+        "pod-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tally: Value = serde_json::from_slice(&out.stdout).context("imds-connect output")?;
+    ensure!(tally["failed"] == 0, "connects failed otherwise: {tally}");
+    Ok(tally)
+}
+
+/// The IMDS events in the audit file for process `pid`, once there is one
+/// (the agent reads the kernel's events a moment after the connect).
+fn imds_events(env: &Served, pid: u64) -> Result<Vec<Value>> {
+    let mut events = Vec::new();
+    wait_for("an IMDS audit event", Duration::from_secs(30), || {
+        events = env
+            .audit_trail()?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "imds-connect" && e["pid"] == pid)
+            .collect();
+        Ok(!events.is_empty())
+    })?;
+    Ok(events)
+}
+
+fn metric(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() -> Result<()> {
+    harness::require_privilege!();
+    for mode in ["enforce", "audit"] {
+        let env = guarded(mode, &[])?;
+        // A third pod, in an allowed namespace, and a node process.
+        let system = PodSpec::new(Driver::Cgroupfs);
+        let cg_system = env.tree.pod(&system)?;
+        env.logs.add("kube-system", "aws-node-7xk2p", &system.uid)?;
+        let cg_node = env.tree.create("system.slice/node-tool.service")?;
+        // Classified once its log directory is seen.
+        wait_for("the new pod classified", Duration::from_secs(30), || {
+            Ok(metric(&env.metrics()?, "pod_identity_imds_classified_pods") >= 3.0)
+        })?;
+        let refused = if mode == "enforce" {
+            "deny"
+        } else {
+            "audit-only"
+        };
+        let (cg_a, net_a) = env.placement(Who::A);
+        let (cg_b, net_b) = env.placement(Who::B);
+        // (what, cgroup, netns, pod, allowed, decision, reason, hostNetwork)
+        let rows: [(
+            &str,
+            &Path,
+            &Netns,
+            Option<(&PodSpec, &str)>,
+            bool,
+            &str,
+            &str,
+            bool,
+        ); 4] = [
+            (
+                "pod A (own netns)",
+                cg_a,
+                net_a,
+                Some((env.pod(Who::A), "default")),
+                false,
+                refused,
+                "not-allowed",
+                false,
+            ),
+            (
+                "pod B (hostNetwork)",
+                cg_b,
+                net_b,
+                Some((env.pod(Who::B), "default")),
+                false,
+                refused,
+                "not-allowed",
+                true,
+            ),
+            (
+                "kube-system pod",
+                &cg_system,
+                net_a,
+                Some((&system, "kube-system")),
+                true,
+                "allow",
+                "namespace-allowed",
+                false,
+            ),
+            (
+                "node process",
+                &cg_node,
+                net_b,
+                None,
+                true,
+                "allow",
+                "node-process",
+                true,
+            ),
+        ];
+        for (what, cgroup, netns, pod, allowed, decision, reason, host_network) in rows {
+            for addr in [IMDS_V4, IMDS_V6, IMDS_V4_MAPPED] {
+                let tally = imds_connect(&env, cgroup, netns, addr, 1)?;
+                let connects = allowed || mode == "audit";
+                let expected = if connects { (1, 0) } else { (0, 1) };
+                assert_eq!(
+                    (tally["connected"].as_u64(), tally["eperm"].as_u64()),
+                    (Some(expected.0), Some(expected.1)),
+                    "{mode}: {what} to {addr}: {tally}"
+                );
+                let pid = tally["pid"].as_u64().context("pid")?;
+                let events = imds_events(&env, pid)?;
+                let [event] = events.as_slice() else {
+                    anyhow::bail!("{mode}: {what} to {addr}: one event expected, got {events:?}");
+                };
+                assert_eq!(event["decision"], decision, "{mode} {what} {event}");
+                assert_eq!(event["reason"], reason, "{mode} {what} {event}");
+                assert_eq!(event["mode"], mode);
+                assert_eq!(event["host_network"], host_network, "{what} {event}");
+                assert_eq!(event["process"], "pod-client");
+                assert_eq!(event["count"], 1);
+                let destination = if addr == IMDS_V6 { IMDS_V6 } else { IMDS_V4 };
+                assert_eq!(event["destination"], destination, "{event}");
+                match pod {
+                    Some((spec, namespace)) => {
+                        assert_eq!(event["pod_uid"], spec.uid.as_str(), "{event}");
+                        assert_eq!(event["container_id"], spec.container_id.as_str());
+                        assert_eq!(event["namespace"], namespace);
+                        assert!(event["pod_name"].is_string(), "{event}");
+                    }
+                    None => {
+                        assert!(event["pod_uid"].is_null() && event["namespace"].is_null());
+                    }
+                }
+            }
+        }
+        let metrics = env.metrics()?;
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!(
+                    "pod_identity_imds_connects_total{{decision=\"{refused}\",namespace=\"default\"}}"
+                )
+            ),
+            6.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(
+                &metrics,
+                "pod_identity_imds_connects_total{decision=\"allow\",namespace=\"_node\"}"
+            ),
+            3.0
+        );
+        // Credentials are served as ever.
+        env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_pod_created_while_the_agent_runs_is_classified_before_its_first_connect() -> Result<()> {
+    harness::require_privilege!();
+    let env = guarded("enforce", &[])?;
+    let (_, net) = env.placement(Who::A);
+    let mut wrong = Vec::new();
+    let mut pods = Vec::new();
+    for i in 0..100 {
+        let driver = if i % 2 == 0 {
+            Driver::Systemd
+        } else {
+            Driver::Cgroupfs
+        };
+        let pod = PodSpec::new(driver);
+        // kubelet's order: the pod's cgroup, its log directory, then the
+        // container — which connects at once.
+        let cgroup = env.tree.pod(&pod)?;
+        let allowed = i % 3 != 0;
+        let namespace = if allowed { "kube-system" } else { "default" };
+        env.logs.add(namespace, &format!("pod-{i}"), &pod.uid)?;
+        let tally = imds_connect(&env, &cgroup, net, IMDS_V4, 1)?;
+        if tally["connected"] != u32::from(allowed) {
+            wrong.push((i, namespace, tally));
+        }
+        pods.push((pod, cgroup));
+    }
+    assert!(wrong.is_empty(), "wrong verdicts: {wrong:?}");
+
+    // Pods deleted: their entries leave the kernel's map.
+    let verdicts = pinned_verdicts(&env.node.netns)?;
+    let ids: Vec<u64> = pods
+        .iter()
+        .map(|(_, cgroup)| {
+            agent::caller::cgroup::CgroupResolver::id_of(cgroup.parent().unwrap_or(cgroup))
+        })
+        .collect::<std::io::Result<_>>()?;
+    for id in &ids {
+        ensure!(
+            verdicts.contains(id),
+            "pod cgroup {id} has no verdict: {verdicts:?}"
+        );
+    }
+    for (_, cgroup) in &pods {
+        std::fs::remove_dir(cgroup)?;
+        std::fs::remove_dir(cgroup.parent().context("pod cgroup")?)?;
+    }
+    wait_for(
+        "the deleted pods' entries gone",
+        Duration::from_secs(30),
+        || {
+            let left = pinned_verdicts(&env.node.netns)?;
+            Ok(ids.iter().all(|id| !left.contains(id)))
+        },
+    )?;
+    Ok(())
+}
+
+/// The keys of the verdict map the node's agent pinned.
+fn pinned_verdicts(node: &Netns) -> Result<Vec<u64>> {
+    let generation = std::fs::read_dir(node.pin_dir())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.join(agent_ebpf::IMDS_VERDICTS_MAP).exists())
+        .context("no pinned generation")?;
+    let map = aya::maps::MapData::from_pin(generation.join(agent_ebpf::IMDS_VERDICTS_MAP))?;
+    let map = aya::maps::Map::from_map_data(map)?;
+    let verdicts: aya::maps::HashMap<_, u64, agent_ebpf::ImdsVerdict> =
+        aya::maps::HashMap::try_from(map)?;
+    Ok(verdicts.keys().filter_map(Result::ok).collect())
+}
+
+#[test]
+fn a_flood_of_connects_is_counted_aggregated_and_costs_serving_nothing() -> Result<()> {
+    harness::require_privilege!();
+    const FLOOD: u32 = 100_000;
+    let env = guarded("enforce", &[])?;
+    let (cg_a, net_a) = env.placement(Who::A);
+    let flood = env
+        .pod_client(cg_a, net_a)?
+        .args(["imds-connect", IMDS_V4, &FLOOD.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Credentials while the flood runs.
+    for _ in 0..5 {
+        env.sdk_ok(Who::B, V4_URI, &env.own_token(Who::B)?)?;
+    }
+    let tally = harness::pod::finish(flood, "the flood")?;
+    assert_eq!(tally["eperm"], FLOOD, "{tally}");
+    let pid = tally["pid"].as_u64().context("pid")?;
+    // Every connect is accounted for: counted (one by one, or by the kernel
+    // in a summary) or lost to a full ring, which is counted too.
+    let denied = "pod_identity_imds_connects_total{decision=\"deny\",namespace=\"default\"}";
+    let mut seen = (0.0, 0.0);
+    wait_for("every connect counted", Duration::from_secs(60), || {
+        let metrics = scrape_metrics(&env.node.netns)?;
+        seen = (
+            metric(&metrics, denied),
+            metric(&metrics, "pod_identity_imds_events_lost_total"),
+        );
+        Ok(seen.0 + seen.1 >= f64::from(FLOOD))
+    })?;
+    assert_eq!(seen.0 + seen.1, f64::from(FLOOD), "{seen:?}");
+    // The audit trail holds them in a few lines whose counts add up.
+    let mut events = Vec::new();
+    wait_for("the summaries written", Duration::from_secs(30), || {
+        events = imds_events(&env, pid)?;
+        let counted: u64 = events.iter().filter_map(|e| e["count"].as_u64()).sum();
+        Ok(counted as f64 == seen.0)
+    })?;
+    ensure!(
+        events.len() < 200,
+        "{} audit lines for one looping pod: not aggregated",
+        events.len()
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["decision"] == "deny" && e["pod_uid"] == env.pod(Who::A).uid.as_str())
+    );
+    // Healthy, and serving.
+    assert_eq!(get_local(&env.node.netns, 2703, "/healthz")?.status, 200);
+    env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    Ok(())
+}
