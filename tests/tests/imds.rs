@@ -111,6 +111,20 @@ fn metric(exposition: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One caller of the policy test and what it must get.
+struct Row<'a> {
+    what: &'a str,
+    cgroup: &'a Path,
+    netns: &'a Netns,
+    /// The pod and its namespace; `None`: a node process.
+    pod: Option<(&'a PodSpec, &'a str)>,
+    /// Whether enforce lets it connect.
+    allowed: bool,
+    decision: &'a str,
+    reason: &'a str,
+    host_network: bool,
+}
+
 #[test]
 fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() -> Result<()> {
     harness::require_privilege!();
@@ -132,38 +146,39 @@ fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() ->
         };
         let (cg_a, net_a) = env.placement(Who::A);
         let (cg_b, net_b) = env.placement(Who::B);
-        // (what, cgroup, netns, pod, allowed, decision, reason, hostNetwork)
-        let rows: [(
-            &str,
-            &Path,
-            &Netns,
-            Option<(&PodSpec, &str)>,
-            bool,
-            &str,
-            &str,
-            bool,
-        ); 4] = [
-            (
+        let row = |what, cgroup, netns, pod, allowed, decision, reason, host_network| Row {
+            what,
+            cgroup,
+            netns,
+            pod,
+            allowed,
+            decision,
+            reason,
+            host_network,
+        };
+        let default = |who| Some((env.pod(who), "default"));
+        let rows = [
+            row(
                 "pod A (own netns)",
                 cg_a,
                 net_a,
-                Some((env.pod(Who::A), "default")),
+                default(Who::A),
                 false,
                 refused,
                 "not-allowed",
                 false,
             ),
-            (
+            row(
                 "pod B (hostNetwork)",
                 cg_b,
                 net_b,
-                Some((env.pod(Who::B), "default")),
+                default(Who::B),
                 false,
                 refused,
                 "not-allowed",
                 true,
             ),
-            (
+            row(
                 "kube-system pod",
                 &cg_system,
                 net_a,
@@ -173,7 +188,7 @@ fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() ->
                 "namespace-allowed",
                 false,
             ),
-            (
+            row(
                 "node process",
                 &cg_node,
                 net_b,
@@ -184,7 +199,17 @@ fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() ->
                 true,
             ),
         ];
-        for (what, cgroup, netns, pod, allowed, decision, reason, host_network) in rows {
+        for Row {
+            what,
+            cgroup,
+            netns,
+            pod,
+            allowed,
+            decision,
+            reason,
+            host_network,
+        } in rows
+        {
             for addr in [IMDS_V4, IMDS_V6, IMDS_V4_MAPPED] {
                 let tally = imds_connect(&env, cgroup, netns, addr, 1)?;
                 let connects = allowed || mode == "audit";
