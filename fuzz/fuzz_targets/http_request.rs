@@ -80,7 +80,7 @@ fn world() -> &'static World {
             served_hosts: vec!["169.254.170.23".parse().expect("ip")],
             credentials,
             metrics: metrics.clone(),
-            auditor: Auditor::new("fuzz", None, metrics).expect("auditor"),
+            auditor: Auditor::new("fuzz", None, metrics).expect("auditor").into(),
             verification: None,
             identifier: None,
             limiter: None,

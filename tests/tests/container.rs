@@ -4,7 +4,8 @@
 //! volumes (read from it, not retyped), on a node network namespace the
 //! test made, with a private cgroup namespace — and then the whole promise:
 //! pods get their own credentials with the real SDK, a replay is refused,
-//! the audit names the pod, the probes and metrics answer, SIGTERM ends it
+//! the audit names the pod, the IMDS guard names a pod that reaches for the
+//! instance metadata service, the probes and metrics answer, SIGTERM ends it
 //! within the grace period. Then what must fail does: each capability
 //! removed, and the runtime's default seccomp profile instead of ours.
 
@@ -19,6 +20,7 @@ use harness::{
     agent_bin::agent_binary,
     agent_proc::{AGENT_ENV, get_local},
     cluster::{Cluster, Who},
+    imds::{IMDS_V4, PodLogs, start_fake_imds},
     pod::{pod_command, sdk_credentials},
     podman::{self, Container, Image, Placement},
     privilege::privileged_or_skip,
@@ -65,6 +67,11 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     let cgroup2 = cluster.tree.mount().to_owned();
     let seccomp_root = repo().join("deploy");
     let downward = [("NODE_NAME", NODE)];
+    // kubelet's pod log directories, and an IMDS for the guard to see.
+    let logs = PodLogs::new()?;
+    logs.add("default", "pod-a", &cluster.pod_a.uid)?;
+    logs.add("default", "pod-b", &cluster.pod_b.uid)?;
+    start_fake_imds(&cluster.node.netns)?;
     // The node's bpffs and handover directories, private to this test (and
     // removed with its node namespace).
     let host_paths = [
@@ -79,6 +86,7 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
                 .context("handover dir")?
                 .to_owned(),
         ),
+        ("/var/log/pods", logs.path().to_owned()),
     ];
     let at = Placement {
         netns_path: &netns_path,
@@ -209,6 +217,29 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
         events[2]["pod_uid"] == cluster.pod(Who::B).uid.as_str()
             && events[2]["reason"] == "pod-mismatch",
         "{trail}"
+    );
+    // The IMDS guard, as the manifest runs it (audit): pod A's connect goes
+    // through and is recorded with the pod's name from kubelet's logs.
+    let (cg_a, net_a) = cluster.placement(Who::A);
+    let out = pod_command(env!("CARGO_BIN_EXE_pod-client").as_ref(), cg_a, net_a)?
+        .args(["imds-connect", IMDS_V4, "1"])
+        .output()?;
+    let tally: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+    ensure!(tally["connected"] == 1, "{tally}");
+    wait_for("the IMDS audit event", Duration::from_secs(30), || {
+        trail = std::fs::read_to_string(audit.path().join("audit.jsonl")).unwrap_or_default();
+        Ok(trail.lines().count() >= 4)
+    })
+    .with_context(|| format!("audit trail:\n{trail}\n{}", container.logs()))?;
+    let imds: serde_json::Value = serde_json::from_str(trail.lines().nth(3).unwrap_or_default())?;
+    ensure!(
+        imds["event"] == "imds-connect"
+            && imds["decision"] == "audit-only"
+            && imds["namespace"] == "default"
+            && imds["pod_name"] == "pod-a"
+            && imds["pid"] == tally["pid"],
+        "{imds}"
     );
     for (path, port) in [("/healthz", 2703), ("/readyz", 2703), ("/metrics", 2705)] {
         let reply = probe(path, port)?;
