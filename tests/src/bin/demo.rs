@@ -2,7 +2,9 @@
 //! namespace owned by the agent's `init`, the agent `server` with caller
 //! attribution enforced, a fake EKS Auth, two pods laid out as kubelet lays
 //! them out, the real AWS SDK fetching credentials in one of them and a
-//! stolen token replayed from the other.
+//! stolen token replayed from the other; then the IMDS guard letting a
+//! `kube-system` pod reach a fake instance metadata service and refusing
+//! pod A.
 //!
 //! Prints what happens and why; exits non-zero if anything does not behave
 //! as shown; removes every namespace, link, cgroup and process it made, also
@@ -23,7 +25,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 use harness::{
     agent_bin::{agent_binary, built_binary},
     agent_proc::{AgentProcess, scrape_metrics},
+    cgroups::{Driver, PodSpec},
     cluster::{Cluster, Who},
+    imds::{IMDS_V4, PodLogs, start_fake_imds},
     netns::Netns,
     pod::pod_command,
     topology::V4_URI,
@@ -82,7 +86,10 @@ fn step(n: u32, title: &str, why: &str) {
 /// the cluster it serves.
 struct Demo {
     agent: AgentProcess,
+    /// A `kube-system/aws-node` pod's container cgroup, for the IMDS guard.
+    aws_node: (PodSpec, PathBuf),
     cluster: Cluster,
+    logs: PodLogs,
 }
 
 impl std::ops::Deref for Demo {
@@ -128,13 +135,39 @@ fn run(keep: bool, interrupted: &AtomicBool) -> Result<()> {
         "EKS Auth (fake) and the agent",
         "A local fake speaks EKS Auth's rest-json protocol and verifies tokens against the demo\ncluster's signing key. Associations: default/app-a → role-a, default/app-b → role-b.\nThe agent serves with --attribution enforce: eBPF attributes every connection to its pod.",
     );
-    let agent = AgentProcess::start(&cluster.node.netns, &cluster.agent_args("enforce", &[]))?;
+    // kubelet's pod log directories (who each pod is, for the IMDS guard),
+    // a third pod in kube-system, and a fake instance metadata service.
+    let logs = PodLogs::new()?;
+    logs.add("default", "pod-a", &cluster.pod_a.uid)?;
+    logs.add("default", "pod-b", &cluster.pod_b.uid)?;
+    let aws_node = PodSpec::new(Driver::Systemd);
+    let aws_node_cgroup = cluster.tree.pod(&aws_node)?;
+    logs.add("kube-system", "aws-node-x7k2p", &aws_node.uid)?;
+    start_fake_imds(&cluster.node.netns)?;
+    let log_dir = logs.path().to_string_lossy().into_owned();
+    let args = cluster.agent_args(
+        "enforce",
+        &[
+            "--imds",
+            "enforce",
+            "--imds-allow",
+            "kube-system/aws-node",
+            "--pod-log-dir",
+            &log_dir,
+        ],
+    );
+    let agent = AgentProcess::start(&cluster.node.netns, &args)?;
     println!(
         "   agent pid {} ready (EKS Auth at {})",
         agent.pid(),
         cluster.fake.endpoint()
     );
-    let demo = Demo { agent, cluster };
+    let demo = Demo {
+        agent,
+        aws_node: (aws_node, aws_node_cgroup),
+        cluster,
+        logs,
+    };
     check(interrupted)?;
     demo.scenario(interrupted)?;
     if keep {
@@ -240,13 +273,82 @@ impl Demo {
 
         step(
             7,
+            "The IMDS guard",
+            "The same kernel programs see every connect() to the instance metadata service\n(169.254.169.254, a fake here). --imds enforce --imds-allow kube-system/aws-node: the\naws-node pod reaches it; pod A, which should use its own role, gets EPERM at connect().",
+        );
+        let (aws_node, aws_node_cgroup) = &self.aws_node;
+        for (who, cgroup, netns, expected) in [
+            (
+                "kube-system/aws-node",
+                aws_node_cgroup.as_path(),
+                &self.net_a.netns,
+                1,
+            ),
+            ("default/pod-a", self.cg_a.as_path(), &self.net_a.netns, 0),
+        ] {
+            let out = pod_command(&built_binary("pod-client")?, cgroup, netns)?
+                .args(["imds-connect", IMDS_V4, "1"])
+                .output()?;
+            let tally: Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+            let outcome = if tally["connected"] == 1 {
+                "connected".to_owned()
+            } else {
+                format!("refused ({} EPERM)", tally["eperm"])
+            };
+            println!("   {who:<22} connect {IMDS_V4}: {outcome}");
+            ensure!(tally["connected"] == expected, "{who}: {tally}");
+        }
+        let mut imds = Vec::new();
+        wait_for("the guard's audit events", Duration::from_secs(30), || {
+            imds = self
+                .audit_trail()?
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| e["event"] == "imds-connect")
+                .collect();
+            Ok(imds.len() >= 2)
+        })?;
+        for e in &imds {
+            println!(
+                "   {:<10} {:<18} pod {}/{}  container {}…  pid {} {}",
+                e["decision"].as_str().unwrap_or("-"),
+                e["reason"].as_str().unwrap_or("-"),
+                e["namespace"].as_str().unwrap_or("-"),
+                e["pod_name"].as_str().unwrap_or("-"),
+                e["container_id"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .get(..12)
+                    .unwrap_or("-"),
+                e["pid"],
+                e["process"].as_str().unwrap_or("-"),
+            );
+        }
+        ensure!(
+            imds.iter()
+                .any(|e| e["decision"] == "allow" && e["pod_uid"] == aws_node.uid.as_str())
+                && imds
+                    .iter()
+                    .any(|e| e["decision"] == "deny" && e["pod_uid"] == self.pod_a.uid.as_str()),
+            "the guard's events: {imds:?}"
+        );
+        println!(
+            "   (pod log directories read from {})",
+            self.logs.path().display()
+        );
+        check(interrupted)?;
+
+        step(
+            8,
             "The audit trail",
             "One event per request, naming the pod from the kernel's point of view (never the token).",
         );
         let trail = self.audit_trail()?;
         let events: Vec<Value> = trail
             .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"].is_null())
             .collect();
         for e in &events {
             println!(
@@ -280,7 +382,7 @@ impl Demo {
         );
 
         step(
-            8,
+            9,
             "Metrics",
             "Prometheus on :2705 (inside the node namespace).",
         );
@@ -292,7 +394,8 @@ impl Demo {
                     && (l.starts_with("pod_identity_http_response")
                         || l.starts_with("pod_identity_caller_decisions")
                         || l.starts_with("pod_identity_cache_state")
-                        || l.starts_with("pod_identity_attribution_mode"))
+                        || l.starts_with("pod_identity_attribution_mode")
+                        || l.starts_with("pod_identity_imds_connects"))
             })
             .collect();
         for line in &shown {
