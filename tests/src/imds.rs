@@ -4,7 +4,7 @@
 
 use std::{
     io::Write as _,
-    net::{SocketAddr, TcpListener},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
 };
 
@@ -12,6 +12,9 @@ use anyhow::{Context as _, Result};
 
 use crate::{names, netns::Netns, tempdir::TempDir};
 
+/// The instance metadata service's addresses.
+pub const IMDS_V4_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub const IMDS_V6_ADDR: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 pub const IMDS_V4: &str = "169.254.169.254:80";
 pub const IMDS_V6: &str = "[fd00:ec2::254]:80";
 /// The IPv4 address as a dual-stack client reaches it.
