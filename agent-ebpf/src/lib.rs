@@ -67,7 +67,8 @@ pub const IMDS_EVENTS_MAP: &str = "IMDS_EVENTS";
 pub const IMDS_EVENTS_BYTES: u32 = 256 * 1024;
 /// Map: per-CPU count (index 0) of events the ring buffer had no room for.
 pub const IMDS_LOST_MAP: &str = "IMDS_LOST";
-/// Map: flood scope (a pod's cgroup, else the caller's own) →
+/// Map: flood scope (a pod's cgroup; else the caller's own, or for a node
+/// process that is not root's `QUOTA_KEY_UID | uid`) →
 /// [`ImdsFlood`]. Each scope publishes at most [`IMDS_BURST`] events per
 /// [`IMDS_WINDOW_NS`]; what it connects beyond that is only counted, by
 /// decision, for the agent to report: one pod in a loop can neither fill
@@ -117,8 +118,8 @@ pub struct ImdsVerdict {
 pub struct ImdsEvent {
     /// The caller's cgroup.
     pub cgroup_id: u64,
-    /// The cgroup whose verdict applied (a pod's, or a pod root's), else
-    /// the caller's own; also the flood scope.
+    /// The flood scope: the classified pod's cgroup, else the caller's own
+    /// (`QUOTA_KEY_UID | uid` for a node process that is not root's).
     pub scope_id: u64,
     pub pid_tgid: u64,
     /// The socket's network namespace (`bpf_get_netns_cookie`): the node's

@@ -299,11 +299,20 @@ fn imds(ctx: &SockAddrContext, dst: RawAddr, port: u16) -> i32 {
 }
 
 /// The deepest verdict among the caller's cgroup and its ancestors, and
-/// the scope it applies to: a classified pod's cgroup, else the caller's.
+/// the scope it applies to: a classified pod's cgroup; else the caller's
+/// cgroup — or, for a node process that is not root's, its user (as in
+/// `quota_key`: a user's delegated subtree holds as many cgroups as it
+/// likes, so they share one scope).
 #[inline(always)]
 fn imds_verdict(cgroup_id: u64) -> (ImdsVerdict, u64) {
     let mut verdict = ImdsVerdict::default();
-    let mut scope_id = cgroup_id;
+    // SAFETY: plain helper.
+    let uid = unsafe { bpf_get_current_uid_gid() } as u32;
+    let mut scope_id = if uid == 0 {
+        cgroup_id
+    } else {
+        QUOTA_KEY_UID | u64::from(uid)
+    };
     let mut level = 0;
     while level < IMDS_MAX_DEPTH {
         // SAFETY: plain helper; 0 past the caller's own level.
@@ -314,6 +323,7 @@ fn imds_verdict(cgroup_id: u64) -> (ImdsVerdict, u64) {
         // SAFETY: a copy out of the map value, read at once.
         if let Some(found) = unsafe { IMDS_VERDICTS.get(id) } {
             verdict = *found;
+            // Below a pod root: never a user's scope.
             scope_id = if found.reason == IMDS_REASON_UNCLASSIFIED {
                 cgroup_id
             } else {
@@ -384,8 +394,9 @@ fn publish(
 ) {
     let Some(mut entry) = IMDS_EVENTS.reserve(0) else {
         if let Some(lost) = IMDS_LOST.get_ptr_mut(0) {
-            // SAFETY: this CPU's slot of a live map value.
-            unsafe { *lost += 1 };
+            // SAFETY: this CPU's slot of a live map value; atomic, as the
+            // program may be preempted on this CPU by another run of it.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(lost, 1) };
         }
         return;
     };

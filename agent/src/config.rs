@@ -285,7 +285,8 @@ pub struct ServerArgs {
 
     /// A pod connecting to the IMDS in a loop gets one audit event at its
     /// first connect of an interval and one summary (with a count) at the
-    /// interval's end.
+    /// interval's end. 0: an event per connect the kernel reports (at most
+    /// 32 a second per pod; the rest are summarised each second).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub imds_audit_interval: std::time::Duration,
 }

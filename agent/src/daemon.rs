@@ -494,6 +494,8 @@ fn verification(
                 args.attribution
             )));
         }
+        // Never degraded: `--imds enforce` asked for what cannot run.
+        Err(e) if e.downcast_ref::<imds::guard::GuardRefused>().is_some() => return Err(e),
         Err(e) if args.attribution == AttributionMode::Auto => {
             warn!(
                 error = format!("{e:#}"),
@@ -603,7 +605,25 @@ fn attach(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<AttachedP
         }
     }
     let imds = match (guard, attribution.take_imds()) {
-        (Some(guard), Some(maps)) => Some(guard.start(maps, metrics.clone())?),
+        (Some(guard), Some(maps)) => {
+            let handoff = imds::handoff::Handoff::new(
+                args.handover_socket()
+                    .and_then(Path::parent)
+                    .map(Path::to_owned),
+                attribution.generation().map(str::to_owned),
+            );
+            match guard.start(maps, metrics.clone(), handoff) {
+                Ok(watching) => Some(watching),
+                // The verdicts written so far stand in the kernel.
+                Err(e) => {
+                    error!(
+                        error = format!("{e:#}"),
+                        "IMDS guard: cannot follow pods or read events; the verdicts of pods known at start stand, new pods get --imds-unclassified"
+                    );
+                    None
+                }
+            }
+        }
         _ => None,
     };
     Ok((attribution, resolver, layout, root, imds))

@@ -52,6 +52,7 @@ pub mod handover {
 pub mod imds {
     pub mod events;
     pub mod guard;
+    pub mod handoff;
     pub mod inventory;
     pub mod policy;
     pub mod watch;

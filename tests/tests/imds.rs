@@ -27,6 +27,8 @@ const NODE: &str = "node-imds";
 struct Guarded {
     served: Served,
     logs: PodLogs,
+    /// The agent's arguments, for the agents that follow it.
+    args: Vec<String>,
 }
 
 impl std::ops::Deref for Guarded {
@@ -52,13 +54,17 @@ fn guarded(mode: &str, extra: &[&str]) -> Result<Guarded> {
     ];
     let dir = logs.path().to_string_lossy().into_owned();
     args.push(&dir);
-    args.extend(["--imds-audit-interval", "1s"]);
+    if !extra.contains(&"--imds-audit-interval") {
+        args.extend(["--imds-audit-interval", "1s"]);
+    }
     args.extend(UNLIMITED);
     args.extend(extra);
-    let agent = AgentProcess::start(&cluster.node.netns, &cluster.agent_args("enforce", &args))?;
+    let args = cluster.agent_args("enforce", &args);
+    let agent = AgentProcess::start(&cluster.node.netns, &args)?;
     Ok(Guarded {
         served: Served { agent, cluster },
         logs,
+        args,
     })
 }
 
@@ -129,7 +135,8 @@ struct Row<'a> {
 fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() -> Result<()> {
     harness::require_privilege!();
     for mode in ["enforce", "audit"] {
-        let env = guarded(mode, &[])?;
+        // An event per connect: each is checked on its own.
+        let env = guarded(mode, &["--imds-audit-interval", "0"])?;
         // A third pod, in an allowed namespace, and a node process.
         let system = PodSpec::new(Driver::Cgroupfs);
         let cg_system = env.tree.pod(&system)?;
@@ -392,4 +399,128 @@ fn a_flood_of_connects_is_counted_aggregated_and_costs_serving_nothing() -> Resu
     assert_eq!(get_local(&env.node.netns, 2703, "/healthz")?.status, 200);
     env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     Ok(())
+}
+
+#[test]
+fn an_agent_that_adopts_the_programs_brings_their_verdicts_up_to_date() -> Result<()> {
+    harness::require_privilege!();
+    let mut env = guarded("enforce", &[])?;
+    let gone = PodSpec::new(Driver::Cgroupfs);
+    let gone_cgroup = env.tree.pod(&gone)?;
+    env.logs.add("default", "short-lived", &gone.uid)?;
+    let gone_id = pod_cgroup_id(&gone_cgroup)?;
+    wait_for("the pod classified", Duration::from_secs(30), || {
+        Ok(pinned_verdicts(&env.node.netns)?.contains(&gone_id))
+    })?;
+    // The agent dies (its programs stay pinned, attached, deciding); while
+    // none runs, one pod goes and another comes.
+    env.served.agent.kill()?;
+    std::fs::remove_dir(&gone_cgroup)?;
+    std::fs::remove_dir(gone_cgroup.parent().context("pod cgroup")?)?;
+    let new = PodSpec::new(Driver::Systemd);
+    let new_cgroup = env.tree.pod(&new)?;
+    env.logs.add("kube-system", "aws-node-q8z", &new.uid)?;
+    let new_id = pod_cgroup_id(&new_cgroup)?;
+    // The next agent adopts the programs and brings their map up to date.
+    env.served.agent = AgentProcess::start(&env.node.netns, &env.args)?;
+    ensure!(
+        env.agent.logs().contains("kernel programs adopted"),
+        "{}",
+        env.agent.logs()
+    );
+    wait_for("the map up to date", Duration::from_secs(30), || {
+        let verdicts = pinned_verdicts(&env.node.netns)?;
+        Ok(verdicts.contains(&new_id) && !verdicts.contains(&gone_id))
+    })?;
+    let (_, net) = env.placement(Who::A);
+    let tally = imds_connect(&env, &new_cgroup, net, IMDS_V4, 1)?;
+    assert_eq!(
+        tally["connected"], 1,
+        "the allowed pod started meanwhile: {tally}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_successor_takes_over_reading_events_and_records_each_once() -> Result<()> {
+    harness::require_privilege!();
+    let mut env = guarded("enforce", &[])?;
+    let mut pids = Vec::new();
+    let mut connect = |env: &Served| -> Result<()> {
+        let (cgroup, net) = env.placement(Who::A);
+        let tally = imds_connect(env, cgroup, net, IMDS_V4, 1)?;
+        ensure!(tally["eperm"] == 1, "{tally}");
+        pids.push(tally["pid"].as_u64().context("pid")?);
+        Ok(())
+    };
+    connect(&env)?;
+    // A surge update: the successor shares the programs and their event
+    // ring; both agents run a while. Pod B connects in a loop all through
+    // the handover: its connects are mostly counted by the kernel, and
+    // reported by whichever agent reads.
+    const LOOP: u64 = 400_000;
+    let mut successor = AgentProcess::spawn(&env.node.netns, &env.args, None)?;
+    let (cg_b, net_b) = env.placement(Who::B);
+    let looping = env
+        .pod_client(cg_b, net_b)?
+        .args(["imds-connect", IMDS_V4, &LOOP.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    successor.wait_for_log(
+        "took over from the agent serving on this node",
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        looping_still(&looping),
+        "pod B's loop ended before the handover: make it longer"
+    );
+    let looped = harness::pod::finish(looping, "pod B's loop")?;
+    ensure!(looped["eperm"] == LOOP, "{looped}");
+    for _ in 0..5 {
+        connect(&env)?;
+    }
+    let mut predecessor = std::mem::replace(&mut env.served.agent, successor);
+    predecessor.terminate(Duration::from_secs(30))?;
+    for _ in 0..3 {
+        connect(&env)?;
+    }
+    env.served.agent.terminate(Duration::from_secs(30))?;
+    // Both have written out what they recorded: each connect once, in an
+    // event of its own or in a summary's count.
+    let trail = std::fs::read_to_string(env.audit_log())?;
+    let recorded = |who: Who| -> u64 {
+        trail
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "imds-connect" && e["pod_uid"] == env.pod(who).uid.as_str())
+            .filter_map(|e| e["count"].as_u64())
+            .sum()
+    };
+    assert_eq!(recorded(Who::B), LOOP, "pod B's loop recorded exactly once");
+    let recorded = recorded(Who::A);
+    assert_eq!(
+        recorded,
+        pids.len() as u64,
+        "each connect recorded exactly once:\n{trail}"
+    );
+    Ok(())
+}
+
+/// Whether a child has not exited yet.
+fn looping_still(child: &std::process::Child) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists (a
+    // zombie still does until reaped, which only `finish` does).
+    let alive = unsafe { libc::kill(child.id() as i32, 0) } == 0;
+    let zombie = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    });
+    alive && !zombie
+}
+
+/// The id of the pod-level cgroup above a container's.
+fn pod_cgroup_id(container: &Path) -> Result<u64> {
+    Ok(agent::caller::cgroup::CgroupResolver::id_of(
+        container.parent().context("pod cgroup")?,
+    )?)
 }

@@ -12,19 +12,21 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use agent_ebpf::{
-    IMDS_REASON_NODE, IMDS_REASON_UNCLASSIFIED, ImdsEvent, ImdsFlood, RawAddr, is_v4_mapped,
+    IMDS_REASON_NODE, IMDS_REASON_UNCLASSIFIED, ImdsEvent, ImdsFlood, QUOTA_KEY_UID, RawAddr,
+    is_v4_mapped,
 };
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::warn;
 
 use super::{
+    handoff::{Baseline, Handoff, Turn},
     inventory::PodTable,
     policy::{decision_label, reason_label},
 };
@@ -79,26 +81,24 @@ struct Reader {
     namespaces: HashSet<String>,
 }
 
-/// Runs until the agent stops: reads events as they come, settles the
-/// interval's summaries on each tick, and pauses while `accepting` is not
-/// `Yes` (settling first).
+/// Events read per wake-up before other tasks get a turn.
+const MAX_PER_WAKE: usize = 1024;
+
+/// Runs until the agent stops: while it serves, takes its turn to read
+/// (see `handoff`), reads events as they come and settles the interval's
+/// summaries on each tick; when a successor serves, settles, leaves what it
+/// reported for it and waits.
 pub async fn run(
     kernel: KernelEvents,
     cx: Context,
+    handoff: Handoff,
     mut accepting: watch::Receiver<Accepting>,
 ) -> std::io::Result<()> {
-    // SAFETY: the ring owns its map's descriptor, open and unchanged for
-    // as long as the AsyncFd holds it.
-    let mut ring = unsafe { AsyncFd::register(kernel.ring) }.map_err(std::io::Error::from)?;
+    let handoff = Arc::new(handoff);
     let mut reader = Reader {
         host_netns: own_netns_cookie(),
-        reported: kernel
-            .flood
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(scope, flood)| (scope, flood.suppressed))
-            .collect(),
-        lost_reported: sum(&kernel.lost),
+        reported: HashMap::new(),
+        lost_reported: 0,
         kernel_lost: kernel.lost,
         flood: kernel.flood,
         pending: HashMap::new(),
@@ -106,33 +106,41 @@ pub async fn run(
         namespaces: HashSet::new(),
         cx,
     };
-    let mut tick = tokio::time::interval(reader.cx.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if *accepting.borrow_and_update() != Accepting::Yes {
-            reader.settle();
+        while *accepting.borrow_and_update() != Accepting::Yes {
             if accepting.changed().await.is_err() {
                 return Ok(());
             }
-            continue;
         }
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                while let Some(item) = guard.get_inner_mut().next() {
-                    if let Some(event) = parse(&item) {
-                        reader.event(&event);
-                    }
+        let taking = tokio::task::spawn_blocking({
+            let handoff = handoff.clone();
+            move || handoff.take()
+        });
+        let (turn, baseline) = tokio::select! {
+            taken = taking => match taken.map_err(std::io::Error::other)? {
+                Ok(taken) => taken,
+                Err(e) => {
+                    warn!(error = %e, "IMDS guard: cannot take the event reader's lock; reading without it");
+                    (Turn::unlocked(), None)
                 }
-                guard.clear_ready();
-            }
-            _ = tick.tick() => reader.settle(),
+            },
             changed = accepting.changed() => {
                 if changed.is_err() {
-                    reader.settle();
                     return Ok(());
                 }
+                continue;
             }
+        };
+        reader.begin(baseline);
+        let read = reader.read_turn(&kernel.ring, &mut accepting).await;
+        reader.settle();
+        if let Err(e) = turn.end(&reader.baseline(handoff.generation())) {
+            warn!(error = %e, "IMDS guard: could not leave the reported counts for the next reader");
+        }
+        match read {
+            Ok(true) => continue,
+            Ok(false) => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -149,16 +157,99 @@ fn sum(lost: &PerCpuArray<MapData, u64>) -> u64 {
 }
 
 impl Reader {
+    /// A turn starts where the previous reader stopped, or (none left its
+    /// counts: the first reader, or it died) from the counts as they are.
+    fn begin(&mut self, baseline: Option<Baseline>) {
+        match baseline {
+            Some(baseline) => {
+                self.reported = baseline.reported.into_iter().collect();
+                self.lost_reported = baseline.lost;
+            }
+            None => {
+                self.reported = self
+                    .flood
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(scope, flood)| (scope, flood.suppressed))
+                    .collect();
+                self.lost_reported = sum(&self.kernel_lost);
+            }
+        }
+    }
+
+    fn baseline(&self, generation: &str) -> Baseline {
+        Baseline {
+            generation: generation.to_owned(),
+            lost: self.lost_reported,
+            reported: self.reported.iter().map(|(&s, &c)| (s, c)).collect(),
+        }
+    }
+
+    /// Reads until `accepting` leaves `Yes` (`Ok(true)`) or closes
+    /// (`Ok(false)`), on a reader of its own: the ring's consumer position
+    /// is taken afresh from the kernel, where the previous reader left it.
+    async fn read_turn(
+        &mut self,
+        template: &RingBuf<MapData>,
+        accepting: &mut watch::Receiver<Accepting>,
+    ) -> std::io::Result<bool> {
+        let fd = template.as_fd().try_clone_to_owned()?;
+        let ring = MapData::from_fd(fd)
+            .and_then(Map::from_map_data)
+            .and_then(RingBuf::try_from)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: the ring owns its map's descriptor, open and unchanged
+        // for as long as the AsyncFd holds it.
+        let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
+        let mut tick = tokio::time::interval(self.settle_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            if *accepting.borrow_and_update() != Accepting::Yes {
+                return Ok(true);
+            }
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let mut read = 0;
+                    while read < MAX_PER_WAKE {
+                        let Some(item) = guard.get_inner_mut().next() else {
+                            guard.clear_ready();
+                            break;
+                        };
+                        if let Some(event) = parse(&item) {
+                            self.event(&event);
+                        }
+                        read += 1;
+                    }
+                    if read == MAX_PER_WAKE {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                _ = tick.tick() => self.settle(),
+                changed = accepting.changed() => {
+                    if changed.is_err() {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
     fn event(&mut self, event: &ImdsEvent) {
         let decision = decision_label(event.verdict.decision);
         let record = self.describe(event);
         let label = self.namespace_label(event.verdict.reason, record.namespace.as_deref());
         self.cx.metrics.imds_connects(&label, decision, 1);
         self.last_seen.insert(event.scope_id, record.clone());
+        if self.cx.interval.is_zero() {
+            self.cx.auditor.emit_imds(&record);
+            return;
+        }
         match self.pending.get_mut(&(event.scope_id, decision)) {
             Some(pending) => {
                 pending.more += 1;
-                pending.template = record;
+                merge(&mut pending.template, &record);
             }
             None => {
                 self.cx.auditor.emit_imds(&record);
@@ -214,6 +305,17 @@ impl Reader {
         }
     }
 
+    /// `--imds-audit-interval`, or each second when it is 0 (every
+    /// published connect its own event; the kernel's counts still need
+    /// reporting).
+    fn settle_every(&self) -> Duration {
+        if self.cx.interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            self.cx.interval
+        }
+    }
+
     /// The connects metric's namespace label: bounded.
     fn namespace_label(&mut self, reason: u32, namespace: Option<&str>) -> String {
         match (reason, namespace) {
@@ -235,6 +337,7 @@ impl Reader {
     /// whose cgroup is gone are forgotten.
     fn settle(&mut self) {
         let counts: Vec<(u64, ImdsFlood)> = self.flood.iter().filter_map(Result::ok).collect();
+        let mut live = HashSet::new();
         for (scope, flood) in counts {
             let before = self
                 .reported
@@ -246,12 +349,20 @@ impl Reader {
                     self.counted(scope, decision, more);
                 }
             }
-            if self.cx.resolver.path_of(scope).ok().flatten().is_none() {
+            // A cgroup scope whose cgroup is gone connects no more: its
+            // counts are all reported, its entry goes. (A user's scope
+            // stays: users are few and come back.)
+            let gone =
+                scope & QUOTA_KEY_UID == 0 && matches!(self.cx.resolver.path_of(scope), Ok(None));
+            if gone {
                 let _ = self.flood.remove(&scope);
                 self.reported.remove(&scope);
-                self.last_seen.remove(&scope);
+            } else {
+                live.insert(scope);
             }
         }
+        // Who a scope is matters only while the kernel counts for it.
+        self.last_seen.retain(|scope, _| live.contains(scope));
         for (_, pending) in self.pending.drain() {
             if pending.more > 0 {
                 let mut summary = pending.template;
@@ -275,33 +386,69 @@ impl Reader {
 
     /// `more` connects of `scope` the kernel counted without an event.
     fn counted(&mut self, scope: u64, decision: &'static str, more: u64) {
-        let template = self
-            .last_seen
-            .get(&scope)
-            .cloned()
-            .unwrap_or_else(|| ImdsAuditEvent {
+        let template = self.last_seen.get(&scope).cloned().unwrap_or_else(|| {
+            // Not seen by this agent (counted before it started reading):
+            // a classified pod is still known by its cgroup.
+            let pod = self.cx.pods.get(scope);
+            ImdsAuditEvent {
                 event: "imds-connect",
                 decision,
-                reason: "unknown",
+                reason: if pod.is_some() {
+                    "classified"
+                } else {
+                    "unknown"
+                },
                 mode: self.cx.mode,
+                pod_uid: pod.as_ref().map(|p| p.uid.clone()),
+                namespace: pod.as_ref().map(|p| p.namespace.clone()),
+                pod_name: pod.as_ref().map(|p| p.name.clone()),
                 cgroup_id: scope,
                 ..ImdsAuditEvent::default()
-            });
-        let reason = match template.reason {
-            "node-process" => IMDS_REASON_NODE,
-            "unclassified" | "unknown" => IMDS_REASON_UNCLASSIFIED,
-            _ => u32::MAX,
+            }
+        });
+        let reason = match (template.reason, &template.namespace) {
+            ("node-process", _) => IMDS_REASON_NODE,
+            (_, Some(_)) => u32::MAX,
+            (_, None) => IMDS_REASON_UNCLASSIFIED,
         };
         let label = self.namespace_label(reason, template.namespace.as_deref());
         self.cx.metrics.imds_connects(&label, decision, more);
-        let pending = self.pending.entry((scope, decision)).or_insert(Pending {
-            template: ImdsAuditEvent {
-                decision,
-                ..template
-            },
-            more: 0,
-        });
-        pending.more += more;
+        match self.pending.get_mut(&(scope, decision)) {
+            Some(pending) => {
+                pending.more += more;
+                merge(&mut pending.template, &template);
+            }
+            None => {
+                self.pending.insert(
+                    (scope, decision),
+                    Pending {
+                        template: ImdsAuditEvent {
+                            decision,
+                            ..template
+                        },
+                        more,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Folds `record` into a summary's `template`: what differs between the
+/// connects it sums up (another container of the pod, another process)
+/// is left out rather than naming one of them for all.
+fn merge(template: &mut ImdsAuditEvent, record: &ImdsAuditEvent) {
+    if template.container_id != record.container_id || template.cgroup_id != record.cgroup_id {
+        template.container_id = None;
+        template.cgroup_id = 0;
+    }
+    if template.pid != record.pid || template.process != record.process {
+        template.pid = 0;
+        template.process = String::new();
+    }
+    template.host_network |= record.host_network;
+    if template.destination != record.destination {
+        template.destination = String::new();
     }
 }
 

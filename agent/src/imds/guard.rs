@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::{
     events::{self, KernelEvents},
+    handoff::Handoff,
     inventory::{Change, Inventory, PodTable},
     policy::{ImdsMode, ImdsPolicy},
     watch::{self, Sources},
@@ -34,8 +35,35 @@ pub struct Prepared {
     mount: std::path::PathBuf,
 }
 
-/// `None` when `--imds off`.
+/// The guard cannot run and `--imds enforce` asked for it: the agent
+/// stops rather than serve with pods' IMDS access unguarded. (Distinct
+/// from the kernel programs' own failures, which `--attribution auto`
+/// degrades; this one never does.)
+#[derive(Debug, thiserror::Error)]
+#[error("--imds enforce: the IMDS guard cannot run: {0}")]
+pub struct GuardRefused(String);
+
+/// `None` when `--imds off`, or when the guard cannot run in audit (said
+/// loudly); an error ([`GuardRefused`]) when it cannot run in enforce.
 pub fn prepare(
+    args: &ServerArgs,
+    mount: &Path,
+    layout: &PodLayout,
+) -> anyhow::Result<Option<Prepared>> {
+    match try_prepare(args, mount, layout) {
+        Ok(prepared) => Ok(prepared),
+        Err(e) if args.imds == ImdsMode::Enforce => Err(GuardRefused(format!("{e:#}")).into()),
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "IMDS GUARD IS OFF: pods' connects to the instance metadata service go unrecorded"
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn try_prepare(
     args: &ServerArgs,
     mount: &Path,
     layout: &PodLayout,
@@ -84,7 +112,14 @@ impl Prepared {
 
     /// The programs are attached: brings the map in step (programs
     /// adopted from a previous agent hold its verdicts) and follows pods.
-    pub fn start(self, maps: ImdsMaps, metrics: Arc<Metrics>) -> anyhow::Result<Watching> {
+    /// `handoff`: how this agent takes turns reading the events with
+    /// another that shares its programs.
+    pub fn start(
+        self,
+        maps: ImdsMaps,
+        metrics: Arc<Metrics>,
+        handoff: Handoff,
+    ) -> anyhow::Result<Watching> {
         let mode = self.policy.mode.label();
         let classified = self.inventory.classified();
         let layout = self.sources.layout.clone();
@@ -106,6 +141,7 @@ impl Prepared {
             layout,
             mount: self.mount,
             mode,
+            handoff,
         })
     }
 }
@@ -117,6 +153,7 @@ pub struct Watching {
     layout: PodLayout,
     mount: std::path::PathBuf,
     mode: &'static str,
+    handoff: Handoff,
 }
 
 impl Watching {
@@ -143,7 +180,7 @@ impl Watching {
                 return;
             }
         };
-        if let Err(e) = events::run(self.kernel, cx, accepting).await {
+        if let Err(e) = events::run(self.kernel, cx, self.handoff, accepting).await {
             warn!(error = %e, "IMDS guard: reading the kernel's events failed; connects are still decided, no longer recorded");
         }
     }

@@ -168,6 +168,14 @@ impl Inventory {
         }
     }
 
+    /// The kernel map's content as the inventory has it.
+    pub fn verdicts(&self) -> HashMap<u64, ImdsVerdict> {
+        self.entries()
+            .into_iter()
+            .map(|(id, (verdict, _))| (id, verdict))
+            .collect()
+    }
+
     /// Pods classified (with an entry of their own in the kernel map).
     pub fn classified(&self) -> usize {
         self.table.len()

@@ -12,9 +12,10 @@ use std::{
     collections::HashMap,
     ffi::OsStr,
     io,
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use agent_ebpf::ImdsVerdict;
@@ -137,37 +138,87 @@ const CGROUP_EVENTS: WatchMask = WatchMask::CREATE
     .union(WatchMask::MOVED_FROM)
     .union(WatchMask::ONLYDIR);
 
-/// Starts the watcher thread: it rescans (catching what changed since the
-/// first scan) and then follows every change.
+/// How long the watcher waits for a change before it rescans anyway (and
+/// rewrites whatever the kernel map lost, e.g. a write that failed).
+const RESYNC_EVERY: Duration = Duration::from_secs(300);
+/// How long it waits before trying again to set up its watches.
+const RETRY_SETUP: Duration = Duration::from_secs(5);
+
+/// Starts the watcher thread: it brings the kernel map in step with a full
+/// scan (programs adopted from a previous agent hold its verdicts, of pods
+/// that may be gone; pods may have started while no agent ran), then
+/// follows every change. Setting up its watches is retried until it works
+/// (inotify instances are a per-user limit other root processes share);
+/// meanwhile the verdicts written so far stand, and pods started since get
+/// their root's.
 pub fn spawn(
     sources: Sources,
     mut inventory: Inventory,
     mut map: VerdictMap,
     metrics: Arc<Metrics>,
 ) -> io::Result<()> {
-    let inotify = Inotify::init()?;
-    let mut watches: HashMap<WatchDescriptor, Watched> = HashMap::new();
-    match inotify.watches().add(&sources.log_dir, CGROUP_EVENTS) {
-        Ok(wd) => {
-            watches.insert(wd, Watched::Logs);
-        }
-        Err(e) => {
-            warn!(error = %e, dir = %sources.log_dir.display(), "IMDS guard: the pod log directory cannot be watched; pods stay unclassified (mount kubelet's /var/log/pods read-only, or set --pod-log-dir)");
-        }
-    }
     std::thread::Builder::new()
         .name("imds-watch".into())
         .spawn(move || {
             promptly();
-            let mut watcher = Watcher {
-                inotify,
-                watches,
-                sources,
+            let mut failing = false;
+            let mut watcher = loop {
+                match Watcher::new(sources.log_dir.clone()) {
+                    Ok(watcher) => break watcher,
+                    Err(e) => {
+                        if !failing {
+                            error!(error = %e, dir = %sources.log_dir.display(), "IMDS guard: cannot watch the pod log directory (or no inotify instance is left); new pods get --imds-unclassified until it works, retrying every 5 s");
+                            failing = true;
+                        }
+                        std::thread::sleep(RETRY_SETUP);
+                    }
+                }
             };
-            watcher.resync(&mut inventory, &mut map, &metrics);
-            watcher.follow(&mut inventory, &mut map, &metrics);
+            if failing {
+                info!("IMDS guard: watching pods again");
+            }
+            watcher.resync(&sources, &mut inventory, &mut map, &metrics);
+            watcher.follow(&sources, &mut inventory, &mut map, &metrics);
         })?;
     Ok(())
+}
+
+/// Writes what the kernel map lacks or holds otherwise, removes what it
+/// holds beyond `wanted`.
+fn reconcile(map: &mut VerdictMap, wanted: &HashMap<u64, ImdsVerdict>) {
+    let present: HashMap<u64, ImdsVerdict> = map.iter().filter_map(Result::ok).collect();
+    let mut changes: Vec<Change> = present
+        .keys()
+        .filter(|id| !wanted.contains_key(id))
+        .map(|&id| Change::Remove(id))
+        .collect();
+    changes.extend(
+        wanted
+            .iter()
+            .filter(|(id, verdict)| present.get(id) != Some(verdict))
+            .map(|(&id, &verdict)| Change::Set(id, verdict)),
+    );
+    if !changes.is_empty() {
+        debug!(
+            changes = changes.len(),
+            "IMDS guard: kernel verdicts brought in step"
+        );
+    }
+    apply(map, &changes);
+}
+
+/// Whether `inotify` has events within `timeout`.
+fn readable_within(inotify: &Inotify, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: inotify.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll on one valid pollfd. Errors (EINTR) count as readable:
+    // the read that follows says what happened.
+    let ready = unsafe { libc::poll(&mut fd, 1, millis) };
+    ready != 0
 }
 
 /// Puts this thread in the real-time class (lowest priority): it sleeps
@@ -189,30 +240,44 @@ fn promptly() {
 struct Watcher {
     inotify: Inotify,
     watches: HashMap<WatchDescriptor, Watched>,
-    sources: Sources,
 }
 
 impl Watcher {
+    fn new(log_dir: PathBuf) -> io::Result<Watcher> {
+        let inotify = Inotify::init()?;
+        let wd = inotify.watches().add(&log_dir, CGROUP_EVENTS)?;
+        Ok(Watcher {
+            inotify,
+            watches: HashMap::from([(wd, Watched::Logs)]),
+        })
+    }
+
     /// Watches every root and QoS level (anew: removed ones drop out by
-    /// themselves), then replaces the inventory with a full scan.
-    fn resync(&mut self, inventory: &mut Inventory, map: &mut VerdictMap, metrics: &Metrics) {
-        let roots: Vec<String> = self.sources.layout.roots().map(str::to_owned).collect();
-        for root in roots {
-            self.watch_cgroups(&root);
-            for child in subdirectories(&self.sources.resolver.mount().join(&root)) {
+    /// themselves), replaces the inventory with a full scan and brings the
+    /// kernel map in step with it.
+    fn resync(
+        &mut self,
+        sources: &Sources,
+        inventory: &mut Inventory,
+        map: &mut VerdictMap,
+        metrics: &Metrics,
+    ) {
+        for root in sources.layout.roots() {
+            self.watch_cgroups(sources, root);
+            for child in subdirectories(&sources.resolver.mount().join(root)) {
                 let rel = format!("{root}/{child}");
-                if self.sources.pod_dir(&rel).is_none() {
-                    self.watch_cgroups(&rel);
+                if sources.pod_dir(&rel).is_none() {
+                    self.watch_cgroups(sources, &rel);
                 }
             }
         }
-        let changes = inventory.resync(self.sources.scan());
-        apply(map, &changes);
+        inventory.resync(sources.scan());
+        reconcile(map, &inventory.verdicts());
         metrics.set_imds_pods(inventory.classified());
     }
 
-    fn watch_cgroups(&mut self, rel: &str) {
-        let path = self.sources.resolver.mount().join(rel);
+    fn watch_cgroups(&mut self, sources: &Sources, rel: &str) {
+        let path = sources.resolver.mount().join(rel);
         match self.inotify.watches().add(&path, CGROUP_EVENTS) {
             Ok(wd) => {
                 self.watches.insert(wd, Watched::Cgroups(rel.to_owned()));
@@ -224,9 +289,19 @@ impl Watcher {
         }
     }
 
-    fn follow(&mut self, inventory: &mut Inventory, map: &mut VerdictMap, metrics: &Metrics) {
+    fn follow(
+        &mut self,
+        sources: &Sources,
+        inventory: &mut Inventory,
+        map: &mut VerdictMap,
+        metrics: &Metrics,
+    ) {
         let mut buffer = [0u8; 16 * 1024];
         loop {
+            if !readable_within(&self.inotify, RESYNC_EVERY) {
+                self.resync(sources, inventory, map, metrics);
+                continue;
+            }
             let events = match self.inotify.read_events_blocking(&mut buffer) {
                 Ok(events) => events,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -256,7 +331,7 @@ impl Watcher {
                 match watched {
                     Watched::Logs => {
                         let Some(name) = name.to_str() else { continue };
-                        if appeared && self.sources.log_dir_is_roots(OsStr::new(name)) {
+                        if appeared && sources.log_dir_is_roots(OsStr::new(name)) {
                             changes.extend(inventory.log_dir_found(name));
                         } else if !appeared {
                             inventory.log_dir_gone(name);
@@ -269,9 +344,9 @@ impl Watcher {
                             if inventory.holds_cgroup(&rel) {
                                 changes.extend(inventory.cgroup_gone(&rel));
                             }
-                        } else if let Some((uid, id)) = self.sources.pod_dir(&rel) {
+                        } else if let Some((uid, id)) = sources.pod_dir(&rel) {
                             changes.extend(inventory.pod_cgroup_found(rel, uid, id));
-                        } else if self.sources.layout.roots().any(|r| r == parent) {
+                        } else if sources.layout.roots().any(|r| r == parent) {
                             // A QoS level made after start: watch it, and
                             // take what it already holds.
                             new_levels.push(rel);
@@ -281,17 +356,17 @@ impl Watcher {
             }
             apply(map, &changes);
             for level in new_levels {
-                self.watch_cgroups(&level);
-                for child in subdirectories(&self.sources.resolver.mount().join(&level)) {
+                self.watch_cgroups(sources, &level);
+                for child in subdirectories(&sources.resolver.mount().join(&level)) {
                     let rel = format!("{level}/{child}");
-                    if let Some((uid, id)) = self.sources.pod_dir(&rel) {
+                    if let Some((uid, id)) = sources.pod_dir(&rel) {
                         apply(map, &inventory.pod_cgroup_found(rel, uid, id));
                     }
                 }
             }
             if rescan {
                 info!("IMDS guard: inotify queue overflowed; rescanning pods");
-                self.resync(inventory, map, metrics);
+                self.resync(sources, inventory, map, metrics);
             }
             debug!(changes = changes.len(), "IMDS guard: pods updated");
             metrics.set_imds_pods(inventory.classified());

@@ -1,0 +1,152 @@
+//! Which agent reads the kernel's IMDS events, and where the last reader
+//! stopped. Two agents share one event ring while a successor takes over
+//! (programs pinned and adopted): both reading it would record events
+//! twice and move its consumer position under each other. So reading is a
+//! turn, held as an exclusive `flock` on a file in the handover directory
+//! (root-only, shared by the DaemonSet's pods): a serving agent takes it,
+//! pauses and gives it back when a successor serves, and leaves in the
+//! file what it has reported of the kernel's counts, for the next reader
+//! to go on from exactly there. An agent that dies leaves nothing (the
+//! kernel drops its lock); the next reader starts from the counts as they
+//! are then.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read as _, Seek as _, Write as _},
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The lock file's name in the handover directory.
+const LOCK_FILE: &str = "imds-events.lock";
+
+/// What a reader reported of the kernel's counts when its turn ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// The programs' generation the counts belong to.
+    pub generation: String,
+    /// `IMDS_LOST`, summed over CPUs.
+    pub lost: u64,
+    /// `IMDS_FLOOD`'s counts by scope.
+    pub reported: Vec<(u64, [u64; 3])>,
+}
+
+pub struct Handoff {
+    path: Option<PathBuf>,
+    generation: Option<String>,
+}
+
+/// This agent's turn to read; ends when dropped (or with [`Turn::end`]).
+pub struct Turn {
+    file: Option<File>,
+}
+
+impl Handoff {
+    /// `dir`: the handover directory; `generation`: the pinned programs'.
+    /// Without either no other agent can share the ring: every turn is
+    /// granted at once.
+    pub fn new(dir: Option<PathBuf>, generation: Option<String>) -> Handoff {
+        Handoff {
+            path: dir
+                .filter(|_| generation.is_some())
+                .map(|d| d.join(LOCK_FILE)),
+            generation,
+        }
+    }
+
+    pub fn generation(&self) -> &str {
+        self.generation.as_deref().unwrap_or_default()
+    }
+
+    /// Waits (blocking) for this agent's turn; the baseline the previous
+    /// reader left, if it read these programs' counts.
+    pub fn take(&self) -> io::Result<(Turn, Option<Baseline>)> {
+        let Some(path) = &self.path else {
+            return Ok((Turn::unlocked(), None));
+        };
+        if let Some(dir) = path.parent() {
+            crate::private_dir::ensure(dir)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        flock(&file, libc::LOCK_EX)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        // Read once: a reader that dies later leaves no stale baseline.
+        file.set_len(0)?;
+        let baseline = serde_json::from_str::<Baseline>(&text)
+            .ok()
+            .filter(|b| Some(b.generation.as_str()) == self.generation.as_deref());
+        Ok((Turn { file: Some(file) }, baseline))
+    }
+}
+
+impl Turn {
+    /// A turn without the lock: where it cannot be taken (the handover
+    /// directory refused), no successor can take over either.
+    pub fn unlocked() -> Turn {
+        Turn { file: None }
+    }
+
+    /// Leaves `baseline` for the next reader and ends the turn.
+    pub fn end(self, baseline: &Baseline) -> io::Result<()> {
+        if let Some(mut file) = self.file {
+            file.set_len(0)?;
+            file.rewind()?;
+            file.write_all(serde_json::to_string(baseline)?.as_bytes())?;
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_turn_passes_its_baseline_to_the_next_reader_of_the_same_programs() {
+        let dir = std::env::temp_dir().join(format!("epia-handoff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ours = Handoff::new(Some(dir.clone()), Some("gen-1".into()));
+        let (turn, first) = ours.take().unwrap();
+        assert_eq!(first, None);
+        let left = Baseline {
+            generation: "gen-1".into(),
+            lost: 3,
+            reported: vec![(42, [1, 2, 3])],
+        };
+        turn.end(&left).unwrap();
+        let (turn, got) = ours.take().unwrap();
+        assert_eq!(got, Some(left.clone()));
+        // Read once: a reader that dies leaves nothing behind.
+        drop(turn);
+        assert_eq!(ours.take().unwrap().1, None);
+        // Another generation's counts are not ours.
+        let other = Handoff::new(Some(dir.clone()), Some("gen-2".into()));
+        ours.take().unwrap().0.end(&left).unwrap();
+        assert_eq!(other.take().unwrap().1, None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
