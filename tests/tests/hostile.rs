@@ -506,15 +506,20 @@ fn a_restart_under_load_refuses_no_legitimate_request() -> Result<()> {
         let args = env.agent_args("enforce", &UNLIMITED);
         env.agent = harness::agent_proc::AgentProcess::start(&env.node.netns, &args)?;
     }
-    for (who, child) in [Who::A, Who::B].into_iter().zip(loads) {
-        let tally = finish(child, "load")?;
-        ensure!(count(&tally, "200") > 0, "pod {who:?}: {tally}");
+    let tallies: Vec<(Who, Value)> = [Who::A, Who::B]
+        .into_iter()
+        .zip(loads)
+        .map(|(who, child)| Ok((who, finish(child, "load")?)))
+        .collect::<Result<_>>()?;
+    // What the agents recorded of any refusal, to say why.
+    let denied = env.refused()?;
+    for (who, tally) in &tallies {
+        ensure!(count(tally, "200") > 0, "pod {who:?}: {tally}");
         ensure!(
-            count(&tally, "200") == total(&tally),
-            "pod {who:?} got refusals across restarts: {tally}"
+            count(tally, "200") == total(tally),
+            "pod {who:?} got refusals across restarts: {tally}\nrefusals recorded: {denied:?}"
         );
     }
-    let denied = env.refused()?;
     ensure!(denied.is_empty(), "refused across restarts: {denied:?}");
     Ok(())
 }
