@@ -130,6 +130,8 @@ pub enum AttributionError {
     },
     #[error("reading the connection map failed: {0}")]
     Map(#[source] MapError),
+    #[error("reading the connection map failed: {0}")]
+    MapSyscall(#[source] io::Error),
     #[error("the connection's stamp has a wrong MAC: not made by our kernel program for it")]
     ForgedStamp,
     #[error("the connection's stamp names a record of another connection")]
@@ -225,7 +227,7 @@ pub enum Provenance {
 /// detaches them unless they are pinned.
 pub struct Attribution {
     /// Locked for the get-and-delete of one lookup.
-    connections: std::sync::Mutex<HashMap<MapData, u64, ConnRecord>>,
+    connections: Connections,
     mac_key: StampKey,
     /// The programs' switch (`agent_ebpf::ACTIVE_MAP`).
     active: std::sync::Mutex<Array<MapData, u32>>,
@@ -297,14 +299,13 @@ impl Attribution {
         if !generation.complete() {
             return Ok(None);
         }
-        let connections = HashMap::try_from(open_pinned(&generation.path(CONNECTIONS_MAP))?)
-            .map_err(AttributionError::Map)?;
+        let connections = Connections::new(open_pinned(&generation.path(CONNECTIONS_MAP))?)?;
         let mac_key = read_stamp_key(&generation.path(STAMP_KEY_MAP))?;
         let active = Array::try_from(open_pinned(&generation.path(ACTIVE_MAP))?)
             .map_err(AttributionError::Map)?;
         let imds = ImdsMaps::open(|name| open_pinned(&generation.path(name)))?;
         let attribution = Attribution {
-            connections: std::sync::Mutex::new(connections),
+            connections,
             mac_key,
             active: std::sync::Mutex::new(active),
             imds: std::sync::Mutex::new(Some(imds)),
@@ -404,8 +405,7 @@ impl Attribution {
             ebpf.take_map(name)
                 .ok_or(AttributionError::MissingMap(name))
         };
-        let connections =
-            HashMap::try_from(take(CONNECTIONS_MAP)?).map_err(AttributionError::Map)?;
+        let connections = Connections::new(take(CONNECTIONS_MAP)?)?;
         let active = Array::try_from(take(ACTIVE_MAP)?).map_err(AttributionError::Map)?;
         let imds = ImdsMaps::open(&mut take)?;
         let pins = match pins {
@@ -416,7 +416,7 @@ impl Attribution {
             None => None,
         };
         Ok(Attribution {
-            connections: std::sync::Mutex::new(connections),
+            connections,
             mac_key,
             active: std::sync::Mutex::new(active),
             imds: std::sync::Mutex::new(Some(imds)),
@@ -483,12 +483,7 @@ impl Attribution {
     /// and not yet accepted (the agent deletes a record when it reads it,
     /// the client's socket when it closes). Zero at rest.
     pub fn tracked_connections(&self) -> usize {
-        self.connections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .keys()
-            .filter(Result::is_ok)
-            .count()
+        self.connections.len()
     }
 }
 
@@ -501,25 +496,132 @@ impl OpenerLookup for Attribution {
         if agent_ebpf::stamp_mac(&self.mac_key, stamp.id, &key) != stamp.mac {
             return Err(AttributionError::ForgedStamp);
         }
+        match self.connections.take(stamp.id)? {
+            // Taken: the stamp has served its one connection, and the table
+            // keeps only connections not accepted yet. (None: the client
+            // already closed and deleted it.) A record of another 4-tuple
+            // under an id whose MAC checks out for this one cannot be made
+            // without the key.
+            Some(record) if record.key == key => Ok(Some(record.owner.into())),
+            Some(_) => Err(AttributionError::StampMismatch),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The kernel's connection records, as the agent reads them: each one once.
+struct Connections {
+    map: std::sync::Mutex<HashMap<MapData, u64, ConnRecord>>,
+    /// The map's descriptor, for `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (aya
+    /// 0.14 offers it only for queues and stacks).
+    fd: std::os::fd::OwnedFd,
+    /// Set once the kernel refused the one-call form (hash maps have it
+    /// since Linux 5.14): lookup and delete, under the lock, from then on.
+    two_calls: std::sync::atomic::AtomicBool,
+}
+
+impl Connections {
+    fn new(map: Map) -> Result<Connections, AttributionError> {
+        use std::os::fd::AsFd as _;
+        let Map::HashMap(data) = &map else {
+            return Err(AttributionError::MissingMap(CONNECTIONS_MAP));
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(AttributionError::MapSyscall)?;
+        Ok(Connections {
+            map: std::sync::Mutex::new(HashMap::try_from(map).map_err(AttributionError::Map)?),
+            fd,
+            two_calls: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The record under `id`, deleted as it is read: one syscall per
+    /// accepted connection.
+    fn take(&self, id: u64) -> Result<Option<ConnRecord>, AttributionError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.two_calls.load(Relaxed) {
+            match lookup_and_delete(&self.fd, id) {
+                Ok(record) => return Ok(record),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP)) => {
+                    self.two_calls.store(true, Relaxed);
+                }
+                Err(e) => return Err(AttributionError::MapSyscall(e)),
+            }
+        }
         // A map handle guarded by a lock cannot be left inconsistent by a
         // panic elsewhere: poisoning is ignored.
-        let mut connections = self
-            .connections
+        let mut map = self
+            .map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match connections.get(&stamp.id, 0) {
-            Ok(record) if record.key == key => {
-                // Read once: the stamp has served its one connection, and
-                // the table keeps only connections not accepted yet.
-                // (ENOENT: the client already closed and deleted it.)
-                let _ = connections.remove(&stamp.id);
-                Ok(Some(record.owner.into()))
+        match map.get(&id, 0) {
+            Ok(record) => {
+                let _ = map.remove(&id);
+                Ok(Some(record))
             }
-            Ok(_) => Err(AttributionError::StampMismatch),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(other) => Err(AttributionError::Map(other)),
         }
     }
+
+    fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .filter(Result::is_ok)
+            .count()
+    }
+}
+
+/// The kernel's `ENOTSUPP` (not in libc): a map type without the command.
+const ENOTSUPP: i32 = 524;
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on the connection map: `Ok(None)` when
+/// no record has the id.
+fn lookup_and_delete(fd: &std::os::fd::OwnedFd, id: u64) -> io::Result<Option<ConnRecord>> {
+    use std::os::fd::AsRawFd as _;
+    /// The `bpf_attr` of the map element commands.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = std::mem::MaybeUninit::<ConnRecord>::uninit();
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: (&raw const id) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the attr points at a live key and a value buffer of the
+    // map's value size (ConnRecord is the map's value type); the kernel
+    // reads `size_of::<ElemAttr>()` bytes of attr.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw const attr,
+            std::mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        // SAFETY: the kernel filled the whole value on success.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(err)
 }
 
 /// The stamp key of the generation `generation` pinned under `pin_dir`: what
