@@ -206,19 +206,17 @@ fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() ->
                 true,
             ),
         ];
-        for Row {
-            what,
-            cgroup,
-            netns,
-            pod,
-            allowed,
-            decision,
-            reason,
-            host_network,
-        } in rows
-        {
+        for row in rows {
+            let Row {
+                what,
+                allowed,
+                decision,
+                reason,
+                host_network,
+                ..
+            } = row;
             for addr in [IMDS_V4, IMDS_V6, IMDS_V4_MAPPED] {
-                let tally = imds_connect(&env, cgroup, netns, addr, 1)?;
+                let tally = imds_connect(&env, row.cgroup, row.netns, addr, 1)?;
                 let connects = allowed || mode == "audit";
                 let expected = if connects { (1, 0) } else { (0, 1) };
                 assert_eq!(
@@ -239,7 +237,7 @@ fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() ->
                 assert_eq!(event["count"], 1);
                 let destination = if addr == IMDS_V6 { IMDS_V6 } else { IMDS_V4 };
                 assert_eq!(event["destination"], destination, "{event}");
-                match pod {
+                match row.pod {
                     Some((spec, namespace)) => {
                         assert_eq!(event["pod_uid"], spec.uid.as_str(), "{event}");
                         assert_eq!(event["container_id"], spec.container_id.as_str());

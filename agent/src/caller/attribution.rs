@@ -25,7 +25,7 @@ use agent_ebpf::{
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError},
@@ -187,7 +187,8 @@ pub struct ImdsAttach {
 /// it reads.
 pub struct ImdsMaps {
     pub verdicts: HashMap<MapData, u64, ImdsVerdict>,
-    pub events: RingBuf<MapData>,
+    /// Unmapped: the reader maps it for each of its turns.
+    pub events: MapData,
     pub lost: PerCpuArray<MapData, u64>,
     pub flood: HashMap<MapData, u64, agent_ebpf::ImdsFlood>,
 }
@@ -198,7 +199,10 @@ impl ImdsMaps {
     ) -> Result<Self, AttributionError> {
         Ok(ImdsMaps {
             verdicts: HashMap::try_from(take(IMDS_VERDICTS_MAP)?).map_err(AttributionError::Map)?,
-            events: RingBuf::try_from(take(IMDS_EVENTS_MAP)?).map_err(AttributionError::Map)?,
+            events: match take(IMDS_EVENTS_MAP)? {
+                Map::RingBuf(data) => data,
+                _ => return Err(AttributionError::MissingMap(IMDS_EVENTS_MAP)),
+            },
             lost: PerCpuArray::try_from(take(IMDS_LOST_MAP)?).map_err(AttributionError::Map)?,
             flood: HashMap::try_from(take(IMDS_FLOOD_MAP)?).map_err(AttributionError::Map)?,
         })

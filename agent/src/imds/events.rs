@@ -44,7 +44,8 @@ const MAX_NAMESPACE_LABELS: usize = 256;
 
 /// The kernel side the reader consumes.
 pub struct KernelEvents {
-    pub ring: RingBuf<MapData>,
+    /// The ring map, mapped by each turn's own reader.
+    pub ring: MapData,
     pub lost: PerCpuArray<MapData, u64>,
     pub flood: BpfHashMap<MapData, u64, ImdsFlood>,
 }
@@ -107,7 +108,13 @@ pub async fn run(
         cx,
     };
     loop {
-        while *accepting.borrow_and_update() != Accepting::Yes {
+        loop {
+            match *accepting.borrow_and_update() {
+                Accepting::Yes => break,
+                // Stopping: nothing more to read (the last turn settled).
+                Accepting::Stop => return Ok(()),
+                Accepting::Paused => {}
+            }
             if accepting.changed().await.is_err() {
                 return Ok(());
             }
@@ -185,15 +192,15 @@ impl Reader {
         }
     }
 
-    /// Reads until `accepting` leaves `Yes` (`Ok(true)`) or closes
+    /// Reads until `accepting` pauses (`Ok(true)`), stops or closes
     /// (`Ok(false)`), on a reader of its own: the ring's consumer position
     /// is taken afresh from the kernel, where the previous reader left it.
     async fn read_turn(
         &mut self,
-        template: &RingBuf<MapData>,
+        ring: &MapData,
         accepting: &mut watch::Receiver<Accepting>,
     ) -> std::io::Result<bool> {
-        let fd = template.as_fd().try_clone_to_owned()?;
+        let fd = ring.fd().as_fd().try_clone_to_owned()?;
         let ring = MapData::from_fd(fd)
             .and_then(Map::from_map_data)
             .and_then(RingBuf::try_from)
@@ -205,8 +212,10 @@ impl Reader {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
-            if *accepting.borrow_and_update() != Accepting::Yes {
-                return Ok(true);
+            match *accepting.borrow_and_update() {
+                Accepting::Yes => {}
+                Accepting::Paused => return Ok(true),
+                Accepting::Stop => return Ok(false),
             }
             tokio::select! {
                 guard = ring.readable_mut() => {
