@@ -63,8 +63,11 @@ pub const IMDS_VERDICTS_CAPACITY: u32 = 16_384;
 /// Map: ring buffer of [`ImdsEvent`]s, one per published IMDS connect.
 pub const IMDS_EVENTS_MAP: &str = "IMDS_EVENTS";
 /// Size of [`IMDS_EVENTS_MAP`] in bytes (a power of two, page multiple):
-/// about 2 700 events waiting for the agent.
-pub const IMDS_EVENTS_BYTES: u32 = 256 * 1024;
+/// about 740 events waiting for the agent, which reads as they come. Each
+/// scope publishes at most [`IMDS_BURST`] a window, so only many scopes at
+/// once fill it (counted in [`IMDS_LOST_MAP`]). Small because the reader
+/// maps it twice over (the kernel's wrap-around view): resident memory.
+pub const IMDS_EVENTS_BYTES: u32 = 64 * 1024;
 /// Map: per-CPU count (index 0) of events the ring buffer had no room for.
 pub const IMDS_LOST_MAP: &str = "IMDS_LOST";
 /// Map: flood scope (a pod's cgroup; else the caller's own, or for a node
