@@ -40,6 +40,9 @@ struct Run {
     p99: f64,
 }
 
+/// (mode index, connection kind index), the agent's runs and nginx's.
+type Samples = ((usize, usize), Vec<Run>, Vec<Run>);
+
 /// What the two servers are compared under.
 #[derive(Clone, Copy)]
 enum Connections {
@@ -61,31 +64,51 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
     let token = token.trim();
     let www = TempDir::new("epia-bench-nginx-")?;
     let mut nginx: Option<Nginx> = None;
-    let mut table = Vec::new();
-    for mode in ["off", "audit", "enforce"] {
-        let args = cluster.agent_args(mode, &UNLIMITED);
-        let agent = AgentProcess::start(&cluster.node.netns, &args)?;
-        let agent_url = format!("http://{AGENT_V4}/v1/credentials");
-        // The first request fills the cache (and, with attribution off,
-        // gives nginx the exact bytes to serve).
-        let answer = first_answer(cluster, token)?;
-        if nginx.is_none() {
-            std::fs::write(www.path().join("credentials"), &answer)?;
-            nginx = Some(Nginx::start(cluster, www.path())?);
-        }
-        let nginx_url = format!("http://{AGENT_V4}:{NGINX_PORT}/credentials");
-        for connections in [Connections::KeepAlive, Connections::NewPerRequest] {
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
-                ours.push(wrk(cluster, &agent_url, token, connections)?);
-                theirs.push(wrk(cluster, &nginx_url, token, connections)?);
+    const MODES: [&str; 3] = ["off", "audit", "enforce"];
+    const KINDS: [Connections; 2] = [Connections::KeepAlive, Connections::NewPerRequest];
+    // (mode, kind) → (agent runs, nginx runs). Each round runs every mode,
+    // in a rotated order (an agent of its own, started for the round), so
+    // drift over the run — a neighbour's load, the machine warming — weighs
+    // on every mode alike and the modes compare with each other.
+    let mut runs: Vec<Samples> = Vec::new();
+    for round in 0..ROUNDS {
+        for turn in 0..MODES.len() {
+            let m = (round + turn) % MODES.len();
+            let args = cluster.agent_args(MODES[m], &UNLIMITED);
+            let agent = AgentProcess::start(&cluster.node.netns, &args)?;
+            let agent_url = format!("http://{AGENT_V4}/v1/credentials");
+            // The first request fills the cache (and, with attribution
+            // off in the first round, gives nginx the exact bytes to serve).
+            let answer = first_answer(cluster, token)?;
+            if nginx.is_none() {
+                std::fs::write(www.path().join("credentials"), &answer)?;
+                nginx = Some(Nginx::start(cluster, www.path())?);
             }
-            table.push((mode, connections, median(&mut ours), median(&mut theirs)));
+            let nginx_url = format!("http://{AGENT_V4}:{NGINX_PORT}/credentials");
+            for (k, connections) in KINDS.into_iter().enumerate() {
+                let ours = wrk(cluster, &agent_url, token, connections)?;
+                let theirs = wrk(cluster, &nginx_url, token, connections)?;
+                match runs.iter_mut().find(|(key, _, _)| *key == (m, k)) {
+                    Some((_, o, t)) => {
+                        o.push(ours);
+                        t.push(theirs);
+                    }
+                    None => runs.push(((m, k), vec![ours], vec![theirs])),
+                }
+            }
+            drop(agent);
         }
-        drop(agent);
+    }
+    let mut table = Vec::new();
+    for (m, mode) in MODES.into_iter().enumerate() {
+        for (k, connections) in KINDS.into_iter().enumerate() {
+            if let Some((_, ours, theirs)) = runs.iter_mut().find(|(key, _, _)| *key == (m, k)) {
+                table.push((mode, connections, median(ours), median(theirs)));
+            }
+        }
     }
     println!(
-        "\ncached credential request vs nginx serving the same {} bytes (wrk -c{CONNECTIONS}, {SECONDS} s, median of {ROUNDS} interleaved rounds; ratio = agent ÷ nginx)",
+        "\ncached credential request vs nginx serving the same {} bytes (wrk -c{CONNECTIONS}, {SECONDS} s, median of {ROUNDS} rounds, each running every mode in a rotated order with agent and nginx interleaved; ratio = agent ÷ nginx)",
         std::fs::metadata(www.path().join("credentials"))?.len()
     );
     println!(
