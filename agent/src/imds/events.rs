@@ -6,8 +6,10 @@
 //! summary event with their `count` at the interval's end. A pod that
 //! connects in a loop costs two audit lines per interval.
 //!
-//! Only the serving agent reads (two agents sharing pinned programs would
-//! split the ring between them): reading pauses while a successor serves.
+//! Only the serving agent reads, in turns (`imds::handoff`): two agents
+//! sharing pinned programs would otherwise split the ring between them and
+//! report the kernel's counts twice. Reading pauses while a successor
+//! serves.
 
 use std::{
     collections::{HashMap, HashSet},
