@@ -614,6 +614,9 @@ fn attach(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<AttachedP
             );
             match guard.start(maps, metrics.clone(), handoff) {
                 Ok(watching) => Some(watching),
+                Err(e) if args.imds == ImdsMode::Enforce => {
+                    return Err(imds::guard::GuardRefused::new(format!("{e:#}")).into());
+                }
                 // The verdicts written so far stand in the kernel.
                 Err(e) => {
                     error!(

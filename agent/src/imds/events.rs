@@ -96,8 +96,8 @@ pub async fn run(
     cx: Context,
     handoff: Handoff,
     mut accepting: watch::Receiver<Accepting>,
-) -> std::io::Result<()> {
-    let handoff = Arc::new(handoff);
+) {
+    let mut said = None;
     let mut reader = Reader {
         host_netns: own_netns_cookie(),
         reported: HashMap::new(),
@@ -114,29 +114,34 @@ pub async fn run(
             match *accepting.borrow_and_update() {
                 Accepting::Yes => break,
                 // Stopping: nothing more to read (the last turn settled).
-                Accepting::Stop => return Ok(()),
+                Accepting::Stop => return,
                 Accepting::Paused => {}
             }
             if accepting.changed().await.is_err() {
-                return Ok(());
+                return;
             }
         }
-        let taking = tokio::task::spawn_blocking({
-            let handoff = handoff.clone();
-            move || handoff.take()
-        });
-        let (turn, baseline) = tokio::select! {
-            taken = taking => match taken.map_err(std::io::Error::other)? {
-                Ok(taken) => taken,
-                Err(e) => {
-                    warn!(error = %e, "IMDS guard: cannot take the event reader's lock; reading without it");
-                    (Turn::unlocked(), None)
-                }
-            },
-            changed = accepting.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
+        // Another agent's turn (the one this agent takes over from, until
+        // it pauses): ask again shortly, or give up waiting when told to.
+        let (turn, baseline) = match handoff.try_take() {
+            Ok(Some(taken)) => taken,
+            Ok(None) => {
+                pause_or_change(&mut accepting, TURN_POLL).await;
+                continue;
+            }
+            // The handover directory refused (not this agent's): no
+            // successor can take over either, so nobody else reads.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                warn_once(&mut said, &e, "reading without the event reader's lock");
+                (Turn::unlocked(), None)
+            }
+            Err(e) => {
+                warn_once(
+                    &mut said,
+                    &e,
+                    "cannot take the event reader's lock; retrying",
+                );
+                pause_or_change(&mut accepting, RETRY).await;
                 continue;
             }
         };
@@ -147,10 +152,37 @@ pub async fn run(
             warn!(error = %e, "IMDS guard: could not leave the reported counts for the next reader");
         }
         match read {
-            Ok(true) => continue,
-            Ok(false) => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(true) => {}
+            Ok(false) => return,
+            // Mapping the ring or waiting on it failed (descriptors short,
+            // say): the turn is given back, and taken again in a moment.
+            Err(e) => {
+                warn_once(
+                    &mut said,
+                    &e,
+                    "reading the kernel's events failed; retrying",
+                );
+                pause_or_change(&mut accepting, RETRY).await;
+            }
         }
+    }
+}
+
+/// How often a successor asks for the reader's turn.
+const TURN_POLL: Duration = Duration::from_millis(100);
+/// How long after a failure reading is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Waits `pause`, or less if `accepting` changes.
+async fn pause_or_change(accepting: &mut watch::Receiver<Accepting>, pause: Duration) {
+    let _ = tokio::time::timeout(pause, accepting.changed()).await;
+}
+
+/// Logs a failure once per kind of failure in a row.
+fn warn_once(said: &mut Option<std::io::ErrorKind>, e: &std::io::Error, what: &str) {
+    if *said != Some(e.kind()) {
+        warn!(error = %e, "IMDS guard: {what}");
+        *said = Some(e.kind());
     }
 }
 
@@ -161,8 +193,9 @@ fn parse(bytes: &[u8]) -> Option<ImdsEvent> {
     })
 }
 
-fn sum(lost: &PerCpuArray<MapData, u64>) -> u64 {
-    lost.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
+/// `IMDS_LOST` summed over CPUs; `None` if it could not be read.
+fn sum(lost: &PerCpuArray<MapData, u64>) -> Option<u64> {
+    lost.get(&0, 0).ok().map(|per_cpu| per_cpu.iter().sum())
 }
 
 impl Reader {
@@ -181,7 +214,7 @@ impl Reader {
                     .filter_map(Result::ok)
                     .map(|(scope, flood)| (scope, flood.suppressed))
                     .collect();
-                self.lost_reported = sum(&self.kernel_lost);
+                self.lost_reported = sum(&self.kernel_lost).unwrap_or(0);
             }
         }
     }
@@ -383,7 +416,11 @@ impl Reader {
                 self.cx.auditor.emit_imds(&summary);
             }
         }
-        let lost = sum(&self.kernel_lost);
+        // Unreadable this time: next time (never a reset to 0, which
+        // would report everything again).
+        let Some(lost) = sum(&self.kernel_lost) else {
+            return;
+        };
         if lost > self.lost_reported {
             let more = lost - self.lost_reported;
             self.cx.metrics.imds_events_lost(more);

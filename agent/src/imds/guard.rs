@@ -43,6 +43,12 @@ pub struct Prepared {
 #[error("--imds enforce: the IMDS guard cannot run: {0}")]
 pub struct GuardRefused(String);
 
+impl GuardRefused {
+    pub fn new(why: impl Into<String>) -> GuardRefused {
+        GuardRefused(why.into())
+    }
+}
+
 /// `None` when `--imds off`, or when the guard cannot run in audit (said
 /// loudly); an error ([`GuardRefused`]) when it cannot run in enforce.
 pub fn prepare(
@@ -180,8 +186,6 @@ impl Watching {
                 return;
             }
         };
-        if let Err(e) = events::run(self.kernel, cx, self.handoff, accepting).await {
-            warn!(error = %e, "IMDS guard: reading the kernel's events failed; connects are still decided, no longer recorded");
-        }
+        events::run(self.kernel, cx, self.handoff, accepting).await;
     }
 }

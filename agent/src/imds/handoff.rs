@@ -19,8 +19,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// The lock file's name in the handover directory.
-const LOCK_FILE: &str = "imds-events.lock";
+/// The lock file's name in the handover directory, per generation: agents
+/// of different program builds read different rings, and need not wait for
+/// each other.
+fn lock_file(generation: &str) -> String {
+    format!("imds-events-{generation}.lock")
+}
 
 /// What a reader reported of the kernel's counts when its turn ended.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,13 +49,15 @@ pub struct Turn {
 
 impl Handoff {
     /// `dir`: the handover directory; `generation`: the pinned programs'.
-    /// Without either no other agent can share the ring: every turn is
-    /// granted at once.
+    /// Unpinned programs are this agent's alone: every turn is granted at
+    /// once. (Pinned programs without a handover directory: a second agent
+    /// sharing them cannot bind the listeners this one holds, and never
+    /// starts reading.)
     pub fn new(dir: Option<PathBuf>, generation: Option<String>) -> Handoff {
         Handoff {
             path: dir
-                .filter(|_| generation.is_some())
-                .map(|d| d.join(LOCK_FILE)),
+                .zip(generation.as_deref())
+                .map(|(d, generation)| d.join(lock_file(generation))),
             generation,
         }
     }
@@ -60,11 +66,12 @@ impl Handoff {
         self.generation.as_deref().unwrap_or_default()
     }
 
-    /// Waits (blocking) for this agent's turn; the baseline the previous
-    /// reader left, if it read these programs' counts.
-    pub fn take(&self) -> io::Result<(Turn, Option<Baseline>)> {
+    /// This agent's turn, if no other agent has it now (never blocks: the
+    /// caller polls, so giving up waiting leaves nothing behind); with the
+    /// baseline the previous reader left, if it read these programs' counts.
+    pub fn try_take(&self) -> io::Result<Option<(Turn, Option<Baseline>)>> {
         let Some(path) = &self.path else {
-            return Ok((Turn::unlocked(), None));
+            return Ok(Some((Turn::unlocked(), None)));
         };
         if let Some(dir) = path.parent() {
             crate::private_dir::ensure(dir)?;
@@ -77,7 +84,9 @@ impl Handoff {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)?;
-        flock(&file, libc::LOCK_EX)?;
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB)? {
+            return Ok(None);
+        }
         let mut text = String::new();
         file.read_to_string(&mut text)?;
         // Read once: a reader that dies later leaves no stale baseline.
@@ -85,7 +94,7 @@ impl Handoff {
         let baseline = serde_json::from_str::<Baseline>(&text)
             .ok()
             .filter(|b| Some(b.generation.as_str()) == self.generation.as_deref());
-        Ok((Turn { file: Some(file) }, baseline))
+        Ok(Some((Turn { file: Some(file) }, baseline)))
     }
 }
 
@@ -108,15 +117,18 @@ impl Turn {
     }
 }
 
-fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+/// Whether the lock was taken (`false`: another holds it, with `LOCK_NB`).
+fn flock(file: &File, operation: libc::c_int) -> io::Result<bool> {
     loop {
         // SAFETY: flock on an open descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(err),
         }
     }
 }
@@ -130,7 +142,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("epia-handoff-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ours = Handoff::new(Some(dir.clone()), Some("gen-1".into()));
-        let (turn, first) = ours.take().unwrap();
+        let (turn, first) = ours.try_take().unwrap().unwrap();
         assert_eq!(first, None);
         let left = Baseline {
             generation: "gen-1".into(),
@@ -138,15 +150,17 @@ mod tests {
             reported: vec![(42, [1, 2, 3])],
         };
         turn.end(&left).unwrap();
-        let (turn, got) = ours.take().unwrap();
+        let (turn, got) = ours.try_take().unwrap().unwrap();
         assert_eq!(got, Some(left.clone()));
+        // Held: nobody else gets the turn meanwhile.
+        assert!(ours.try_take().unwrap().is_none());
         // Read once: a reader that dies leaves nothing behind.
         drop(turn);
-        assert_eq!(ours.take().unwrap().1, None);
+        assert_eq!(ours.try_take().unwrap().unwrap().1, None);
         // Another generation's counts are not ours.
         let other = Handoff::new(Some(dir.clone()), Some("gen-2".into()));
-        ours.take().unwrap().0.end(&left).unwrap();
-        assert_eq!(other.take().unwrap().1, None);
+        ours.try_take().unwrap().unwrap().0.end(&left).unwrap();
+        assert_eq!(other.try_take().unwrap().unwrap().1, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -15,7 +15,7 @@ use std::{
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agent_ebpf::ImdsVerdict;
@@ -161,26 +161,37 @@ pub fn spawn(
         .name("imds-watch".into())
         .spawn(move || {
             promptly();
-            let mut failing = false;
-            let mut watcher = loop {
-                match Watcher::new(sources.log_dir.clone()) {
-                    Ok(watcher) => break watcher,
-                    Err(e) => {
-                        if !failing {
-                            error!(error = %e, dir = %sources.log_dir.display(), "IMDS guard: cannot watch the pod log directory (or no inotify instance is left); new pods get --imds-unclassified until it works, retrying every 5 s");
-                            failing = true;
-                        }
-                        std::thread::sleep(RETRY_SETUP);
-                    }
-                }
-            };
-            if failing {
-                info!("IMDS guard: watching pods again");
+            // Each pass: set up (retried until it works), catch up, follow
+            // until reading inotify fails, then set up anew.
+            loop {
+                let mut watcher = set_up(&sources);
+                watcher.resync(&sources, &mut inventory, &mut map, &metrics);
+                watcher.follow(&sources, &mut inventory, &mut map, &metrics);
             }
-            watcher.resync(&sources, &mut inventory, &mut map, &metrics);
-            watcher.follow(&sources, &mut inventory, &mut map, &metrics);
         })?;
     Ok(())
+}
+
+/// A watcher, once one can be set up (retried every 5 s, said once).
+fn set_up(sources: &Sources) -> Watcher {
+    let mut failing = false;
+    loop {
+        match Watcher::new(sources.log_dir.clone()) {
+            Ok(watcher) => {
+                if failing {
+                    info!("IMDS guard: watching pods again");
+                }
+                return watcher;
+            }
+            Err(e) => {
+                if !failing {
+                    error!(error = %e, dir = %sources.log_dir.display(), "IMDS guard: cannot watch the pod log directory (or no inotify instance is left); new pods get --imds-unclassified until it works, retrying every 5 s");
+                    failing = true;
+                }
+                std::thread::sleep(RETRY_SETUP);
+            }
+        }
+    }
 }
 
 /// Writes what the kernel map lacks or holds otherwise, removes what it
@@ -215,10 +226,16 @@ fn readable_within(inotify: &Inotify, timeout: Duration) -> bool {
         revents: 0,
     };
     let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll on one valid pollfd. Errors (EINTR) count as readable:
-    // the read that follows says what happened.
-    let ready = unsafe { libc::poll(&mut fd, 1, millis) };
-    ready != 0
+    loop {
+        // SAFETY: poll on one valid pollfd.
+        let ready = unsafe { libc::poll(&mut fd, 1, millis) };
+        if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        // Other errors count as readable: the read that follows says what
+        // happened.
+        return ready != 0;
+    }
 }
 
 /// Puts this thread in the real-time class (lowest priority): it sleeps
@@ -297,16 +314,20 @@ impl Watcher {
         metrics: &Metrics,
     ) {
         let mut buffer = [0u8; 16 * 1024];
+        let mut resynced = Instant::now();
         loop {
-            if !readable_within(&self.inotify, RESYNC_EVERY) {
+            // Due whether or not pods changed meanwhile.
+            let due = RESYNC_EVERY.saturating_sub(resynced.elapsed());
+            if due.is_zero() || !readable_within(&self.inotify, due) {
                 self.resync(sources, inventory, map, metrics);
+                resynced = Instant::now();
                 continue;
             }
             let events = match self.inotify.read_events_blocking(&mut buffer) {
                 Ok(events) => events,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    error!(error = %e, "IMDS guard: reading inotify failed; pods started from now on stay unclassified");
+                    error!(error = %e, "IMDS guard: reading inotify failed; setting the watches up again");
                     return;
                 }
             };
