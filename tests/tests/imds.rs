@@ -522,3 +522,28 @@ fn pod_cgroup_id(container: &Path) -> Result<u64> {
         container.parent().context("pod cgroup")?,
     )?)
 }
+
+#[test]
+fn without_the_kernel_programs_enforce_refuses_to_start_and_audit_says_so() -> Result<()> {
+    harness::require_privilege!();
+    let cluster = Cluster::new(NODE)?;
+    // Enforce asked for what cannot run: the agent stops, naming why.
+    let args = cluster.agent_args("off", &["--imds", "enforce"]);
+    let mut agent = AgentProcess::spawn(&cluster.node.netns, &args, None)?;
+    let status = agent.wait_exit(Duration::from_secs(60))?;
+    let logs = agent.logs();
+    ensure!(
+        !status.success(),
+        "ran with --imds enforce and no programs:\n{logs}"
+    );
+    ensure!(
+        logs.contains("--imds enforce needs the kernel programs"),
+        "the error does not say why:\n{logs}"
+    );
+    drop(agent);
+    // Audit (the default) serves on, and says loudly that nothing is seen.
+    let args = cluster.agent_args("off", &[]);
+    let mut agent = AgentProcess::start(&cluster.node.netns, &args)?;
+    agent.wait_for_log("IMDS GUARD IS OFF", Duration::from_secs(30))?;
+    Ok(())
+}
