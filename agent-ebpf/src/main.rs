@@ -440,18 +440,24 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The IPv6 destination, read only once its port is one we look at.
+#[inline(always)]
+fn user_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> RawAddr {
+    [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ]
+}
+
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
     if imds_port(port) && sa.type_ == SOCK_STREAM {
-        let dst = [
-            sa.user_ip6[0],
-            sa.user_ip6[1],
-            sa.user_ip6[2],
-            sa.user_ip6[3],
-        ];
+        let dst = user_ip6(sa);
         if imds_v6(&dst) {
             return imds(&ctx, dst, port);
         }
@@ -459,12 +465,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     let Some(port) = our_port(port) else {
         return ALLOW;
     };
-    let dst = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
+    let dst = user_ip6(sa);
     if !ours(port, &dst) || sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }

@@ -16,7 +16,8 @@ use std::{
 /// owner: an existing one owned by anyone else, or `dir` or a parent —
 /// symlinks included, as themselves, not as what they point at — owned by
 /// anyone but this user or root (its owner could swap `dir` out, or point
-/// it at a directory of root's).
+/// it at a directory of root's), nor a directory a symlink on the way leads
+/// into that is owned by anyone else.
 pub fn ensure(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -28,7 +29,15 @@ pub fn ensure(dir: &Path) -> io::Result<()> {
     if meta.uid() != euid {
         return Err(not_ours(dir, meta.uid(), euid));
     }
-    for path in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+    // The path as given (a symlink counts as itself: its owner could point
+    // it elsewhere), then the directories it resolves to (a root-owned
+    // symlink may lead into someone else's).
+    let real = fs::canonicalize(dir)?;
+    for path in dir
+        .ancestors()
+        .chain(real.ancestors())
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         let owner = fs::symlink_metadata(path)?.uid();
         if owner != euid && owner != 0 {
             return Err(not_ours(path, owner, euid));

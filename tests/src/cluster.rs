@@ -176,7 +176,9 @@ impl Cluster {
         Ok(text)
     }
 }
-/// The value of an unlabelled metric in a Prometheus text exposition.
+
+/// The value of a series in a Prometheus text exposition, named as exposed
+/// (`name` or `name{label="value",…}`, label values without spaces).
 pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
         let (metric, value) = line.split_once(' ')?;

@@ -6,9 +6,11 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
+    process::Command,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
 
 use crate::{names, netns::Netns, tempdir::TempDir};
 
@@ -47,6 +49,33 @@ pub fn start_fake_imds(node: &Netns) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Runs `pod-client imds-connect ADDR COUNT` as `cmd` (a pod client,
+/// already placed) and returns its tally (`pid`, `connected`, `eperm`);
+/// a connect that failed otherwise than EPERM is an error.
+pub fn connect(mut cmd: Command, addr: &str, count: u32) -> Result<Value> {
+    let out = cmd
+        .args(["imds-connect", addr, &count.to_string()])
+        .output()
+        .context("run pod-client")?;
+    ensure!(
+        out.status.success(),
+        "pod-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tally: Value = serde_json::from_slice(&out.stdout).context("imds-connect output")?;
+    ensure!(tally["failed"] == 0, "connects failed otherwise: {tally}");
+    Ok(tally)
+}
+
+/// The IMDS guard's events in an audit trail (credential requests' have
+/// no `event`).
+pub fn events(trail: &str) -> impl Iterator<Item = Value> + '_ {
+    trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "imds-connect")
 }
 
 /// kubelet's `/var/log/pods` for one test.

@@ -196,12 +196,16 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     let replay = sdk(Who::B, &token_a)?;
     ensure!(!replay.status.success(), "a replayed token was served");
     // The agent's writer thread appends a moment after each answer.
-    let mut trail = String::new();
-    wait_for("three audit events", Duration::from_secs(30), || {
-        trail = std::fs::read_to_string(audit.path().join("audit.jsonl")).unwrap_or_default();
-        Ok(trail.lines().count() >= 3)
-    })
-    .with_context(|| format!("audit trail:\n{trail}"))?;
+    let trail_of = |lines: usize| -> Result<String> {
+        let mut trail = String::new();
+        wait_for("the audit events", Duration::from_secs(30), || {
+            trail = std::fs::read_to_string(audit.path().join("audit.jsonl")).unwrap_or_default();
+            Ok(trail.lines().count() >= lines)
+        })
+        .with_context(|| format!("audit trail:\n{trail}\n{}", container.logs()))?;
+        Ok(trail)
+    };
+    let trail = trail_of(3)?;
     let events: Vec<serde_json::Value> = trail
         .lines()
         .map(serde_json::from_str)
@@ -221,17 +225,10 @@ fn the_daemonset_runs_in_a_real_container_runtime() -> Result<()> {
     // The IMDS guard, as the manifest runs it (audit): pod A's connect goes
     // through and is recorded with the pod's name from kubelet's logs.
     let (cg_a, net_a) = cluster.placement(Who::A);
-    let out = pod_command(env!("CARGO_BIN_EXE_pod-client").as_ref(), cg_a, net_a)?
-        .args(["imds-connect", IMDS_V4, "1"])
-        .output()?;
-    let tally: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+    let client = pod_command(env!("CARGO_BIN_EXE_pod-client").as_ref(), cg_a, net_a)?;
+    let tally = harness::imds::connect(client, IMDS_V4, 1)?;
     ensure!(tally["connected"] == 1, "{tally}");
-    wait_for("the IMDS audit event", Duration::from_secs(30), || {
-        trail = std::fs::read_to_string(audit.path().join("audit.jsonl")).unwrap_or_default();
-        Ok(trail.lines().count() >= 4)
-    })
-    .with_context(|| format!("audit trail:\n{trail}\n{}", container.logs()))?;
+    let trail = trail_of(4)?;
     let imds: serde_json::Value = serde_json::from_str(trail.lines().nth(3).unwrap_or_default())?;
     ensure!(
         imds["event"] == "imds-connect"

@@ -9,9 +9,9 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use harness::{
-    agent_proc::{AgentProcess, get_local, scrape_metrics},
+    agent_proc::{AgentProcess, get_local},
     cgroups::{Driver, PodSpec},
-    cluster::{Cluster, UNLIMITED, Who},
+    cluster::{Cluster, UNLIMITED, Who, metric_value},
     imds::{IMDS_V4, IMDS_V4_MAPPED, IMDS_V6, PodLogs, start_fake_imds},
     netns::Netns,
     served::Served,
@@ -76,45 +76,36 @@ fn imds_connect(
     addr: &str,
     count: u32,
 ) -> Result<Value> {
-    let out = env
-        .pod_client(cgroup, netns)?
-        .args(["imds-connect", addr, &count.to_string()])
-        .output()
-        .context("run pod-client")?;
-    ensure!(
-        out.status.success(),
-        "pod-client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tally: Value = serde_json::from_slice(&out.stdout).context("imds-connect output")?;
-    ensure!(tally["failed"] == 0, "connects failed otherwise: {tally}");
-    Ok(tally)
+    harness::imds::connect(env.pod_client(cgroup, netns)?, addr, count)
 }
 
-/// The IMDS events in the audit file for process `pid`, once there is one
-/// (the agent reads the kernel's events a moment after the connect).
+/// The IMDS events process `pid` has in the audit file now.
+fn imds_events_now(env: &Served, pid: u64) -> Result<Vec<Value>> {
+    let trail = std::fs::read_to_string(env.audit_log()).unwrap_or_default();
+    Ok(harness::imds::events(&trail)
+        .filter(|e| e["pid"] == pid)
+        .collect())
+}
+
+/// The IMDS events of process `pid`, once there is one (the agent reads the
+/// kernel's events a moment after the connect).
 fn imds_events(env: &Served, pid: u64) -> Result<Vec<Value>> {
     let mut events = Vec::new();
     wait_for("an IMDS audit event", Duration::from_secs(30), || {
-        events = env
-            .audit_trail()?
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| e["event"] == "imds-connect" && e["pid"] == pid)
-            .collect();
+        events = imds_events_now(env, pid)?;
         Ok(!events.is_empty())
+    })
+    .with_context(|| {
+        let trail = std::fs::read_to_string(env.audit_log()).unwrap_or_default();
+        let recorded: Vec<Value> = harness::imds::events(&trail).collect();
+        format!("pid {pid}; the guard recorded: {recorded:?}")
     })?;
     Ok(events)
 }
 
+/// A series' value in a Prometheus exposition (0 while it has none).
 fn metric(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    metric_value(exposition, series).unwrap_or(0.0)
 }
 
 /// One caller of the policy test and what it must get.
@@ -153,58 +144,47 @@ fn pods_reach_the_imds_as_the_policy_says_in_either_mode_and_either_network() ->
         };
         let (cg_a, net_a) = env.placement(Who::A);
         let (cg_b, net_b) = env.placement(Who::B);
-        let row = |what, cgroup, netns, pod, allowed, decision, reason, host_network| Row {
-            what,
-            cgroup,
-            netns,
-            pod,
-            allowed,
-            decision,
-            reason,
-            host_network,
-        };
-        let default = |who| Some((env.pod(who), "default"));
         let rows = [
-            row(
-                "pod A (own netns)",
-                cg_a,
-                net_a,
-                default(Who::A),
-                false,
-                refused,
-                "not-allowed",
-                false,
-            ),
-            row(
-                "pod B (hostNetwork)",
-                cg_b,
-                net_b,
-                default(Who::B),
-                false,
-                refused,
-                "not-allowed",
-                true,
-            ),
-            row(
-                "kube-system pod",
-                &cg_system,
-                net_a,
-                Some((&system, "kube-system")),
-                true,
-                "allow",
-                "namespace-allowed",
-                false,
-            ),
-            row(
-                "node process",
-                &cg_node,
-                net_b,
-                None,
-                true,
-                "allow",
-                "node-process",
-                true,
-            ),
+            Row {
+                what: "pod A (own netns)",
+                cgroup: cg_a,
+                netns: net_a,
+                pod: Some((env.pod(Who::A), "default")),
+                allowed: false,
+                decision: refused,
+                reason: "not-allowed",
+                host_network: false,
+            },
+            Row {
+                what: "pod B (hostNetwork)",
+                cgroup: cg_b,
+                netns: net_b,
+                pod: Some((env.pod(Who::B), "default")),
+                allowed: false,
+                decision: refused,
+                reason: "not-allowed",
+                host_network: true,
+            },
+            Row {
+                what: "kube-system pod",
+                cgroup: &cg_system,
+                netns: net_a,
+                pod: Some((&system, "kube-system")),
+                allowed: true,
+                decision: "allow",
+                reason: "namespace-allowed",
+                host_network: false,
+            },
+            Row {
+                what: "node process",
+                cgroup: &cg_node,
+                netns: net_b,
+                pod: None,
+                allowed: true,
+                decision: "allow",
+                reason: "node-process",
+                host_network: true,
+            },
         ];
         for row in rows {
             let Row {
@@ -306,10 +286,8 @@ fn a_pod_created_while_the_agent_runs_is_classified_before_its_first_connect() -
     let verdicts = pinned_verdicts(&env.node.netns)?;
     let ids: Vec<u64> = pods
         .iter()
-        .map(|(_, cgroup)| {
-            agent::caller::cgroup::CgroupResolver::id_of(cgroup.parent().unwrap_or(cgroup))
-        })
-        .collect::<std::io::Result<_>>()?;
+        .map(|(_, cgroup)| pod_cgroup_id(cgroup))
+        .collect::<Result<_>>()?;
     for id in &ids {
         ensure!(
             verdicts.contains(id),
@@ -368,7 +346,7 @@ fn a_flood_of_connects_is_counted_aggregated_and_costs_serving_nothing() -> Resu
     let denied = "pod_identity_imds_connects_total{decision=\"deny\",namespace=\"default\"}";
     let mut seen = (0.0, 0.0);
     wait_for("every connect counted", Duration::from_secs(60), || {
-        let metrics = scrape_metrics(&env.node.netns)?;
+        let metrics = env.metrics()?;
         seen = (
             metric(&metrics, denied),
             metric(&metrics, "pod_identity_imds_events_lost_total"),
@@ -379,7 +357,7 @@ fn a_flood_of_connects_is_counted_aggregated_and_costs_serving_nothing() -> Resu
     // The audit trail holds them in a few lines whose counts add up.
     let mut events = Vec::new();
     wait_for("the summaries written", Duration::from_secs(30), || {
-        events = imds_events(&env, pid)?;
+        events = imds_events_now(&env, pid)?;
         let counted: u64 = events.iter().filter_map(|e| e["count"].as_u64()).sum();
         Ok(counted as f64 == seen.0)
     })?;
@@ -459,7 +437,7 @@ fn a_successor_takes_over_reading_events_and_records_each_once() -> Result<()> {
     const LOOP: u64 = 400_000;
     let mut successor = AgentProcess::spawn(&env.node.netns, &env.args, None)?;
     let (cg_b, net_b) = env.placement(Who::B);
-    let looping = env
+    let mut looping = env
         .pod_client(cg_b, net_b)?
         .args(["imds-connect", IMDS_V4, &LOOP.to_string()])
         .stdout(std::process::Stdio::piped())
@@ -469,7 +447,7 @@ fn a_successor_takes_over_reading_events_and_records_each_once() -> Result<()> {
         Duration::from_secs(60),
     )?;
     ensure!(
-        looping_still(&looping),
+        looping.try_wait()?.is_none(),
         "pod B's loop ended before the handover: make it longer"
     );
     let looped = harness::pod::finish(looping, "pod B's loop")?;
@@ -487,10 +465,8 @@ fn a_successor_takes_over_reading_events_and_records_each_once() -> Result<()> {
     // event of its own or in a summary's count.
     let trail = std::fs::read_to_string(env.audit_log())?;
     let recorded = |who: Who| -> u64 {
-        trail
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| e["event"] == "imds-connect" && e["pod_uid"] == env.pod(who).uid.as_str())
+        harness::imds::events(&trail)
+            .filter(|e| e["pod_uid"] == env.pod(who).uid.as_str())
             .filter_map(|e| e["count"].as_u64())
             .sum()
     };
@@ -502,18 +478,6 @@ fn a_successor_takes_over_reading_events_and_records_each_once() -> Result<()> {
         "each connect recorded exactly once:\n{trail}"
     );
     Ok(())
-}
-
-/// Whether a child has not exited yet.
-fn looping_still(child: &std::process::Child) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists (a
-    // zombie still does until reaped, which only `finish` does).
-    let alive = unsafe { libc::kill(child.id() as i32, 0) } == 0;
-    let zombie = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).is_ok_and(|stat| {
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z'))
-    });
-    alive && !zombie
 }
 
 /// The id of the pod-level cgroup above a container's.
@@ -545,5 +509,79 @@ fn without_the_kernel_programs_enforce_refuses_to_start_and_audit_says_so() -> R
     let args = cluster.agent_args("off", &[]);
     let mut agent = AgentProcess::start(&cluster.node.netns, &args)?;
     agent.wait_for_log("IMDS GUARD IS OFF", Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[test]
+fn a_cgroup_named_like_an_allowed_pod_inside_a_denied_one_gets_the_denied_pods_verdict()
+-> Result<()> {
+    harness::require_privilege!();
+    // An event per connect: each impostor's is checked.
+    let env = guarded("enforce", &["--imds-audit-interval", "0"])?;
+    let allowed = PodSpec::new(Driver::Cgroupfs);
+    let allowed_cgroup = env.tree.pod(&allowed)?;
+    env.logs.add("kube-system", "aws-node-n5c", &allowed.uid)?;
+    let (cg_a, net_a) = env.placement(Who::A);
+    // What a process that may create cgroups in its own container names
+    // them: the allowed pod's cgroup (both drivers' spellings) and its
+    // container, below pod A's container.
+    let mut impostors = Vec::new();
+    for name in [
+        format!("pod{}/{}", allowed.uid, allowed.container_id),
+        format!(
+            "kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
+            allowed.uid.replace('-', "_"),
+            allowed.container_id
+        ),
+    ] {
+        let dir = cg_a.join(name);
+        std::fs::create_dir_all(&dir)?;
+        impostors.push(dir);
+    }
+    wait_for(
+        "the allowed pod classified",
+        Duration::from_secs(30),
+        || Ok(imds_connect(&env, &allowed_cgroup, net_a, IMDS_V4, 1)?["connected"] == 1),
+    )?;
+    for dir in &impostors {
+        let tally = imds_connect(&env, dir, net_a, IMDS_V4, 1)?;
+        assert_eq!(tally["eperm"], 1, "{}: {tally}", dir.display());
+        let pid = tally["pid"].as_u64().context("pid")?;
+        let events = imds_events(&env, pid)?;
+        assert!(
+            events.iter().all(|e| e["decision"] == "deny"
+                && e["reason"] == "not-allowed"
+                && e["namespace"] == "default"),
+            "{events:?}"
+        );
+    }
+    for dir in impostors.iter().rev() {
+        std::fs::remove_dir(dir)?;
+        let _ = std::fs::remove_dir(dir.parent().context("parent")?);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_pods_process_that_is_not_root_gets_its_pods_verdict() -> Result<()> {
+    harness::require_privilege!();
+    // An event per connect: each is checked.
+    let env = guarded("enforce", &["--imds-audit-interval", "0"])?;
+    let nobody = harness::privilege::NOBODY.to_string();
+    for who in [Who::A, Who::B] {
+        let (cgroup, netns) = env.placement(who);
+        let mut client = env.pod_client(cgroup, netns)?;
+        client.args(["as-uid", &nobody]);
+        let tally = harness::imds::connect(client, IMDS_V4, 1)?;
+        assert_eq!(tally["eperm"], 1, "{who:?}: {tally}");
+        let pid = tally["pid"].as_u64().context("pid")?;
+        let events = imds_events(&env, pid)?;
+        assert!(
+            events.iter().all(|e| e["decision"] == "deny"
+                && e["reason"] == "not-allowed"
+                && e["pod_uid"] == env.pod(who).uid.as_str()),
+            "{who:?}: {events:?}"
+        );
+    }
     Ok(())
 }

@@ -381,6 +381,42 @@ enum Squat {
 }
 
 #[test]
+fn a_root_owned_symlink_into_a_users_directory_is_not_trusted() -> Result<()> {
+    harness::require_privilege!();
+    // `nobody`'s directory on bpffs, reached through a symlink of root's:
+    // every name on the given path is root's, but `nobody` can rename or
+    // swap what the agent would create inside.
+    let cluster = harness::cluster::Cluster::new(NODE)?;
+    let bpffs = cluster
+        .node
+        .netns
+        .pin_dir()
+        .parent()
+        .context("pin parent")?
+        .to_owned();
+    std::fs::create_dir_all(&bpffs)?;
+    let theirs = TempDir::new_in(&bpffs, "nobodys-")?;
+    std::os::unix::fs::chown(theirs.path(), Some(NOBODY), Some(NOBODY))?;
+    let base = TempDir::new_in(&bpffs, "root-link-")?;
+    let link = base.path().join("link");
+    std::os::unix::fs::symlink(theirs.path(), &link)?;
+    let pin_dir = link.join("pins").to_string_lossy().into_owned();
+    let mut extra = args();
+    extra.extend(["--bpf-pin-dir", &pin_dir]);
+    let mut agent =
+        AgentProcess::start(&cluster.node.netns, &cluster.agent_args("enforce", &extra))?;
+    agent
+        .wait_for_log("KERNEL PROGRAMS NOT PINNED", Duration::from_secs(30))
+        .context("the agent pinned inside nobody's directory")?;
+    let logs = agent.logs();
+    ensure!(
+        logs.contains(&format!("owned by uid {NOBODY}")),
+        "the refusal does not name the owner:\n{logs}"
+    );
+    Ok(())
+}
+
+#[test]
 fn directories_an_unprivileged_user_made_first_are_not_trusted() -> Result<()> {
     harness::require_privilege!();
     // `nobody` gets there before the agent, to unlink its pins later or put

@@ -154,6 +154,21 @@ impl CgroupResolver {
     /// The cgroup's path relative to the mount (empty for the root), or
     /// `None` when no cgroup has that id any more (removed).
     pub fn path_of(&self, id: u64) -> Result<Option<String>, CgroupError> {
+        let Some(fd) = self.open(id)? else {
+            return Ok(None);
+        };
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let target = fs::read_link(&link).map_err(|source| CgroupError::Resolve { id, source })?;
+        Ok(Some(self.relative(&target)))
+    }
+
+    /// Whether a cgroup with that id still exists (one syscall, no path).
+    pub fn exists(&self, id: u64) -> Result<bool, CgroupError> {
+        Ok(self.open(id)?.is_some())
+    }
+
+    /// The cgroup directory with that id, `None` once it is removed.
+    fn open(&self, id: u64) -> Result<Option<OwnedFd>, CgroupError> {
         let mut handle = KernfsHandle {
             handle_bytes: 8,
             handle_type: FILEID_KERNFS,
@@ -176,10 +191,7 @@ impl CgroupResolver {
             };
         }
         // SAFETY: fd was just returned to us and is owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        let target = fs::read_link(&link).map_err(|source| CgroupError::Resolve { id, source })?;
-        Ok(Some(self.relative(&target)))
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     /// Fails unless every directory from the mount down to `path` (relative

@@ -211,20 +211,12 @@ impl Generation {
     /// left by a crash); returns their names. Unpinning detaches their
     /// programs.
     pub fn remove_others(&self) -> Result<Vec<String>, PinsError> {
-        let entries = fs::read_dir(&self.dir).map_err(|source| PinsError::Io {
-            what: "listing",
-            path: self.dir.clone(),
-            source,
-        })?;
+        // Only what agents name (`others`): whatever else shares the
+        // directory (another tool's pins, with a broad --bpf-pin-dir) is
+        // not ours.
         let mut removed = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // Only what agents name: whatever else shares the directory
-            // (another tool's pins, with a broad --bpf-pin-dir) is not ours.
-            if name == self.name || !is_agents_name(&name) {
-                continue;
-            }
-            if remove_unheld(&entry.path())? {
+        for name in self.others()? {
+            if remove_unheld(&self.dir.join(&name))? {
                 removed.push(name);
             }
         }
@@ -242,13 +234,16 @@ impl Generation {
 /// Names staging directories start with (bpffs refuses dots in names).
 const STAGING_PREFIX: &str = "staging-";
 
-/// A generation's name, or a staging directory's (`staging-<generation>-…`).
+/// A generation's name, or a staging directory's exactly as
+/// [`Generation::pin`] names it (`staging-<generation>-<16 hex nonce>`).
 fn is_agents_name(name: &str) -> bool {
     is_generation_name(name)
         || name
             .strip_prefix(STAGING_PREFIX)
-            .and_then(|rest| rest.get(..16))
-            .is_some_and(is_generation_name)
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(generation, nonce)| {
+                is_generation_name(generation) && is_generation_name(nonce)
+            })
 }
 
 /// Whether `name` is what [`Generation::new`] names a generation: 16
@@ -349,6 +344,7 @@ mod tests {
             ("staging-0123456789abcdef-00000000deadbeef", true),
             ("staging-", false),
             ("staging-0123", false),
+            ("staging-0123456789abcdef-other-tool", false),
             ("cilium", false),
             ("tc", false),
             ("my-tool-0123456789abcdef", false),

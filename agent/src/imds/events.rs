@@ -283,7 +283,10 @@ impl Reader {
     fn event(&mut self, event: &ImdsEvent) {
         let decision = decision_label(event.verdict.decision);
         let record = self.describe(event);
-        let label = self.namespace_label(event.verdict.reason, record.namespace.as_deref());
+        let label = self.namespace_label(
+            event.verdict.reason == IMDS_REASON_NODE,
+            record.namespace.as_deref(),
+        );
         self.cx.metrics.imds_connects(&label, decision, 1);
         self.last_seen.insert(event.scope_id, record.clone());
         if self.cx.interval.is_zero() {
@@ -361,11 +364,11 @@ impl Reader {
     }
 
     /// The connects metric's namespace label: bounded.
-    fn namespace_label(&mut self, reason: u32, namespace: Option<&str>) -> String {
-        match (reason, namespace) {
-            (IMDS_REASON_NODE, _) => "_node".into(),
-            (_, None) => "_unclassified".into(),
-            (_, Some(ns)) => {
+    fn namespace_label(&mut self, node: bool, namespace: Option<&str>) -> String {
+        match (node, namespace) {
+            (true, _) => "_node".into(),
+            (false, None) => "_unclassified".into(),
+            (false, Some(ns)) => {
                 if self.namespaces.contains(ns) || self.namespaces.len() < MAX_NAMESPACE_LABELS {
                     self.namespaces.insert(ns.to_owned());
                     ns.to_owned()
@@ -394,10 +397,13 @@ impl Reader {
                 }
             }
             // A cgroup scope whose cgroup is gone connects no more: its
-            // counts are all reported, its entry goes. (A user's scope
-            // stays: users are few and come back.)
-            let gone =
-                scope & QUOTA_KEY_UID == 0 && matches!(self.cx.resolver.path_of(scope), Ok(None));
+            // counts are all reported, its entry goes. Only a scope that
+            // counted nothing new is asked (one syscall); a user's scope
+            // stays (users are few and come back).
+            let quiet = flood.suppressed == before;
+            let gone = quiet
+                && scope & QUOTA_KEY_UID == 0
+                && matches!(self.cx.resolver.exists(scope), Ok(false));
             if gone {
                 let _ = self.flood.remove(&scope);
                 self.reported.remove(&scope);
@@ -454,12 +460,8 @@ impl Reader {
                 ..ImdsAuditEvent::default()
             }
         });
-        let reason = match (template.reason, &template.namespace) {
-            ("node-process", _) => IMDS_REASON_NODE,
-            (_, Some(_)) => u32::MAX,
-            (_, None) => IMDS_REASON_UNCLASSIFIED,
-        };
-        let label = self.namespace_label(reason, template.namespace.as_deref());
+        let node = template.reason == reason_label(IMDS_REASON_NODE);
+        let label = self.namespace_label(node, template.namespace.as_deref());
         self.cx.metrics.imds_connects(&label, decision, more);
         match self.pending.get_mut(&(scope, decision)) {
             Some(pending) => {

@@ -32,7 +32,6 @@ pub struct Prepared {
     sources: Sources,
     table: Arc<PodTable>,
     initial: Vec<(u64, agent_ebpf::ImdsVerdict)>,
-    mount: std::path::PathBuf,
 }
 
 /// The guard cannot run and `--imds enforce` asked for it: the agent
@@ -102,7 +101,6 @@ fn try_prepare(
         sources,
         table,
         initial,
-        mount: mount.to_owned(),
     }))
 }
 
@@ -129,6 +127,7 @@ impl Prepared {
         let mode = self.policy.mode.label();
         let classified = self.inventory.classified();
         let layout = self.sources.layout.clone();
+        let mount = self.sources.resolver.mount().to_owned();
         watch::spawn(self.sources, self.inventory, maps.verdicts, metrics.clone())
             .context("starting the IMDS guard's pod watcher")?;
         info!(
@@ -145,7 +144,7 @@ impl Prepared {
             },
             table: self.table,
             layout,
-            mount: self.mount,
+            mount,
             mode,
             handoff,
         })

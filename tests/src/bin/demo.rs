@@ -286,11 +286,8 @@ impl Demo {
             ),
             ("default/pod-a", self.cg_a.as_path(), &self.net_a.netns, 0),
         ] {
-            let out = pod_command(&built_binary("pod-client")?, cgroup, netns)?
-                .args(["imds-connect", IMDS_V4, "1"])
-                .output()?;
-            let tally: Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+            let client = pod_command(&built_binary("pod-client")?, cgroup, netns)?;
+            let tally = harness::imds::connect(client, IMDS_V4, 1)?;
             let outcome = if tally["connected"] == 1 {
                 "connected".to_owned()
             } else {
@@ -301,12 +298,7 @@ impl Demo {
         }
         let mut imds = Vec::new();
         wait_for("the guard's audit events", Duration::from_secs(30), || {
-            imds = self
-                .audit_trail()?
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter(|e| e["event"] == "imds-connect")
-                .collect();
+            imds = harness::imds::events(&self.audit_trail()?).collect();
             Ok(imds.len() >= 2)
         })?;
         for e in &imds {

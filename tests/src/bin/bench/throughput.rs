@@ -40,9 +40,6 @@ struct Run {
     p99: f64,
 }
 
-/// (mode index, connection kind index), the agent's runs and nginx's.
-type Samples = ((usize, usize), Vec<Run>, Vec<Run>);
-
 /// What the two servers are compared under.
 #[derive(Clone, Copy)]
 enum Connections {
@@ -70,7 +67,7 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
     // in a rotated order (an agent of its own, started for the round), so
     // drift over the run — a neighbour's load, the machine warming — weighs
     // on every mode alike and the modes compare with each other.
-    let mut runs: Vec<Samples> = Vec::new();
+    let mut runs: [[(Vec<Run>, Vec<Run>); 2]; 3] = Default::default();
     for round in 0..ROUNDS {
         for turn in 0..MODES.len() {
             let m = (round + turn) % MODES.len();
@@ -88,13 +85,8 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
             for (k, connections) in KINDS.into_iter().enumerate() {
                 let ours = wrk(cluster, &agent_url, token, connections)?;
                 let theirs = wrk(cluster, &nginx_url, token, connections)?;
-                match runs.iter_mut().find(|(key, _, _)| *key == (m, k)) {
-                    Some((_, o, t)) => {
-                        o.push(ours);
-                        t.push(theirs);
-                    }
-                    None => runs.push(((m, k), vec![ours], vec![theirs])),
-                }
+                runs[m][k].0.push(ours);
+                runs[m][k].1.push(theirs);
             }
             drop(agent);
         }
@@ -102,9 +94,8 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
     let mut table = Vec::new();
     for (m, mode) in MODES.into_iter().enumerate() {
         for (k, connections) in KINDS.into_iter().enumerate() {
-            if let Some((_, ours, theirs)) = runs.iter_mut().find(|(key, _, _)| *key == (m, k)) {
-                table.push((mode, connections, median(ours), median(theirs)));
-            }
+            let (ours, theirs) = &mut runs[m][k];
+            table.push((mode, connections, median(ours), median(theirs)));
         }
     }
     println!(

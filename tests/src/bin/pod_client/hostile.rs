@@ -30,6 +30,16 @@ fn os_error(what: &str) -> String {
 /// groups), then — as that user, with no privilege left — creates CGROUP
 /// (a path in a subtree delegated to it) and moves itself in.
 pub fn become_user(uid: &str, cgroup: &str) -> Result<(), String> {
+    let uid = drop_to(uid)?;
+    let dir = Path::new(cgroup);
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir -p {cgroup}: {e}"))?;
+    std::fs::write(dir.join("cgroup.procs"), "0")
+        .map_err(|e| format!("join {cgroup} as uid {uid}: {e}"))
+}
+
+/// `as-uid UID …`: drops to UID (uid and gid, no supplementary groups)
+/// where the process already is, as a pod's non-root process runs.
+pub fn drop_to(uid: &str) -> Result<u32, String> {
     let uid: u32 = parse(uid)?;
     // SAFETY: plain credential syscalls on this process, single-threaded here.
     unsafe {
@@ -48,10 +58,7 @@ pub fn become_user(uid: &str, cgroup: &str) -> Result<(), String> {
             return Err(os_error("prctl(PR_SET_DUMPABLE)"));
         }
     }
-    let dir = Path::new(cgroup);
-    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir -p {cgroup}: {e}"))?;
-    std::fs::write(dir.join("cgroup.procs"), "0")
-        .map_err(|e| format!("join {cgroup} as uid {uid}: {e}"))
+    Ok(uid)
 }
 
 /// `userns-spray TARGET SOURCES PORT_LO PORT_HI ROUNDS`: an unprivileged

@@ -18,6 +18,8 @@
 //!   `pod-client outage ADDR TOKEN_FILE SECONDS`,
 //!   `pod-client sdk-load SECONDS fresh|shared` (the SDK's provider, with the
 //!   environment of `sdk-credentials`): see `load`.
+//! * `pod-client as-uid UID SUBCOMMAND…`: SUBCOMMAND as a non-root process
+//!   of the pod it was placed in.
 //! * `pod-client as-user UID CGROUP SUBCOMMAND…`, `userns-spray …`,
 //!   `userns-hold …`, `hold …`, `socket-get …`, `squat …`, `impostor …`: what a hostile process
 //!   does; see `hostile`.
@@ -65,6 +67,10 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         [cmd, addr, token_file, count, pause] if cmd == "keepalive" => {
             load::keepalive(addr, token_file, count, pause)
+        }
+        [cmd, uid, rest @ ..] if cmd == "as-uid" => {
+            hostile::drop_to(uid)?;
+            run(rest)
         }
         [cmd, uid, cgroup, rest @ ..] if cmd == "as-user" => {
             hostile::become_user(uid, cgroup)?;
