@@ -69,12 +69,18 @@ pub enum CacheKey {
     /// SHA-256 of the raw token: the token itself is never a key.
     TokenHash(Digest),
     /// A kernel-verified pod and its service account (enforce mode): the
-    /// kubelet's rotated tokens for the same pod share the entry.
-    Pod {
-        uid: String,
-        namespace: String,
-        service_account: String,
-    },
+    /// kubelet's rotated tokens for the same pod share the entry. One
+    /// allocation, `uid/namespace/service-account` ([`CacheKey::pod`]).
+    Pod(Box<str>),
+}
+
+impl CacheKey {
+    /// The key of a pod's identity. The parts cannot hold a `/` (a UID, a
+    /// namespace and a service-account name); if forged claims did, the
+    /// entry still answers only the token EKS Auth accepted.
+    pub fn pod(uid: &str, namespace: &str, service_account: &str) -> CacheKey {
+        CacheKey::Pod(format!("{uid}/{namespace}/{service_account}").into_boxed_str())
+    }
 }
 
 impl Source {
@@ -722,11 +728,7 @@ mod tests {
     async fn only_the_token_eks_auth_accepted_is_served_from_the_entry() {
         let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
         let creds = credentials(upstream.clone(), Duration::from_secs(3600));
-        let key = CacheKey::Pod {
-            uid: "u".into(),
-            namespace: "ns".into(),
-            service_account: "sa".into(),
-        };
+        let key = CacheKey::pod("u", "ns", "sa");
         creds.get(&key, "genuine", digest("genuine")).await.unwrap();
         assert_eq!(
             creds

@@ -7,6 +7,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -30,10 +31,11 @@ pub struct Assumed {
     /// every request the credentials serve.
     pub answer: Bytes,
     pub expiration: SystemTime,
-    pub association_id: String,
-    pub role_arn: String,
-    pub subject_namespace: String,
-    pub subject_service_account: String,
+    /// Shared with every audit event of the entry.
+    pub association_id: Arc<str>,
+    pub role_arn: Arc<str>,
+    pub subject_namespace: Box<str>,
+    pub subject_service_account: Box<str>,
 }
 
 /// Never the secrets.
@@ -329,10 +331,10 @@ impl Upstream for EksAuth {
             Ok(Assumed {
                 answer: answer.encode(),
                 expiration,
-                association_id: association.association_id().to_owned(),
-                role_arn: role.arn().to_owned(),
-                subject_namespace: subject.namespace().to_owned(),
-                subject_service_account: subject.service_account().to_owned(),
+                association_id: association.association_id().into(),
+                role_arn: role.arn().into(),
+                subject_namespace: subject.namespace().into(),
+                subject_service_account: subject.service_account().into(),
             })
         })
     }

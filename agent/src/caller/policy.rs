@@ -429,8 +429,8 @@ mod tests {
             }
             .encode(),
             expiration: SystemTime::now(),
-            association_id: String::new(),
-            role_arn: String::new(),
+            association_id: "".into(),
+            role_arn: "".into(),
             subject_namespace: ns.into(),
             subject_service_account: sa.into(),
         };

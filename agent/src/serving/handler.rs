@@ -202,11 +202,11 @@ async fn answer<B>(
     // 7. Credentials. In enforce mode keyed by the kernel-verified pod and
     // its service account, so the kubelet's rotated tokens share the entry.
     let key = match (&state.verification, verified_pod) {
-        (Some(verification), Some(pod)) if verification.enforce => CacheKey::Pod {
-            uid: pod.pod_uid.clone(),
-            namespace: claims.namespace().unwrap_or_default().to_owned(),
-            service_account: claims.service_account().unwrap_or_default().to_owned(),
-        },
+        (Some(verification), Some(pod)) if verification.enforce => CacheKey::pod(
+            &pod.pod_uid,
+            claims.namespace().unwrap_or_default(),
+            claims.service_account().unwrap_or_default(),
+        ),
         _ => CacheKey::TokenHash(parsed.digest),
     };
     let (assumed, source) = match state.credentials.get(&key, token, parsed.digest).await {

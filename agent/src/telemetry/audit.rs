@@ -58,8 +58,9 @@ pub struct AuditEvent {
     pub process: Option<String>,
     pub cgroup_id: Option<u64>,
     pub peer: String,
-    pub association_id: Option<String>,
-    pub role_arn: Option<String>,
+    /// Shared with the cache entry: no copy per request.
+    pub association_id: Option<Arc<str>>,
+    pub role_arn: Option<Arc<str>>,
     pub cache: Option<&'static str>,
     pub latency_ms: f64,
 }
