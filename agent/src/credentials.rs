@@ -113,8 +113,10 @@ pub struct CacheOptions {
     pub max_service_qps: f64,
 }
 
-struct Entry {
-    assumed: Arc<Assumed>,
+/// Credentials as cached and as handed to requests (it dereferences to
+/// them): one allocation per identity.
+pub struct Entry {
+    assumed: Assumed,
     /// When a request should renew the entry, in milliseconds since the
     /// cache's epoch; moved on by the request that takes the renewal on.
     renew_at: AtomicU64,
@@ -126,12 +128,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(
-        assumed: Arc<Assumed>,
-        token_hash: Digest,
-        retention: Duration,
-        epoch: Instant,
-    ) -> Entry {
+    fn new(assumed: Assumed, token_hash: Digest, retention: Duration, epoch: Instant) -> Entry {
         let now = Instant::now();
         let lifetime = assumed
             .expiration
@@ -177,6 +174,14 @@ impl Entry {
     }
 }
 
+impl std::ops::Deref for Entry {
+    type Target = Assumed;
+
+    fn deref(&self) -> &Assumed {
+        &self.assumed
+    }
+}
+
 /// `at` as milliseconds since `epoch` (0 before it).
 fn millis_since(epoch: Instant, at: Instant) -> u64 {
     at.saturating_duration_since(epoch).as_millis() as u64
@@ -208,7 +213,7 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilUnservable {
     }
 }
 
-type Fetch = Shared<BoxFuture<'static, Result<Arc<Assumed>, UpstreamError>>>;
+type Fetch = Shared<BoxFuture<'static, Result<Arc<Entry>, UpstreamError>>>;
 
 /// One upstream call: an identity and the exact token presented for it.
 type FlightKey = (CacheKey, Digest);
@@ -279,7 +284,7 @@ impl CredentialCache {
         key: &CacheKey,
         token: &str,
         presented: Digest,
-    ) -> Result<(Arc<Assumed>, Source), UpstreamError> {
+    ) -> Result<(Arc<Entry>, Source), UpstreamError> {
         let inner = &self.inner;
         let now = Instant::now();
         if let Some(cache) = &inner.cache
@@ -289,9 +294,9 @@ impl CredentialCache {
         {
             inner.metrics.cache_lookup(true);
             if entry.take_renewal(millis_since(inner.epoch, now)) {
-                return self.renew(key, token, presented, &entry).await;
+                return self.renew(key, token, presented, entry).await;
             }
-            return Ok((entry.assumed.clone(), Source::Cache));
+            return Ok((entry, Source::Cache));
         }
         inner.metrics.cache_lookup(false);
         if inner.cache.is_some() {
@@ -313,21 +318,20 @@ impl CredentialCache {
         key: &CacheKey,
         token: &str,
         presented: Digest,
-        entry: &Entry,
-    ) -> Result<(Arc<Assumed>, Source), UpstreamError> {
-        let cached = Ok((entry.assumed.clone(), Source::Cache));
+        entry: Arc<Entry>,
+    ) -> Result<(Arc<Entry>, Source), UpstreamError> {
         if self.inner.renewals.check().is_err() {
             // Over `--max-service-qps`: a later request renews.
             let now_ms = millis_since(self.inner.epoch, Instant::now());
             entry.defer_renewal(now_ms, renewal_period(self.inner.options.max_service_qps));
-            return cached;
+            return Ok((entry, Source::Cache));
         }
         let call = self.fetch(key.clone(), token.to_owned(), presented, Purpose::Renewal);
         match tokio::time::timeout(RENEWAL_WAIT, call).await {
-            Ok(Ok(assumed)) => Ok((assumed, Source::Renewal)),
+            Ok(Ok(renewed)) => Ok((renewed, Source::Renewal)),
             Ok(Err(err)) if !err.is_recoverable() => Err(err),
             // Failed for now (counted and logged by the call) or slow.
-            Ok(Err(_)) | Err(_) => cached,
+            Ok(Err(_)) | Err(_) => Ok((entry, Source::Cache)),
         }
     }
 
@@ -359,18 +363,13 @@ impl CredentialCache {
             if purpose == Purpose::Renewal {
                 inner.count_renewal(task_key, result.as_ref().err());
             }
-            let result = result.map(Arc::new);
+            let result = result.map(|assumed| {
+                let retention = inner.options.retention;
+                Arc::new(Entry::new(assumed, presented, retention, inner.epoch))
+            });
             if let Some(cache) = &inner.cache {
                 match &result {
-                    Ok(assumed) => {
-                        let entry = Entry::new(
-                            assumed.clone(),
-                            presented,
-                            inner.options.retention,
-                            inner.epoch,
-                        );
-                        cache.insert(task_key.clone(), Arc::new(entry)).await;
-                    }
+                    Ok(entry) => cache.insert(task_key.clone(), entry.clone()).await,
                     Err(err) => {
                         // Only EKS Auth refusing the entry's own token
                         // evicts it: a refused forgery must not take a
@@ -655,7 +654,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let cache = creds.inner.cache.as_ref().unwrap();
-            let cached = cache.get(&key).await.map(|e| key_id(&e.assumed));
+            let cached = cache.get(&key).await.map(|e| key_id(&e));
             assert_eq!(cached.as_deref(), case.cached, "{}", case.name);
             if case.cached.is_some() {
                 let (_, source) = creds.get(&key, "t", digest("t")).await.unwrap();
