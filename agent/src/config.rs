@@ -106,8 +106,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 2000)]
     pub max_cache_size: u64,
 
-    /// Renewals of cached credentials per second, at most (over it, a
-    /// request is answered from the cache and a later one renews).
+    /// Background refresh calls to EKS Auth per second, at most.
     #[arg(long, default_value_t = 3.0)]
     pub max_service_qps: f64,
 

@@ -1,25 +1,18 @@
 //! Credentials per identity: a bounded cache (moka), exact single-flight of
-//! upstream calls, and paced renewal by the requests that use them.
+//! upstream calls, and paced refresh-ahead.
 //!
 //! Knows identities and credentials, not HTTP.
 //!
 //! * Single-flight: concurrent requests for one identity share one upstream
 //!   call. The call runs in its own task, so a client that disconnects (its
 //!   request future dropped) cancels nothing the others wait on.
-//! * Renewal on use: the first request for an entry held `retention` (or
-//!   close to expiry) renews it with the token it presents — the token the
-//!   entry was issued for — and waits at most [`RENEWAL_WAIT`] for the new
-//!   credentials; past that, or when EKS Auth fails transiently, it gets
-//!   the cached ones, and the renewal goes on or is retried after
-//!   [`RENEWAL_RETRY`]. Renewals are paced at `max_service_qps`; over it a
-//!   request is answered from the entry and a later one renews.
-//!
-//!   Why not the reference's background sweep: it must keep every pod's
-//!   token (a bearer credential, ~1 KiB) for as long as the entry lives,
-//!   and it calls EKS Auth for every entry each `retention`, also for
-//!   identities nobody asks for anymore (a rotated token, a finished job).
-//!   Here a token lives only as long as its request, and EKS Auth hears
-//!   only about identities in use.
+//! * Refresh-ahead: an entry is renewed in the background once held for
+//!   `retention` or when close to expiry, paced at `max_service_qps`; readers
+//!   keep getting the cached credentials meanwhile. So an entry keeps the
+//!   token EKS Auth accepted (as the reference does): renewing only when a
+//!   request brings it would renew when the SDKs ask — minutes before
+//!   expiry — and an EKS Auth outage of those minutes would fail pods that
+//!   a renewal at `retention` keeps served for hours.
 //! * Never serves credentials with ≤ 15 s left (the SDKs would refetch at
 //!   once). Irrecoverable upstream verdicts evict; transient failures keep the
 //!   old credentials until they are no longer servable.
@@ -31,11 +24,7 @@
 
 use std::{
     collections::HashMap,
-    num::NonZeroU32,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -54,14 +43,6 @@ use crate::{
 
 /// Credentials with this little life left are not served (reference agent).
 pub const MIN_REMAINING: Duration = Duration::from_secs(15);
-
-/// The longest a request waits for the renewal it started before it is
-/// answered from the entry: the SDKs give a credential request 1–5 s.
-pub const RENEWAL_WAIT: Duration = Duration::from_millis(500);
-
-/// After a renewal that failed or was not made, the next try waits this
-/// long (the reference retries a failed refresh within 1–2 minutes).
-pub const RENEWAL_RETRY: Duration = Duration::from_secs(60);
 
 /// What a cache entry belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -89,19 +70,15 @@ impl Source {
         match self {
             Source::Cache => "hit",
             Source::Upstream => "miss",
-            Source::Renewal => "renewed",
         }
     }
 }
 
-/// Where the answer came from.
+/// Whether the answer came from the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     Cache,
-    /// EKS Auth, for an identity not cached (or no longer servable).
     Upstream,
-    /// EKS Auth, renewing the entry this request found due.
-    Renewal,
 }
 
 #[derive(Clone, Debug)]
@@ -109,7 +86,7 @@ pub struct CacheOptions {
     pub max_entries: u64,
     /// `--max-credential-retention-before-renewal`; zero disables caching.
     pub retention: Duration,
-    /// `--max-service-qps`: renewals a second, at most.
+    /// `--max-service-qps` for background refreshes.
     pub max_service_qps: f64,
 }
 
@@ -117,18 +94,17 @@ pub struct CacheOptions {
 /// them): one allocation per identity.
 pub struct Entry {
     assumed: Assumed,
-    /// When a request should renew the entry, in milliseconds since the
-    /// cache's epoch; moved on by the request that takes the renewal on.
-    renew_at: AtomicU64,
+    refresh_at: Instant,
     /// Instant from which the entry is no longer servable.
     unservable_at: Instant,
-    /// SHA-256 of the token EKS Auth accepted for these credentials: the
-    /// only token they are served for, and so the one a renewal presents.
+    /// The token EKS Auth accepted for these credentials: the only one they
+    /// are served for, and what a refresh presents.
+    token: Box<str>,
     token_hash: Digest,
 }
 
 impl Entry {
-    fn new(assumed: Assumed, token_hash: Digest, retention: Duration, epoch: Instant) -> Entry {
+    fn new(assumed: Assumed, token: Box<str>, token_hash: Digest, retention: Duration) -> Entry {
         let now = Instant::now();
         let lifetime = assumed
             .expiration
@@ -137,40 +113,18 @@ impl Entry {
         // Renew when held for `retention`, or halfway through short lives,
         // and at the latest five minutes before expiry.
         let margin = (lifetime / 2).min(Duration::from_secs(300));
-        let renew_in = retention.min(lifetime.saturating_sub(margin));
+        let refresh_in = retention.min(lifetime.saturating_sub(margin));
         Entry {
             assumed,
-            renew_at: AtomicU64::new(millis_since(epoch, now + renew_in)),
+            refresh_at: now + refresh_in,
             unservable_at: now + lifetime.saturating_sub(MIN_REMAINING),
             token_hash,
+            token,
         }
     }
 
     fn servable(&self, now: Instant) -> bool {
         now < self.unservable_at
-    }
-
-    /// Whether the caller, at `now_ms`, is the one to renew the entry: it
-    /// is due and no other request took it on since. The next try is then
-    /// [`RENEWAL_RETRY`] away, unless a renewal replaces the entry first.
-    fn take_renewal(&self, now_ms: u64) -> bool {
-        let due = self.renew_at.load(Ordering::Relaxed);
-        now_ms >= due
-            && self
-                .renew_at
-                .compare_exchange(
-                    due,
-                    now_ms + RENEWAL_RETRY.as_millis() as u64,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
-
-    /// Gives a taken renewal back, to be tried again `after` from `now_ms`.
-    fn defer_renewal(&self, now_ms: u64, after: Duration) {
-        self.renew_at
-            .store(now_ms + after.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -180,11 +134,6 @@ impl std::ops::Deref for Entry {
     fn deref(&self) -> &Assumed {
         &self.assumed
     }
-}
-
-/// `at` as milliseconds since `epoch` (0 before it).
-fn millis_since(epoch: Instant, at: Instant) -> u64 {
-    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// Lets moka drop each entry when its credentials stop being servable.
@@ -218,25 +167,12 @@ type Fetch = Shared<BoxFuture<'static, Result<Arc<Entry>, UpstreamError>>>;
 /// One upstream call: an identity and the exact token presented for it.
 type FlightKey = (CacheKey, Digest);
 
-/// Why an upstream call is made: what its outcome counts as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Purpose {
-    /// No servable entry for this identity and token.
-    Miss,
-    /// The entry is due for renewal.
-    Renewal,
-}
-
 struct Inner {
     cache: Option<Cache<CacheKey, Arc<Entry>>>,
     in_flight: Mutex<HashMap<FlightKey, Fetch>>,
     upstream: Arc<dyn Upstream>,
     metrics: Arc<Metrics>,
     options: CacheOptions,
-    /// `max_service_qps`, for renewals.
-    renewals: governor::DefaultDirectRateLimiter,
-    /// What entries' renewal times count from.
-    epoch: Instant,
 }
 
 /// Cheap to clone; all clones share one cache.
@@ -270,9 +206,7 @@ impl CredentialCache {
                 in_flight: Mutex::new(HashMap::new()),
                 upstream,
                 metrics,
-                renewals: governor::RateLimiter::direct(renewal_quota(options.max_service_qps)),
                 options,
-                epoch: Instant::now(),
             }),
         }
     }
@@ -286,58 +220,25 @@ impl CredentialCache {
         presented: Digest,
     ) -> Result<(Arc<Entry>, Source), UpstreamError> {
         let inner = &self.inner;
-        let now = Instant::now();
         if let Some(cache) = &inner.cache
             && let Some(entry) = cache.get(key).await
-            && entry.servable(now)
+            && entry.servable(Instant::now())
             && entry.token_hash == presented
         {
             inner.metrics.cache_lookup(true);
-            if entry.take_renewal(millis_since(inner.epoch, now)) {
-                return self.renew(key, token, presented, entry).await;
-            }
             return Ok((entry, Source::Cache));
         }
         inner.metrics.cache_lookup(false);
         if inner.cache.is_some() {
             inner.metrics.cache(CacheState::Miss);
         }
-        let assumed = self
-            .fetch(key.clone(), token.to_owned(), presented, Purpose::Miss)
-            .await?;
+        let assumed = self.fetch(key.clone(), token.to_owned(), presented).await?;
         Ok((assumed, Source::Upstream))
-    }
-
-    /// Renews `entry`, which this request found due and took on: the new
-    /// credentials if EKS Auth gives them within [`RENEWAL_WAIT`], else the
-    /// entry's (the call goes on and replaces the entry when it answers).
-    /// Only a refusal of the token itself fails the request: the entry is
-    /// gone then, as the next request would find.
-    async fn renew(
-        &self,
-        key: &CacheKey,
-        token: &str,
-        presented: Digest,
-        entry: Arc<Entry>,
-    ) -> Result<(Arc<Entry>, Source), UpstreamError> {
-        if self.inner.renewals.check().is_err() {
-            // Over `--max-service-qps`: a later request renews.
-            let now_ms = millis_since(self.inner.epoch, Instant::now());
-            entry.defer_renewal(now_ms, renewal_period(self.inner.options.max_service_qps));
-            return Ok((entry, Source::Cache));
-        }
-        let call = self.fetch(key.clone(), token.to_owned(), presented, Purpose::Renewal);
-        match tokio::time::timeout(RENEWAL_WAIT, call).await {
-            Ok(Ok(renewed)) => Ok((renewed, Source::Renewal)),
-            Ok(Err(err)) if !err.is_recoverable() => Err(err),
-            // Failed for now (counted and logged by the call) or slow.
-            Ok(Err(_)) | Err(_) => Ok((entry, Source::Cache)),
-        }
     }
 
     /// Joins the in-flight upstream call for `key` with this very token, or
     /// starts one.
-    fn fetch(&self, key: CacheKey, token: String, presented: Digest, purpose: Purpose) -> Fetch {
+    fn fetch(&self, key: CacheKey, token: String, presented: Digest) -> Fetch {
         let flight: FlightKey = (key, presented);
         // The map holds finished-or-running futures only; a panic while it
         // is locked cannot leave it inconsistent, so poisoning is ignored
@@ -355,17 +256,14 @@ impl CredentialCache {
         let task = tokio::spawn(async move {
             let (task_key, presented) = (&task_flight.0, task_flight.1);
             let started = Instant::now();
-            let result = inner.upstream.assume(token).await;
+            let result = inner.upstream.assume(token.clone()).await;
             inner.metrics.upstream_call(
                 started.elapsed(),
                 result.as_ref().err().map(UpstreamError::code),
             );
-            if purpose == Purpose::Renewal {
-                inner.count_renewal(task_key, result.as_ref().err());
-            }
             let result = result.map(|assumed| {
                 let retention = inner.options.retention;
-                Arc::new(Entry::new(assumed, presented, retention, inner.epoch))
+                Arc::new(Entry::new(assumed, token.into(), presented, retention))
             });
             if let Some(cache) = &inner.cache {
                 match &result {
@@ -384,9 +282,6 @@ impl CredentialCache {
                         }
                     }
                 }
-                // moka counts entries once its pending writes are applied:
-                // without this the gauge lags a write behind.
-                cache.run_pending_tasks().await;
                 inner.metrics.set_cache_entries(cache.entry_count());
             }
             inner
@@ -408,6 +303,50 @@ impl CredentialCache {
         .shared();
         in_flight.insert(flight, fetch.clone());
         fetch
+    }
+
+    /// Renews due entries forever, at most `max_service_qps` calls a second.
+    /// Spawn it once per agent.
+    pub async fn refresh_loop(self) {
+        let Some(cache) = self.inner.cache.clone() else {
+            return;
+        };
+        let qps = self.inner.options.max_service_qps.max(0.001);
+        let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / qps));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let scan_every = (self.inner.options.retention / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(scan_every).await;
+            let now = Instant::now();
+            let due: Vec<(CacheKey, String, Digest)> = cache
+                .iter()
+                .filter(|(_, entry)| now >= entry.refresh_at && entry.servable(now))
+                .map(|(key, entry)| ((*key).clone(), entry.token.to_string(), entry.token_hash))
+                .collect();
+            // moka counts entries once its pending writes are applied: here,
+            // off the request path, the gauge catches up with them.
+            cache.run_pending_tasks().await;
+            self.inner.metrics.set_cache_entries(cache.entry_count());
+            for (key, token, presented) in due {
+                pace.tick().await;
+                debug!(?key, "refreshing credentials ahead of expiry");
+                match self.fetch(key, token, presented).await {
+                    Ok(_) => self.inner.metrics.cache(CacheState::Renewed),
+                    Err(err) => {
+                        let recoverable = err.is_recoverable();
+                        self.inner
+                            .metrics
+                            .renewal_error(recoverable, err.reference_code());
+                        if recoverable {
+                            warn!(error = %err, "refresh failed; keeping the cached credentials until they expire");
+                        } else {
+                            info!(error = %err, "refresh refused; credentials evicted");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Whether an entry for `key` is cached (servable or not).
@@ -435,40 +374,6 @@ impl CredentialCache {
         self.inner.metrics.set_cache_entries(cache.entry_count());
         evicted
     }
-}
-
-impl Inner {
-    /// A renewal's outcome, as the reference's metrics and logs say it.
-    fn count_renewal(&self, key: &CacheKey, failed: Option<&UpstreamError>) {
-        let Some(err) = failed else {
-            debug!(?key, "renewed credentials");
-            self.metrics.cache(CacheState::Renewed);
-            return;
-        };
-        let recoverable = err.is_recoverable();
-        self.metrics
-            .renewal_error(recoverable, err.reference_code());
-        if recoverable {
-            warn!(error = %err, "renewal failed; serving the cached credentials until they expire, retrying in a minute");
-        } else {
-            info!(error = %err, "renewal refused; credentials evicted");
-        }
-    }
-}
-
-/// The period of `max_service_qps` (at least one a day).
-fn renewal_period(max_service_qps: f64) -> Duration {
-    Duration::from_secs_f64(1.0 / max_service_qps.max(1.0 / 86_400.0))
-}
-
-/// `max_service_qps` as a quota: its period, with a second's worth of
-/// renewals (at least one) allowed at once.
-fn renewal_quota(max_service_qps: f64) -> governor::Quota {
-    let burst =
-        NonZeroU32::new(max_service_qps.ceil().clamp(1.0, 1e6) as u32).unwrap_or(NonZeroU32::MIN);
-    governor::Quota::with_period(renewal_period(max_service_qps))
-        .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(burst)
 }
 
 #[cfg(test)]
@@ -529,157 +434,15 @@ mod tests {
     }
 
     fn credentials(upstream: Arc<FakeUpstream>, retention: Duration) -> CredentialCache {
-        paced(upstream, retention, 100.0)
-    }
-
-    fn paced(upstream: Arc<FakeUpstream>, retention: Duration, qps: f64) -> CredentialCache {
         CredentialCache::new(
             upstream,
             Arc::new(Metrics::new()),
             CacheOptions {
                 max_entries: 100,
                 retention,
-                max_service_qps: qps,
+                max_service_qps: 100.0,
             },
         )
-    }
-
-    /// Held this long, an entry is due for renewal.
-    const RETENTION: Duration = Duration::from_millis(200);
-
-    /// `keys`, each cached with token "t" and then held past [`RETENTION`].
-    async fn due(creds: &CredentialCache, keys: &[CacheKey]) {
-        for key in keys {
-            assert_eq!(
-                creds.get(key, "t", digest("t")).await.unwrap().1,
-                Source::Upstream
-            );
-        }
-        tokio::time::sleep(RETENTION + Duration::from_millis(50)).await;
-    }
-
-    fn key_id(assumed: &Assumed) -> String {
-        let answer: serde_json::Value = serde_json::from_slice(&assumed.answer).unwrap();
-        answer["AccessKeyId"].as_str().unwrap().to_owned()
-    }
-
-    fn refusal() -> UpstreamError {
-        UpstreamError::Service {
-            status: http::StatusCode::BAD_REQUEST,
-            code: "AccessDeniedException".into(),
-            message: "no".into(),
-            request_id: "r".into(),
-            fault: "client",
-        }
-    }
-
-    /// What the request that finds an entry due gets, by how EKS Auth
-    /// answers the renewal; and whether the next request (at once) calls
-    /// again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_request_that_finds_an_entry_due_renews_it() {
-        struct Case {
-            name: &'static str,
-            delay: Duration,
-            fails_with: Option<UpstreamError>,
-            /// `Ok((source, AccessKeyId))`, or that the request failed.
-            answered: Result<(Source, &'static str), ()>,
-            /// Cached afterwards (with the renewal's key id, once landed).
-            cached: Option<&'static str>,
-        }
-        let slow = RENEWAL_WAIT + Duration::from_millis(300);
-        let timeout = UpstreamError::no_answer(crate::upstream::NoAnswer::Timeout, "timeout");
-        let cases = [
-            Case {
-                name: "renewed in time: the new credentials",
-                delay: Duration::ZERO,
-                fails_with: None,
-                answered: Ok((Source::Renewal, "ASIA1")),
-                cached: Some("ASIA1"),
-            },
-            Case {
-                name: "EKS Auth slow: the cached ones now, the new ones when they come",
-                delay: slow,
-                fails_with: None,
-                answered: Ok((Source::Cache, "ASIA0")),
-                cached: Some("ASIA1"),
-            },
-            Case {
-                name: "transient failure: the cached ones, retried a minute later",
-                delay: Duration::ZERO,
-                fails_with: Some(timeout),
-                answered: Ok((Source::Cache, "ASIA0")),
-                cached: Some("ASIA0"),
-            },
-            Case {
-                name: "token refused: the request fails and the entry goes",
-                delay: Duration::ZERO,
-                fails_with: Some(refusal()),
-                answered: Err(()),
-                cached: None,
-            },
-        ];
-        for case in cases {
-            let upstream = FakeUpstream::new(case.delay, Duration::from_secs(3600));
-            let creds = credentials(upstream.clone(), RETENTION);
-            let key = CacheKey::TokenHash(digest("t"));
-            due(&creds, std::slice::from_ref(&key)).await;
-            *upstream.fail_with.lock().unwrap() = case.fails_with;
-            let asked = Instant::now();
-            let answered = creds.get(&key, "t", digest("t")).await;
-            assert!(
-                asked.elapsed() < RENEWAL_WAIT + Duration::from_millis(200),
-                "{}: waited {:?}",
-                case.name,
-                asked.elapsed()
-            );
-            let answered = answered.map(|(a, source)| (source, key_id(&a)));
-            assert_eq!(
-                answered
-                    .as_ref()
-                    .map(|(s, id)| (*s, id.as_str()))
-                    .map_err(|_| ()),
-                case.answered,
-                "{}",
-                case.name
-            );
-            // The renewal lands (or has failed) before the next check.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !creds.inner.in_flight.lock().unwrap().is_empty() {
-                assert!(
-                    Instant::now() < deadline,
-                    "{}: the call never ended",
-                    case.name
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let cache = creds.inner.cache.as_ref().unwrap();
-            let cached = cache.get(&key).await.map(|e| key_id(&e));
-            assert_eq!(cached.as_deref(), case.cached, "{}", case.name);
-            if case.cached.is_some() {
-                let (_, source) = creds.get(&key, "t", digest("t")).await.unwrap();
-                assert_eq!(source, Source::Cache, "{}", case.name);
-            }
-            assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "{}", case.name);
-        }
-    }
-
-    #[tokio::test]
-    async fn renewals_beyond_the_service_qps_are_left_to_a_later_request() {
-        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
-        // One renewal now, the next in 1000 s.
-        let creds = paced(upstream.clone(), RETENTION, 0.001);
-        let keys = [
-            CacheKey::TokenHash(digest("a")),
-            CacheKey::TokenHash(digest("b")),
-        ];
-        due(&creds, &keys).await;
-        let sources = [
-            creds.get(&keys[0], "t", digest("t")).await.unwrap().1,
-            creds.get(&keys[1], "t", digest("t")).await.unwrap().1,
-        ];
-        assert_eq!(sources, [Source::Renewal, Source::Cache]);
-        assert_eq!(upstream.calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,7 +521,7 @@ mod tests {
         let answer: serde_json::Value = serde_json::from_slice(&assumed.answer).unwrap();
         assert_eq!(answer["Token"], "genuine");
         let entry = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
-        assert_eq!(entry.token_hash, digest("genuine"));
+        assert_eq!(&*entry.token, "genuine");
     }
 
     #[tokio::test]
@@ -801,14 +564,23 @@ mod tests {
                 UpstreamError::no_answer(crate::upstream::NoAnswer::Timeout, "timeout"),
                 true,
             ),
-            (refusal(), false),
+            (
+                UpstreamError::Service {
+                    status: http::StatusCode::BAD_REQUEST,
+                    code: "AccessDeniedException".into(),
+                    message: "no".into(),
+                    request_id: "r".into(),
+                    fault: "client",
+                },
+                false,
+            ),
         ];
         for (err, kept) in cases {
             *upstream.fail_with.lock().unwrap() = Some(err.clone());
-            // A renewal's call, as a request that finds the entry due makes.
+            // A forced refresh (what the refresh loop does when due).
             assert!(
                 creds
-                    .fetch(key.clone(), "t".into(), digest("t"), Purpose::Renewal)
+                    .fetch(key.clone(), "t".into(), digest("t"))
                     .await
                     .is_err()
             );
