@@ -106,7 +106,8 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 2000)]
     pub max_cache_size: u64,
 
-    /// Background refresh calls to EKS Auth per second, at most.
+    /// Renewals of cached credentials per second, at most (over it, a
+    /// request is answered from the cache and a later one renews).
     #[arg(long, default_value_t = 3.0)]
     pub max_service_qps: f64,
 

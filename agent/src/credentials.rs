@@ -1,30 +1,48 @@
 //! Credentials per identity: a bounded cache (moka), exact single-flight of
-//! upstream calls, and paced refresh-ahead.
+//! upstream calls, and paced renewal by the requests that use them.
 //!
 //! Knows identities and credentials, not HTTP.
 //!
 //! * Single-flight: concurrent requests for one identity share one upstream
 //!   call. The call runs in its own task, so a client that disconnects (its
 //!   request future dropped) cancels nothing the others wait on.
-//! * Refresh-ahead: an entry is renewed in the background once held for
-//!   `retention` or when close to expiry, paced at `max_service_qps`; readers
-//!   keep getting the cached credentials meanwhile. So an entry keeps the
-//!   token EKS Auth accepted (as the reference does): renewing only when a
-//!   request brings it would renew when the SDKs ask — minutes before
-//!   expiry — and an EKS Auth outage of those minutes would fail pods that
-//!   a renewal at `retention` keeps served for hours.
+//! * Renewal on use: the first request for an entry held `retention` (or
+//!   close to expiry) renews it with the token it presents — the token the
+//!   entry was issued for — and waits at most [`RENEWAL_WAIT`] for the new
+//!   credentials. Past that, over `max_service_qps`, or when EKS Auth fails
+//!   transiently, it gets the cached ones, and the renewal goes on or is
+//!   retried after [`RENEWAL_RETRY`].
+//! * The SDKs ask again only shortly before the `Expiration` they were
+//!   given, so an entry's answer advertises its renewal time plus
+//!   [`ASK_MARGIN`] (never more than the credentials' own expiration): they
+//!   come back when the entry is due, hours before the credentials expire.
+//!   While a renewal cannot be made, the cached credentials are advertised
+//!   [`ASK_MARGIN`] at a time, so the SDKs keep asking and the agent keeps
+//!   trying until they really expire — an EKS Auth outage is survived for
+//!   as long as with the reference's background sweep.
+//!
+//!   Why not that sweep: it must keep every pod's token (a bearer
+//!   credential, ~1 KiB) for as long as the entry lives, and it calls EKS
+//!   Auth for every entry each `retention`, also for identities nobody
+//!   asks for anymore (a rotated token, a finished job). Here a token lives
+//!   only as long as its request, and EKS Auth hears only of identities in
+//!   use.
 //! * Never serves credentials with ≤ 15 s left (the SDKs would refetch at
 //!   once). Irrecoverable upstream verdicts evict; transient failures keep the
 //!   old credentials until they are no longer servable.
 //! * Only a token EKS Auth accepted is ever answered from an entry or used
-//!   to refresh it: the agent does not verify signatures, so a token it has
+//!   to renew it: the agent does not verify signatures, so a token it has
 //!   not seen accepted (a rotated one, or a forgery carrying the caller's
 //!   own claims) goes to EKS Auth, which decides. Single-flight is per
 //!   (identity, token), so a forgery never joins a genuine token's call.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -32,17 +50,30 @@ use futures::{
     FutureExt as _,
     future::{BoxFuture, Shared},
 };
-use moka::{Expiry, future::Cache, notification::RemovalCause};
+use moka::{Expiry, future::Cache, notification::RemovalCause, ops::compute::Op};
 use tracing::{debug, info, warn};
 
 use crate::{
     telemetry::metrics::{CacheState, Metrics},
     token::Digest,
-    upstream::{Assumed, Upstream, UpstreamError},
+    upstream::{Assumed, SdkAnswer, Upstream, UpstreamError},
 };
 
 /// Credentials with this little life left are not served (reference agent).
 pub const MIN_REMAINING: Duration = Duration::from_secs(15);
+
+/// The longest a request waits for the renewal it started before it is
+/// answered from the entry: the SDKs give a credential request 1–5 s.
+pub const RENEWAL_WAIT: Duration = Duration::from_millis(500);
+
+/// After a renewal that failed or was not made, the next try waits this
+/// long (the reference retries a failed refresh within 1–2 minutes).
+pub const RENEWAL_RETRY: Duration = Duration::from_secs(60);
+
+/// How far beyond an entry's renewal time its answer's `Expiration` lies:
+/// more than any SDK's refresh window (botocore's is 15 minutes), so the
+/// SDKs ask once the entry is due and not before.
+pub const ASK_MARGIN: Duration = Duration::from_secs(20 * 60);
 
 /// What a cache entry belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,15 +101,19 @@ impl Source {
         match self {
             Source::Cache => "hit",
             Source::Upstream => "miss",
+            Source::Renewal => "renewed",
         }
     }
 }
 
-/// Whether the answer came from the cache.
+/// Where the answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     Cache,
+    /// EKS Auth, for an identity not cached (or no longer servable).
     Upstream,
+    /// EKS Auth, renewing the entry this request found due.
+    Renewal,
 }
 
 #[derive(Clone, Debug)]
@@ -86,7 +121,7 @@ pub struct CacheOptions {
     pub max_entries: u64,
     /// `--max-credential-retention-before-renewal`; zero disables caching.
     pub retention: Duration,
-    /// `--max-service-qps` for background refreshes.
+    /// `--max-service-qps`: renewals a second, at most.
     pub max_service_qps: f64,
 }
 
@@ -94,37 +129,81 @@ pub struct CacheOptions {
 /// them): one allocation per identity.
 pub struct Entry {
     assumed: Assumed,
-    refresh_at: Instant,
+    /// When a request should renew the entry, in milliseconds since the
+    /// cache's epoch; moved on by the request that takes the renewal on.
+    renew_at: AtomicU64,
     /// Instant from which the entry is no longer servable.
     unservable_at: Instant,
-    /// The token EKS Auth accepted for these credentials: the only one they
-    /// are served for, and what a refresh presents.
-    token: Box<str>,
+    /// SHA-256 of the token EKS Auth accepted for these credentials: the
+    /// only token they are served for, and so the one a renewal presents.
     token_hash: Digest,
 }
 
 impl Entry {
-    fn new(assumed: Assumed, token: Box<str>, token_hash: Digest, retention: Duration) -> Entry {
+    /// Fresh credentials, due for renewal after `retention` (halfway
+    /// through short lives, at the latest five minutes before expiry).
+    /// `advertise`: their answer says when to ask again (a cache), else
+    /// when they expire (no cache: nothing to renew).
+    fn new(
+        mut assumed: Assumed,
+        token_hash: Digest,
+        retention: Duration,
+        epoch: Instant,
+        advertise: bool,
+    ) -> Entry {
         let now = Instant::now();
         let lifetime = assumed
             .expiration
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        // Renew when held for `retention`, or halfway through short lives,
-        // and at the latest five minutes before expiry.
         let margin = (lifetime / 2).min(Duration::from_secs(300));
-        let refresh_in = retention.min(lifetime.saturating_sub(margin));
+        let renew_in = retention.min(lifetime.saturating_sub(margin));
+        if advertise {
+            assumed.answer = advertised(&assumed, renew_in + ASK_MARGIN);
+        }
         Entry {
             assumed,
-            refresh_at: now + refresh_in,
+            renew_at: AtomicU64::new(millis_since(epoch, now + renew_in)),
             unservable_at: now + lifetime.saturating_sub(MIN_REMAINING),
             token_hash,
-            token,
+        }
+    }
+
+    /// The same credentials, served while their renewal cannot be made:
+    /// advertised for [`ASK_MARGIN`] more, the renewal due `retry` from
+    /// now (at most half the margin, so the SDKs never hold an advertised
+    /// expiration that has passed while the entry is not due).
+    fn kept(&self, retry: Duration, epoch: Instant) -> Entry {
+        let mut assumed = self.assumed.clone();
+        assumed.answer = advertised(&assumed, ASK_MARGIN);
+        let retry = retry.min(ASK_MARGIN / 2);
+        Entry {
+            assumed,
+            renew_at: AtomicU64::new(millis_since(epoch, Instant::now() + retry)),
+            unservable_at: self.unservable_at,
+            token_hash: self.token_hash,
         }
     }
 
     fn servable(&self, now: Instant) -> bool {
         now < self.unservable_at
+    }
+
+    /// Whether the caller, at `now_ms`, is the one to renew the entry: it
+    /// is due and no other request took it on since. The next try is then
+    /// [`RENEWAL_RETRY`] away, unless a renewal replaces the entry first.
+    fn take_renewal(&self, now_ms: u64) -> bool {
+        let due = self.renew_at.load(Ordering::Relaxed);
+        now_ms >= due
+            && self
+                .renew_at
+                .compare_exchange(
+                    due,
+                    now_ms + RENEWAL_RETRY.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 }
 
@@ -134,6 +213,21 @@ impl std::ops::Deref for Entry {
     fn deref(&self) -> &Assumed {
         &self.assumed
     }
+}
+
+/// `assumed`'s answer with `Expiration` `ask_in` from now, or the
+/// credentials' own if sooner.
+fn advertised(assumed: &Assumed, ask_in: Duration) -> bytes::Bytes {
+    let ask_at = SystemTime::now() + ask_in;
+    if ask_at >= assumed.expiration {
+        return assumed.answer.clone();
+    }
+    SdkAnswer::reissue(&assumed.answer, ask_at).unwrap_or_else(|| assumed.answer.clone())
+}
+
+/// `at` as milliseconds since `epoch` (0 before it).
+fn millis_since(epoch: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// Lets moka drop each entry when its credentials stop being servable.
@@ -167,12 +261,25 @@ type Fetch = Shared<BoxFuture<'static, Result<Arc<Entry>, UpstreamError>>>;
 /// One upstream call: an identity and the exact token presented for it.
 type FlightKey = (CacheKey, Digest);
 
+/// Why an upstream call is made: what its outcome counts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// No servable entry for this identity and token.
+    Miss,
+    /// The entry is due for renewal.
+    Renewal,
+}
+
 struct Inner {
     cache: Option<Cache<CacheKey, Arc<Entry>>>,
     in_flight: Mutex<HashMap<FlightKey, Fetch>>,
     upstream: Arc<dyn Upstream>,
     metrics: Arc<Metrics>,
     options: CacheOptions,
+    /// `max_service_qps`, for renewals.
+    renewals: governor::DefaultDirectRateLimiter,
+    /// What entries' renewal times count from.
+    epoch: Instant,
 }
 
 /// Cheap to clone; all clones share one cache.
@@ -206,7 +313,9 @@ impl CredentialCache {
                 in_flight: Mutex::new(HashMap::new()),
                 upstream,
                 metrics,
+                renewals: governor::RateLimiter::direct(renewal_quota(options.max_service_qps)),
                 options,
+                epoch: Instant::now(),
             }),
         }
     }
@@ -220,25 +329,88 @@ impl CredentialCache {
         presented: Digest,
     ) -> Result<(Arc<Entry>, Source), UpstreamError> {
         let inner = &self.inner;
+        let now = Instant::now();
         if let Some(cache) = &inner.cache
             && let Some(entry) = cache.get(key).await
-            && entry.servable(Instant::now())
+            && entry.servable(now)
             && entry.token_hash == presented
         {
             inner.metrics.cache_lookup(true);
+            if entry.take_renewal(millis_since(inner.epoch, now)) {
+                return self.renew(key, token, presented, entry).await;
+            }
             return Ok((entry, Source::Cache));
         }
         inner.metrics.cache_lookup(false);
         if inner.cache.is_some() {
             inner.metrics.cache(CacheState::Miss);
         }
-        let assumed = self.fetch(key.clone(), token.to_owned(), presented).await?;
+        let assumed = self
+            .fetch(key.clone(), token.to_owned(), presented, Purpose::Miss)
+            .await?;
         Ok((assumed, Source::Upstream))
+    }
+
+    /// Renews `entry`, which this request found due and took on: the new
+    /// credentials if EKS Auth gives them within [`RENEWAL_WAIT`], else the
+    /// entry's, kept (the call goes on and replaces them when it answers).
+    /// Only EKS Auth's verdict on the token or its association fails the
+    /// request: the entry is gone then, as the next request would find.
+    async fn renew(
+        &self,
+        key: &CacheKey,
+        token: &str,
+        presented: Digest,
+        entry: Arc<Entry>,
+    ) -> Result<(Arc<Entry>, Source), UpstreamError> {
+        let renewals = &self.inner.renewals;
+        if let Err(not_until) = renewals.check() {
+            // Over `--max-service-qps`: a request after the next free slot
+            // renews.
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(renewals.clock()));
+            return Ok((self.keep(key, &entry, wait).await, Source::Cache));
+        }
+        let call = self.fetch(key.clone(), token.to_owned(), presented, Purpose::Renewal);
+        match tokio::time::timeout(RENEWAL_WAIT, call).await {
+            Ok(Ok(renewed)) => Ok((renewed, Source::Renewal)),
+            Ok(Err(err)) if !err.is_recoverable() => Err(err),
+            // Failed for now (counted and logged by the call) or slow.
+            Ok(Err(_)) | Err(_) => Ok((self.keep(key, &entry, RENEWAL_RETRY).await, Source::Cache)),
+        }
+    }
+
+    /// `entry`'s credentials, kept in its place for the renewal to be tried
+    /// `retry` from now ([`Entry::kept`]) — unless something replaced it
+    /// meanwhile (a renewal that answered after all), which is served then.
+    async fn keep(&self, key: &CacheKey, entry: &Arc<Entry>, retry: Duration) -> Arc<Entry> {
+        let kept = Arc::new(entry.kept(retry, self.inner.epoch));
+        let Some(cache) = &self.inner.cache else {
+            return kept;
+        };
+        let put = kept.clone();
+        let outcome = cache
+            .entry(key.clone())
+            .and_compute_with(|current| async move {
+                match current {
+                    Some(current) if Arc::ptr_eq(current.value(), entry) => Op::Put(put),
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+        match outcome {
+            moka::ops::compute::CompResult::Unchanged(current)
+                if current.value().token_hash == entry.token_hash
+                    && current.value().servable(Instant::now()) =>
+            {
+                current.into_value()
+            }
+            _ => kept,
+        }
     }
 
     /// Joins the in-flight upstream call for `key` with this very token, or
     /// starts one.
-    fn fetch(&self, key: CacheKey, token: String, presented: Digest) -> Fetch {
+    fn fetch(&self, key: CacheKey, token: String, presented: Digest, purpose: Purpose) -> Fetch {
         let flight: FlightKey = (key, presented);
         // The map holds finished-or-running futures only; a panic while it
         // is locked cannot leave it inconsistent, so poisoning is ignored
@@ -256,32 +428,48 @@ impl CredentialCache {
         let task = tokio::spawn(async move {
             let (task_key, presented) = (&task_flight.0, task_flight.1);
             let started = Instant::now();
-            let result = inner.upstream.assume(token.clone()).await;
+            let result = inner.upstream.assume(token).await;
             inner.metrics.upstream_call(
                 started.elapsed(),
                 result.as_ref().err().map(UpstreamError::code),
             );
+            if purpose == Purpose::Renewal {
+                inner.count_renewal(task_key, result.as_ref().err());
+            }
             let result = result.map(|assumed| {
                 let retention = inner.options.retention;
-                Arc::new(Entry::new(assumed, token.into(), presented, retention))
+                let advertise = inner.cache.is_some();
+                Arc::new(Entry::new(
+                    assumed,
+                    presented,
+                    retention,
+                    inner.epoch,
+                    advertise,
+                ))
             });
             if let Some(cache) = &inner.cache {
-                match &result {
-                    Ok(entry) => cache.insert(task_key.clone(), entry.clone()).await,
-                    Err(err) => {
-                        // Only EKS Auth refusing the entry's own token
-                        // evicts it: a refused forgery must not take a
-                        // genuine entry down with it.
-                        if !err.is_recoverable()
-                            && cache
-                                .get(task_key)
-                                .await
-                                .is_some_and(|e| e.token_hash == presented)
-                        {
-                            cache.invalidate(task_key).await;
+                let entry = result.as_ref().ok().cloned();
+                let refused = result.as_ref().is_err_and(|e| !e.is_recoverable());
+                cache
+                    .entry(task_key.clone())
+                    .and_compute_with(|current| async move {
+                        let ours = current.is_some_and(|c| c.value().token_hash == presented);
+                        match entry {
+                            // A miss: the token just presented is the
+                            // identity's now.
+                            Some(entry) if purpose == Purpose::Miss => Op::Put(entry),
+                            // A renewal replaces only its own token's entry:
+                            // not one a newer token made meanwhile, nor one
+                            // evicted (a pod gone) meanwhile.
+                            Some(entry) if ours => Op::Put(entry),
+                            // Only EKS Auth refusing the entry's own token
+                            // evicts it: a refused forgery must not take a
+                            // genuine entry down with it.
+                            None if refused && ours => Op::Remove,
+                            _ => Op::Nop,
                         }
-                    }
-                }
+                    })
+                    .await;
                 inner.metrics.set_cache_entries(cache.entry_count());
             }
             inner
@@ -305,56 +493,21 @@ impl CredentialCache {
         fetch
     }
 
-    /// Renews due entries forever, at most `max_service_qps` calls a second.
-    /// Spawn it once per agent.
-    pub async fn refresh_loop(self) {
-        let Some(cache) = self.inner.cache.clone() else {
-            return;
-        };
-        let qps = self.inner.options.max_service_qps.max(0.001);
-        let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / qps));
-        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let scan_every = (self.inner.options.retention / 4)
-            .clamp(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            tokio::time::sleep(scan_every).await;
-            let now = Instant::now();
-            let due: Vec<(CacheKey, String, Digest)> = cache
-                .iter()
-                .filter(|(_, entry)| now >= entry.refresh_at && entry.servable(now))
-                .map(|(key, entry)| ((*key).clone(), entry.token.to_string(), entry.token_hash))
-                .collect();
-            // moka counts entries once its pending writes are applied: here,
-            // off the request path, the gauge catches up with them.
-            cache.run_pending_tasks().await;
-            self.inner.metrics.set_cache_entries(cache.entry_count());
-            for (key, token, presented) in due {
-                pace.tick().await;
-                debug!(?key, "refreshing credentials ahead of expiry");
-                match self.fetch(key, token, presented).await {
-                    Ok(_) => self.inner.metrics.cache(CacheState::Renewed),
-                    Err(err) => {
-                        let recoverable = err.is_recoverable();
-                        self.inner
-                            .metrics
-                            .renewal_error(recoverable, err.reference_code());
-                        if recoverable {
-                            warn!(error = %err, "refresh failed; keeping the cached credentials until they expire");
-                        } else {
-                            info!(error = %err, "refresh refused; credentials evicted");
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Whether an entry for `key` is cached (servable or not).
     pub fn contains(&self, key: &CacheKey) -> bool {
         self.inner
             .cache
             .as_ref()
             .is_some_and(|cache| cache.contains_key(key))
+    }
+
+    /// Brings the entries gauge up to date: moka counts entries once its
+    /// pending writes are applied, which this does, off the request path.
+    pub async fn settle(&self) {
+        if let Some(cache) = &self.inner.cache {
+            cache.run_pending_tasks().await;
+            self.inner.metrics.set_cache_entries(cache.entry_count());
+        }
     }
 
     /// Drops the entries of `keys` (e.g. of pods that are gone); returns how
@@ -370,10 +523,44 @@ impl CredentialCache {
                 evicted += 1;
             }
         }
-        cache.run_pending_tasks().await;
-        self.inner.metrics.set_cache_entries(cache.entry_count());
+        self.settle().await;
         evicted
     }
+}
+
+impl Inner {
+    /// A renewal's outcome, as the reference's metrics and logs say it.
+    fn count_renewal(&self, key: &CacheKey, failed: Option<&UpstreamError>) {
+        let Some(err) = failed else {
+            debug!(?key, "renewed credentials");
+            self.metrics.cache(CacheState::Renewed);
+            return;
+        };
+        let recoverable = err.is_recoverable();
+        self.metrics
+            .renewal_error(recoverable, err.reference_code());
+        if recoverable {
+            warn!(error = %err, "renewal failed; serving the cached credentials until they expire, retrying in a minute");
+        } else {
+            info!(error = %err, "renewal refused; credentials evicted");
+        }
+    }
+}
+
+/// `max_service_qps` (at least one a day, at most a million a second) as a
+/// quota: its period, with a second's worth of renewals (at least one)
+/// allowed at once.
+fn renewal_quota(max_service_qps: f64) -> governor::Quota {
+    let max_service_qps = if max_service_qps.is_nan() {
+        1.0
+    } else {
+        max_service_qps.clamp(1.0 / 86_400.0, 1e6)
+    };
+    let burst =
+        NonZeroU32::new(max_service_qps.ceil().clamp(1.0, 1e6) as u32).unwrap_or(NonZeroU32::MIN);
+    governor::Quota::with_period(Duration::from_secs_f64(1.0 / max_service_qps))
+        .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst)
 }
 
 #[cfg(test)]
@@ -434,15 +621,217 @@ mod tests {
     }
 
     fn credentials(upstream: Arc<FakeUpstream>, retention: Duration) -> CredentialCache {
+        paced(upstream, retention, 100.0)
+    }
+
+    fn paced(upstream: Arc<FakeUpstream>, retention: Duration, qps: f64) -> CredentialCache {
         CredentialCache::new(
             upstream,
             Arc::new(Metrics::new()),
             CacheOptions {
                 max_entries: 100,
                 retention,
-                max_service_qps: 100.0,
+                max_service_qps: qps,
             },
         )
+    }
+
+    /// Held this long, an entry is due for renewal.
+    const RETENTION: Duration = Duration::from_millis(200);
+
+    /// `keys`, each cached with token "t" and then held past [`RETENTION`].
+    async fn due(creds: &CredentialCache, keys: &[CacheKey]) {
+        for key in keys {
+            assert_eq!(
+                creds.get(key, "t", digest("t")).await.unwrap().1,
+                Source::Upstream
+            );
+        }
+        tokio::time::sleep(RETENTION + Duration::from_millis(50)).await;
+    }
+
+    fn key_id(assumed: &Assumed) -> String {
+        let answer: serde_json::Value = serde_json::from_slice(&assumed.answer).unwrap();
+        answer["AccessKeyId"].as_str().unwrap().to_owned()
+    }
+
+    fn refusal() -> UpstreamError {
+        UpstreamError::Service {
+            status: http::StatusCode::BAD_REQUEST,
+            code: "AccessDeniedException".into(),
+            message: "no".into(),
+            request_id: "r".into(),
+            fault: "client",
+        }
+    }
+
+    /// What the request that finds an entry due gets, by how EKS Auth
+    /// answers the renewal; and whether the next request (at once) calls
+    /// again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_request_that_finds_an_entry_due_renews_it() {
+        struct Case {
+            name: &'static str,
+            delay: Duration,
+            fails_with: Option<UpstreamError>,
+            /// `Ok((source, AccessKeyId))`, or that the request failed.
+            answered: Result<(Source, &'static str), ()>,
+            /// Cached afterwards (with the renewal's key id, once landed).
+            cached: Option<&'static str>,
+        }
+        let slow = RENEWAL_WAIT + Duration::from_millis(300);
+        let timeout = UpstreamError::no_answer(crate::upstream::NoAnswer::Timeout, "timeout");
+        let cases = [
+            Case {
+                name: "renewed in time: the new credentials",
+                delay: Duration::ZERO,
+                fails_with: None,
+                answered: Ok((Source::Renewal, "ASIA1")),
+                cached: Some("ASIA1"),
+            },
+            Case {
+                name: "EKS Auth slow: the cached ones now, the new ones when they come",
+                delay: slow,
+                fails_with: None,
+                answered: Ok((Source::Cache, "ASIA0")),
+                cached: Some("ASIA1"),
+            },
+            Case {
+                name: "transient failure: the cached ones, retried a minute later",
+                delay: Duration::ZERO,
+                fails_with: Some(timeout),
+                answered: Ok((Source::Cache, "ASIA0")),
+                cached: Some("ASIA0"),
+            },
+            Case {
+                name: "token refused: the request fails and the entry goes",
+                delay: Duration::ZERO,
+                fails_with: Some(refusal()),
+                answered: Err(()),
+                cached: None,
+            },
+        ];
+        for case in cases {
+            let upstream = FakeUpstream::new(case.delay, Duration::from_secs(3600));
+            let creds = credentials(upstream.clone(), RETENTION);
+            let key = CacheKey::TokenHash(digest("t"));
+            due(&creds, std::slice::from_ref(&key)).await;
+            *upstream.fail_with.lock().unwrap() = case.fails_with;
+            let asked = Instant::now();
+            let answered = creds.get(&key, "t", digest("t")).await;
+            assert!(
+                asked.elapsed() < RENEWAL_WAIT + Duration::from_millis(200),
+                "{}: waited {:?}",
+                case.name,
+                asked.elapsed()
+            );
+            let answered = answered.map(|(a, source)| (source, key_id(&a)));
+            assert_eq!(
+                answered
+                    .as_ref()
+                    .map(|(s, id)| (*s, id.as_str()))
+                    .map_err(|_| ()),
+                case.answered,
+                "{}",
+                case.name
+            );
+            // The renewal lands (or has failed) before the next check.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !creds.inner.in_flight.lock().unwrap().is_empty() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: the call never ended",
+                    case.name
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let cache = creds.inner.cache.as_ref().unwrap();
+            let cached = cache.get(&key).await.map(|e| key_id(&e));
+            assert_eq!(cached.as_deref(), case.cached, "{}", case.name);
+            if case.cached.is_some() {
+                let (_, source) = creds.get(&key, "t", digest("t")).await.unwrap();
+                assert_eq!(source, Source::Cache, "{}", case.name);
+            }
+            assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "{}", case.name);
+        }
+    }
+
+    /// How long from now the answer's `Expiration` lies.
+    fn advertised_in(entry: &Entry) -> Duration {
+        let answer: serde_json::Value = serde_json::from_slice(&entry.answer).unwrap();
+        let at = humantime::parse_rfc3339(answer["Expiration"].as_str().unwrap()).unwrap();
+        at.duration_since(SystemTime::now()).unwrap_or_default()
+    }
+
+    /// The SDKs come back shortly before the `Expiration` they were given:
+    /// an answer says the entry's renewal time plus the margin, or the
+    /// credentials' own expiration if sooner, or that alone without a cache.
+    #[tokio::test]
+    async fn answers_tell_the_sdks_to_ask_again_when_the_entry_is_due() {
+        let hour = Duration::from_secs(3600);
+        let cases = [
+            // (retention, credentials' lifetime, advertised in)
+            (3 * hour, 6 * hour, 3 * hour + ASK_MARGIN),
+            // Renewed 5 minutes before expiry: the expiration is sooner.
+            (10 * hour, 6 * hour, 6 * hour),
+            (hour, 6 * hour, hour + ASK_MARGIN),
+            (3 * hour, hour, hour),
+            (Duration::ZERO, 6 * hour, 6 * hour),
+        ];
+        for (retention, lifetime, expected) in cases {
+            let upstream = FakeUpstream::new(Duration::ZERO, lifetime);
+            let creds = credentials(upstream, retention);
+            let key = CacheKey::TokenHash(digest("t"));
+            let (entry, _) = creds.get(&key, "t", digest("t")).await.unwrap();
+            let advertised = advertised_in(&entry);
+            assert!(
+                advertised <= expected && advertised + Duration::from_secs(5) >= expected,
+                "retention {retention:?}, lifetime {lifetime:?}: advertised in {advertised:?}, expected {expected:?}"
+            );
+        }
+    }
+
+    /// While a renewal cannot be made, the credentials are advertised for
+    /// the margin at a time (the SDKs keep asking, the agent keeps
+    /// trying), and hits in between get that answer too.
+    #[tokio::test]
+    async fn credentials_kept_through_a_failed_renewal_are_advertised_for_the_margin() {
+        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), RETENTION);
+        let key = CacheKey::TokenHash(digest("t"));
+        due(&creds, std::slice::from_ref(&key)).await;
+        *upstream.fail_with.lock().unwrap() = Some(UpstreamError::no_answer(
+            crate::upstream::NoAnswer::Unreachable,
+            "down",
+        ));
+        for _ in 0..2 {
+            let (entry, source) = creds.get(&key, "t", digest("t")).await.unwrap();
+            assert_eq!((source, key_id(&entry).as_str()), (Source::Cache, "ASIA0"));
+            let advertised = advertised_in(&entry);
+            assert!(
+                advertised <= ASK_MARGIN && advertised + Duration::from_secs(5) >= ASK_MARGIN,
+                "advertised in {advertised:?}"
+            );
+        }
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "retried at once");
+    }
+
+    #[tokio::test]
+    async fn renewals_beyond_the_service_qps_are_left_to_a_later_request() {
+        let upstream = FakeUpstream::new(Duration::ZERO, Duration::from_secs(3600));
+        // One renewal now, the next in 1000 s.
+        let creds = paced(upstream.clone(), RETENTION, 0.001);
+        let keys = [
+            CacheKey::TokenHash(digest("a")),
+            CacheKey::TokenHash(digest("b")),
+        ];
+        due(&creds, &keys).await;
+        let sources = [
+            creds.get(&keys[0], "t", digest("t")).await.unwrap().1,
+            creds.get(&keys[1], "t", digest("t")).await.unwrap().1,
+        ];
+        assert_eq!(sources, [Source::Renewal, Source::Cache]);
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +910,7 @@ mod tests {
         let answer: serde_json::Value = serde_json::from_slice(&assumed.answer).unwrap();
         assert_eq!(answer["Token"], "genuine");
         let entry = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
-        assert_eq!(&*entry.token, "genuine");
+        assert_eq!(entry.token_hash, digest("genuine"));
     }
 
     #[tokio::test]
@@ -564,23 +953,14 @@ mod tests {
                 UpstreamError::no_answer(crate::upstream::NoAnswer::Timeout, "timeout"),
                 true,
             ),
-            (
-                UpstreamError::Service {
-                    status: http::StatusCode::BAD_REQUEST,
-                    code: "AccessDeniedException".into(),
-                    message: "no".into(),
-                    request_id: "r".into(),
-                    fault: "client",
-                },
-                false,
-            ),
+            (refusal(), false),
         ];
         for (err, kept) in cases {
             *upstream.fail_with.lock().unwrap() = Some(err.clone());
-            // A forced refresh (what the refresh loop does when due).
+            // A renewal's call, as a request that finds the entry due makes.
             assert!(
                 creds
-                    .fetch(key.clone(), "t".into(), digest("t"))
+                    .fetch(key.clone(), "t".into(), digest("t"), Purpose::Renewal)
                     .await
                     .is_err()
             );

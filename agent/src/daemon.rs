@@ -252,7 +252,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             move |_conn, req| probes::handle_metrics(exported.clone(), probe_state.clone(), req)
         },
     ));
-    let refresher = tokio::spawn(credentials.clone().refresh_loop());
     let losses = tokio::spawn({
         let state = state.clone();
         losses::watch(metrics.clone(), move || state.auditor.lost())
@@ -329,7 +328,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .unwrap_or(false),
         None => false,
     };
-    refresher.abort();
     losses.abort();
     // It settled its summaries when accepting stopped.
     if let Some(reader) = imds_reader {
@@ -643,9 +641,9 @@ fn retire_other_generations(attribution: Option<&Attribution>) {
     }
 }
 
-/// Every `every`: evicts cached credentials of pods that are gone (never
-/// refreshed again), forgets idle clients' rate-limit buckets, and detaches
-/// kernel programs left by agents that have exited.
+/// Every `every`: evicts cached credentials of pods that are gone, brings
+/// the cache gauge up to date, forgets idle clients' rate-limit buckets,
+/// and detaches kernel programs left by agents that have exited.
 async fn pod_housekeeping(
     state: Arc<AppState>,
     attribution: Option<Arc<Attribution>>,
@@ -664,6 +662,7 @@ async fn pod_housekeeping(
                 );
             }
         }
+        state.credentials.settle().await;
         if let Some(limiter) = &state.limiter {
             limiter.forget_idle();
         }

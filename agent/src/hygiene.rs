@@ -1,8 +1,9 @@
 //! Dead-pod hygiene: the reference agent keeps renewing credentials of pods
-//! that are long gone and burns the account's EKS Auth quota. Here every
-//! cache entry served to an attributed pod remembers that pod's cgroup; when
-//! the cgroup disappears, the entries go and are never refreshed again. No
-//! API server needed: the kernel's cgroup tree is the truth.
+//! that are long gone and burns the account's EKS Auth quota. Here nothing
+//! renews an entry nobody asks for, and every cache entry served to an
+//! attributed pod remembers that pod's cgroup: when the cgroup disappears,
+//! the entries go at once rather than at their expiry. No API server
+//! needed: the kernel's cgroup tree is the truth.
 
 use std::{
     collections::{HashMap, HashSet},

@@ -19,7 +19,7 @@ use aws_sdk_eksauth::{
 use aws_smithy_http_client::{Builder as HttpClientBuilder, Connector, proxy::ProxyConfig, tls};
 use aws_smithy_types::retry::ReconnectMode;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// What EKS Auth returned for a token: the SDK's answer, encoded once, and
@@ -75,6 +75,34 @@ impl SdkAnswer<'_> {
         serde_json::to_vec(self)
             .map(|json| Bytes::from(json.into_boxed_slice()))
             .unwrap_or_default()
+    }
+
+    /// `answer` (an [`encode`](Self::encode)d one) saying `expiration`
+    /// instead: the cache tells the SDKs when to ask again without keeping
+    /// a second copy of the secrets. `None` if `answer` is not one.
+    pub fn reissue(answer: &[u8], expiration: SystemTime) -> Option<Bytes> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Encoded<'a> {
+            #[serde(borrow)]
+            access_key_id: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            secret_access_key: std::borrow::Cow<'a, str>,
+            #[serde(borrow, rename = "Token")]
+            session_token: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            account_id: Option<std::borrow::Cow<'a, str>>,
+        }
+        let encoded: Encoded = serde_json::from_slice(answer).ok()?;
+        let json = SdkAnswer {
+            access_key_id: &encoded.access_key_id,
+            secret_access_key: &encoded.secret_access_key,
+            session_token: &encoded.session_token,
+            account_id: encoded.account_id.as_deref(),
+            expiration,
+        }
+        .encode();
+        (!json.is_empty()).then_some(json)
     }
 }
 

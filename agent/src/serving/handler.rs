@@ -213,11 +213,11 @@ async fn answer<B>(
         Ok(found) => found,
         Err(e) => return Rejection::Upstream(e).answer(state, client, event),
     };
-    if let (Some(verification), Some(pod), Source::Upstream) =
+    if let (Some(verification), Some(pod), Source::Upstream | Source::Renewal) =
         (&state.verification, verified_pod, source)
     {
-        // A newly cached identity: remember its pod, so the entry goes
-        // when the pod does.
+        // A newly cached (or renewed) identity: remember its pod, so the
+        // entry goes when the pod does.
         let dir = verification.cgroup_mount.join(&pod.pod_path);
         verification.registry.record(key, dir);
     }

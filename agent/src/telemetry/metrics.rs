@@ -7,7 +7,7 @@
 //! | reference | meaning |
 //! |---|---|
 //! | `pod_identity_http_response{code}` | credential endpoint answers by status |
-//! | `pod_identity_cache_state{state}` | `miss` per request that missed the cache, `hit` per successful background renewal, `evicted` per entry dropped |
+//! | `pod_identity_cache_state{state}` | `miss` per request that missed the cache, `hit` per successful renewal, `evicted` per entry dropped |
 //! | `pod_identity_cache_errors{type,code}` | failed renewals: `type` `Recoverable`/`NonRecoverable`, `code` EKS Auth's error code (`Unknown` without one) |
 
 use std::{
@@ -25,7 +25,7 @@ use prometheus::{
 pub enum CacheState {
     /// A request found no servable entry.
     Miss,
-    /// A background renewal succeeded.
+    /// A renewal succeeded.
     Renewed,
     /// An entry was dropped (expired, size, refused renewal, pod gone).
     Evicted,
