@@ -129,8 +129,11 @@ pub struct CacheOptions {
 /// them): one allocation per identity.
 pub struct Entry {
     assumed: Assumed,
-    /// When a request should renew the entry, in milliseconds since the
-    /// cache's epoch; moved on by the request that takes the renewal on.
+    /// When the entry is due for renewal, in milliseconds since the cache's
+    /// epoch: from then on its answer's advertised `Expiration` may pass.
+    due_at: u64,
+    /// When a request should next try to renew it (same unit): `due_at`,
+    /// moved on by each request that takes a renewal on.
     renew_at: AtomicU64,
     /// Instant from which the entry is no longer servable.
     unservable_at: Instant,
@@ -161,9 +164,11 @@ impl Entry {
         if advertise {
             assumed.answer = advertised(&assumed, renew_in + ASK_MARGIN);
         }
+        let due_at = millis_since(epoch, now + renew_in);
         Entry {
             assumed,
-            renew_at: AtomicU64::new(millis_since(epoch, now + renew_in)),
+            due_at,
+            renew_at: AtomicU64::new(due_at),
             unservable_at: now + lifetime.saturating_sub(MIN_REMAINING),
             token_hash,
         }
@@ -176,10 +181,11 @@ impl Entry {
     fn kept(&self, retry: Duration, epoch: Instant) -> Entry {
         let mut assumed = self.assumed.clone();
         assumed.answer = advertised(&assumed, ASK_MARGIN);
-        let retry = retry.min(ASK_MARGIN / 2);
+        let due_at = millis_since(epoch, Instant::now() + retry.min(ASK_MARGIN / 2));
         Entry {
             assumed,
-            renew_at: AtomicU64::new(millis_since(epoch, Instant::now() + retry)),
+            due_at,
+            renew_at: AtomicU64::new(due_at),
             unservable_at: self.unservable_at,
             token_hash: self.token_hash,
         }
@@ -336,10 +342,21 @@ impl CredentialCache {
             && entry.token_hash == presented
         {
             inner.metrics.cache_lookup(true);
-            if entry.take_renewal(millis_since(inner.epoch, now)) {
+            let now_ms = millis_since(inner.epoch, now);
+            if now_ms < entry.due_at {
+                return Ok((entry, Source::Cache));
+            }
+            if entry.take_renewal(now_ms) {
                 return self.renew(key, token, presented, entry).await;
             }
-            return Ok((entry, Source::Cache));
+            // Due, and another request is renewing it (or just failed to):
+            // its answer's `Expiration` may have passed, so this one gets
+            // the credentials advertised afresh (not cached: the renewal
+            // replaces the entry in a moment).
+            return Ok((
+                Arc::new(entry.kept(RENEWAL_RETRY, inner.epoch)),
+                Source::Cache,
+            ));
         }
         inner.metrics.cache_lookup(false);
         if inner.cache.is_some() {
@@ -814,6 +831,39 @@ mod tests {
             );
         }
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "retried at once");
+    }
+
+    /// Requests that find the entry due while another renews it get the
+    /// credentials advertised afresh, not the entry's answer, whose
+    /// `Expiration` may have passed by then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn others_asking_during_a_renewal_get_a_fresh_expiration() {
+        let slow = RENEWAL_WAIT + Duration::from_millis(300);
+        let upstream = FakeUpstream::new(slow, Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), RETENTION);
+        let key = CacheKey::TokenHash(digest("t"));
+        due(&creds, std::slice::from_ref(&key)).await;
+        // Past due by more than the answers' one-second resolution.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let cached = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
+        let renewing = tokio::spawn({
+            let (creds, key) = (creds.clone(), key.clone());
+            async move { creds.get(&key, "t", digest("t")).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while creds.inner.in_flight.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "no renewal started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (other, source) = creds.get(&key, "t", digest("t")).await.unwrap();
+        assert_eq!((source, key_id(&other).as_str()), (Source::Cache, "ASIA0"));
+        assert!(
+            advertised_in(&other) >= advertised_in(&cached) + Duration::from_secs(1),
+            "the entry's own Expiration: {:?} vs {:?}",
+            advertised_in(&other),
+            advertised_in(&cached)
+        );
+        renewing.await.unwrap().unwrap();
     }
 
     #[tokio::test]
