@@ -75,6 +75,10 @@ pub const RENEWAL_RETRY: Duration = Duration::from_secs(60);
 /// SDKs ask once the entry is due and not before.
 pub const ASK_MARGIN: Duration = Duration::from_secs(20 * 60);
 
+/// The longest a kept entry waits for its next renewal try: its answer
+/// then still has 16 minutes, beyond botocore's 15-minute window.
+const KEPT_RETRY_MAX: Duration = Duration::from_secs(4 * 60);
+
 /// What a cache entry belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CacheKey {
@@ -144,7 +148,8 @@ pub struct Entry {
 
 impl Entry {
     /// Fresh credentials, due for renewal after `retention` (halfway
-    /// through short lives, at the latest five minutes before expiry).
+    /// through short lives, at the latest [`ASK_MARGIN`] before expiry, so
+    /// an SDK asking within its window finds them due).
     /// `advertise`: their answer says when to ask again (a cache), else
     /// when they expire (no cache: nothing to renew).
     fn new(
@@ -159,9 +164,10 @@ impl Entry {
             .expiration
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let margin = (lifetime / 2).min(Duration::from_secs(300));
+        let margin = (lifetime / 2).min(ASK_MARGIN);
         let renew_in = retention.min(lifetime.saturating_sub(margin));
-        if advertise {
+        // Straight from EKS Auth, the answer says the real expiration.
+        if advertise && SystemTime::now() + renew_in + ASK_MARGIN < assumed.expiration {
             assumed.answer = advertised(&assumed, renew_in + ASK_MARGIN);
         }
         let due_at = millis_since(epoch, now + renew_in);
@@ -175,13 +181,13 @@ impl Entry {
     }
 
     /// The same credentials, served while their renewal cannot be made:
-    /// advertised for [`ASK_MARGIN`] more, the renewal due `retry` from
-    /// now (at most half the margin, so the SDKs never hold an advertised
-    /// expiration that has passed while the entry is not due).
+    /// advertised for [`ASK_MARGIN`] more (or until they expire), the
+    /// renewal due `retry` from now — at most [`KEPT_RETRY_MAX`], so that
+    /// until then the answer stays outside every SDK's refresh window.
     fn kept(&self, retry: Duration, epoch: Instant) -> Entry {
         let mut assumed = self.assumed.clone();
         assumed.answer = advertised(&assumed, ASK_MARGIN);
-        let due_at = millis_since(epoch, Instant::now() + retry.min(ASK_MARGIN / 2));
+        let due_at = millis_since(epoch, Instant::now() + retry.min(KEPT_RETRY_MAX));
         Entry {
             assumed,
             due_at,
@@ -222,13 +228,11 @@ impl std::ops::Deref for Entry {
 }
 
 /// `assumed`'s answer with `Expiration` `ask_in` from now, or the
-/// credentials' own if sooner.
+/// credentials' own if sooner (the answer at hand may say an earlier time
+/// than either).
 fn advertised(assumed: &Assumed, ask_in: Duration) -> bytes::Bytes {
-    let ask_at = SystemTime::now() + ask_in;
-    if ask_at >= assumed.expiration {
-        return assumed.answer.clone();
-    }
-    SdkAnswer::reissue(&assumed.answer, ask_at).unwrap_or_else(|| assumed.answer.clone())
+    let until = (SystemTime::now() + ask_in).min(assumed.expiration);
+    SdkAnswer::reissue(&assumed.answer, until).unwrap_or_else(|| assumed.answer.clone())
 }
 
 /// `at` as milliseconds since `epoch` (0 before it).
@@ -864,6 +868,32 @@ mod tests {
             advertised_in(&cached)
         );
         renewing.await.unwrap().unwrap();
+    }
+
+    /// Kept within the margin of their expiration, credentials say that
+    /// expiration — not the earlier one their cached answer said.
+    #[tokio::test]
+    async fn kept_credentials_close_to_expiry_say_their_own_expiration() {
+        let lifetime = ASK_MARGIN + Duration::from_secs(5);
+        let upstream = FakeUpstream::new(Duration::ZERO, lifetime);
+        let expires = SystemTime::now() + lifetime;
+        let creds = credentials(upstream.clone(), RETENTION);
+        let key = CacheKey::TokenHash(digest("t"));
+        due(&creds, std::slice::from_ref(&key)).await;
+        // Now `now + margin` lies beyond the expiration.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        *upstream.fail_with.lock().unwrap() = Some(UpstreamError::no_answer(
+            crate::upstream::NoAnswer::Unreachable,
+            "down",
+        ));
+        let (kept, source) = creds.get(&key, "t", digest("t")).await.unwrap();
+        assert_eq!(source, Source::Cache);
+        let expires_in = expires.duration_since(SystemTime::now()).unwrap();
+        let said = advertised_in(&kept);
+        assert!(
+            said.abs_diff(expires_in) <= Duration::from_millis(1500),
+            "says {said:?}, expires in {expires_in:?}"
+        );
     }
 
     #[tokio::test]
