@@ -634,8 +634,7 @@ mod tests {
                     expiration,
                     association_id: "a".into(),
                     role_arn: "role".into(),
-                    subject_namespace: "ns".into(),
-                    subject_service_account: "sa".into(),
+                    subject: "ns/sa".into(),
                 })
             })
         }

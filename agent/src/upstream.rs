@@ -34,8 +34,8 @@ pub struct Assumed {
     /// Shared with every audit event of the entry.
     pub association_id: Arc<str>,
     pub role_arn: Arc<str>,
-    pub subject_namespace: Box<str>,
-    pub subject_service_account: Box<str>,
+    /// EKS Auth's subject, `namespace/service-account` (one allocation).
+    pub subject: Box<str>,
 }
 
 /// Never the secrets.
@@ -45,8 +45,7 @@ impl std::fmt::Debug for Assumed {
             .field("expiration", &self.expiration)
             .field("association_id", &self.association_id)
             .field("role_arn", &self.role_arn)
-            .field("subject_namespace", &self.subject_namespace)
-            .field("subject_service_account", &self.subject_service_account)
+            .field("subject", &self.subject)
             .finish_non_exhaustive()
     }
 }
@@ -361,8 +360,8 @@ impl Upstream for EksAuth {
                 expiration,
                 association_id: association.association_id().into(),
                 role_arn: role.arn().into(),
-                subject_namespace: subject.namespace().into(),
-                subject_service_account: subject.service_account().into(),
+                subject: format!("{}/{}", subject.namespace(), subject.service_account())
+                    .into_boxed_str(),
             })
         })
     }

@@ -18,7 +18,7 @@ pub struct AgentProcess {
     probe: std::net::SocketAddr,
     netns_path: String,
     /// Lines its `--audit-log` held when it started (earlier agents').
-    audit_lines_at_start: usize,
+    audit_bytes_at_start: u64,
 }
 
 /// Environment of the agent under test: static signing credentials and a
@@ -115,9 +115,11 @@ impl AgentProcess {
         if let Some(caps) = caps {
             crate::caps::restrict_to(&mut cmd, caps)?;
         }
-        let audit_lines_at_start = flag_value(args, "--audit-log")
-            .and_then(|path| std::fs::read_to_string(path).ok())
-            .map_or(0, |text| text.lines().count());
+        // Its length, not its lines: after a load run the file holds
+        // millions of them, and reading it would be most of a start.
+        let audit_bytes_at_start = flag_value(args, "--audit-log")
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |meta| meta.len());
         let child = cmd.spawn().context("spawn the agent")?;
         let probe_port = flag_value(args, "--probe-port")
             .and_then(|p| p.parse().ok())
@@ -127,7 +129,7 @@ impl AgentProcess {
             log,
             probe: ([127, 0, 0, 1], probe_port).into(),
             netns_path: netns.path(),
-            audit_lines_at_start,
+            audit_bytes_at_start,
         })
     }
 
@@ -171,9 +173,9 @@ impl AgentProcess {
         waited.with_context(|| format!("agent logs:\n{}", self.logs()))
     }
 
-    /// Lines its `--audit-log` held when it started.
-    pub fn audit_lines_at_start(&self) -> usize {
-        self.audit_lines_at_start
+    /// Bytes its `--audit-log` held when it started.
+    pub fn audit_bytes_at_start(&self) -> u64 {
+        self.audit_bytes_at_start
     }
 
     pub fn pid(&self) -> u32 {

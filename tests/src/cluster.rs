@@ -154,9 +154,9 @@ impl Cluster {
         self.audit_trail_after(0)
     }
 
-    /// [`audit_trail`](Self::audit_trail) when `earlier` lines were in the
-    /// file before the running agent started (earlier agents').
-    pub fn audit_trail_after(&self, earlier: usize) -> Result<String> {
+    /// [`audit_trail`](Self::audit_trail) when `earlier` bytes were in the
+    /// file before the running agent started (earlier agents' lines).
+    pub fn audit_trail_after(&self, earlier: u64) -> Result<String> {
         let read = || std::fs::read_to_string(self.audit_log()).unwrap_or_default();
         let Some(emitted) = scrape_metrics(&self.node.netns)
             .ok()
@@ -170,7 +170,11 @@ impl Cluster {
             Duration::from_secs(30),
             || {
                 text = read();
-                Ok(text.lines().count() as f64 >= earlier as f64 + emitted)
+                let ours = usize::try_from(earlier)
+                    .ok()
+                    .and_then(|at| text.get(at..))
+                    .unwrap_or_default();
+                Ok(ours.lines().count() as f64 >= emitted)
             },
         )?;
         Ok(text)

@@ -79,7 +79,7 @@ impl Served {
     /// (after the lines earlier agents left).
     pub fn audit_trail(&self) -> Result<String> {
         self.cluster
-            .audit_trail_after(self.agent.audit_lines_at_start())
+            .audit_trail_after(self.agent.audit_bytes_at_start())
     }
 
     /// Audit events so far.

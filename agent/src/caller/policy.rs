@@ -233,20 +233,23 @@ pub fn before_upstream(
 }
 
 /// After EKS Auth: its verified subject must be the token's.
+/// Compared in place: this runs on every request.
 pub fn after_upstream(claims: &Claims, assumed: &Assumed) -> Result<(), Violation> {
-    let token = format!(
-        "{}/{}",
-        claims.namespace().unwrap_or_default(),
-        claims.service_account().unwrap_or_default()
-    );
-    let upstream = format!(
-        "{}/{}",
-        assumed.subject_namespace, assumed.subject_service_account
-    );
-    if token != upstream {
-        return Err(Violation::UpstreamSubjectMismatch { upstream, token });
+    let namespace = claims.namespace().unwrap_or_default();
+    let service_account = claims.service_account().unwrap_or_default();
+    let upstream = &*assumed.subject;
+    // `upstream == format!("{namespace}/{service_account}")`, unallocated.
+    let same = upstream.len() == namespace.len() + 1 + service_account.len()
+        && upstream.starts_with(namespace)
+        && upstream[namespace.len()..].starts_with('/')
+        && upstream.ends_with(service_account);
+    if same {
+        return Ok(());
     }
-    Ok(())
+    Err(Violation::UpstreamSubjectMismatch {
+        upstream: upstream.to_owned(),
+        token: format!("{namespace}/{service_account}"),
+    })
 }
 
 #[cfg(test)]
@@ -431,12 +434,26 @@ mod tests {
             expiration: SystemTime::now(),
             association_id: "".into(),
             role_arn: "".into(),
-            subject_namespace: ns.into(),
-            subject_service_account: sa.into(),
+            subject: format!("{ns}/{sa}").into(),
         };
         let c = claims(Some(POD), SUB, None);
-        assert_eq!(after_upstream(&c, &assumed("default", "app")), Ok(()));
-        let err = after_upstream(&c, &assumed("default", "admin")).unwrap_err();
-        assert_eq!(err.reason(), "upstream-subject-mismatch");
+        // EKS Auth's subject (namespace, service account) → whether it is
+        // the token's `default/app`.
+        let cases = [
+            (("default", "app"), true),
+            (("default", "admin"), false),
+            (("kube-system", "app"), false),
+            (("default", "ap"), false),
+            (("defaul", "tapp"), false),
+            (("default", "app/x"), false),
+            (("", "default/app"), false),
+        ];
+        for ((ns, sa), same) in cases {
+            let verdict = after_upstream(&c, &assumed(ns, sa));
+            assert_eq!(verdict.is_ok(), same, "{ns}/{sa}: {verdict:?}");
+            if let Err(err) = verdict {
+                assert_eq!(err.reason(), "upstream-subject-mismatch");
+            }
+        }
     }
 }

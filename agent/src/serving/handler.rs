@@ -467,8 +467,7 @@ mod tests {
                     expiration: SystemTime::now() + Duration::from_secs(3600),
                     association_id: "a-1".into(),
                     role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
-                    subject_namespace: "default".into(),
-                    subject_service_account: "app".into(),
+                    subject: "default/app".into(),
                 })
             })
         }
