@@ -43,8 +43,7 @@ impl Upstream for Fixed {
                 expiration: SystemTime::now() + Duration::from_secs(3600),
                 association_id: "a-fuzz".into(),
                 role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
-                subject_namespace: "default".into(),
-                subject_service_account: "app".into(),
+                subject: "default/app".into(),
             })
         })
     }
