@@ -12,6 +12,7 @@ use std::{
 };
 
 use agent_ebpf::ImdsVerdict;
+use tracing::warn;
 
 use super::policy::{ImdsPolicy, is_dns_label};
 use crate::caller::cgroup::canonical_uid;
@@ -103,8 +104,11 @@ pub struct Inventory {
     roots: HashMap<String, u64>,
     /// Pod cgroup path → (UID, cgroup id).
     cgroups: HashMap<String, (String, u64)>,
-    /// UID → the pod its log directory names.
-    named: HashMap<String, Arc<PodInfo>>,
+    /// UID → the pods its log directories name: one, unless something
+    /// other than the kubelet made a directory for that UID — then the pod
+    /// is not classified (a pod that can write `/var/log/pods` must not
+    /// name itself into an allowed namespace).
+    named: HashMap<String, Vec<Arc<PodInfo>>>,
     table: Arc<PodTable>,
 }
 
@@ -129,12 +133,10 @@ impl Inventory {
                 .into_iter()
                 .map(|(path, uid, id)| (path, (uid, id)))
                 .collect();
-            inv.named = found
-                .logs
-                .iter()
-                .filter_map(|name| parse_log_dir(name))
-                .map(|pod| (pod.uid.clone(), Arc::new(pod)))
-                .collect();
+            inv.named.clear();
+            for pod in found.logs.iter().filter_map(|name| parse_log_dir(name)) {
+                inv.name(pod);
+            }
         })
     }
 
@@ -155,17 +157,40 @@ impl Inventory {
         let Some(pod) = parse_log_dir(name) else {
             return Vec::new();
         };
-        self.update(|inv| {
-            inv.named.insert(pod.uid.clone(), Arc::new(pod));
-        })
+        self.update(|inv| inv.name(pod))
+    }
+
+    /// Adds a log directory's pod to its UID's names.
+    fn name(&mut self, pod: PodInfo) {
+        let names = self.named.entry(pod.uid.clone()).or_default();
+        if names.iter().any(|known| **known == pod) {
+            return;
+        }
+        if let Some(first) = names.first() {
+            warn!(
+                uid = %pod.uid,
+                first = %format_args!("{}/{}", first.namespace, first.name),
+                another = %format_args!("{}/{}", pod.namespace, pod.name),
+                "IMDS guard: two pod log directories name one pod UID; the pod is not classified (it gets --imds-unclassified) while both exist"
+            );
+        }
+        names.push(Arc::new(pod));
     }
 
     /// kubelet removes a pod's logs after the pod; its entry stays as long
-    /// as its cgroup does.
-    pub fn log_dir_gone(&mut self, name: &str) {
-        if let Some(pod) = parse_log_dir(name) {
-            self.named.remove(&pod.uid);
-        }
+    /// as its cgroup does. (A second name going classifies the pod again.)
+    pub fn log_dir_gone(&mut self, name: &str) -> Vec<Change> {
+        let Some(pod) = parse_log_dir(name) else {
+            return Vec::new();
+        };
+        self.update(|inv| {
+            if let Some(names) = inv.named.get_mut(&pod.uid) {
+                names.retain(|known| **known != pod);
+                if names.is_empty() {
+                    inv.named.remove(&pod.uid);
+                }
+            }
+        })
     }
 
     /// The kernel map's content as the inventory has it.
@@ -197,11 +222,13 @@ impl Inventory {
             .map(|&id| (id, (self.policy.unclassified(), None)))
             .collect();
         for (uid, id) in self.cgroups.values() {
-            let pod = self
-                .named
-                .get(uid)
-                .cloned()
-                .or_else(|| self.table.get(*id).filter(|p| p.uid == *uid));
+            let pod = match self.named.get(uid).map(Vec::as_slice) {
+                Some([pod]) => Some(pod.clone()),
+                // Its logs went first: it keeps what it was.
+                Some([]) | None => self.table.get(*id).filter(|p| p.uid == *uid),
+                // Named twice: neither name is trusted.
+                Some(_) => None,
+            };
             if let Some(pod) = pod {
                 let verdict = self.policy.pod(&pod.namespace, &pod.name);
                 entries.insert(*id, (verdict, Some(pod)));
@@ -317,7 +344,10 @@ mod tests {
             vec![Change::Set(12, denied)]
         );
         // Logs removed first: the verdict stays while the cgroup lives.
-        inv.log_dir_gone(&format!("kube-system_aws-node_{UID_A}"));
+        assert!(
+            inv.log_dir_gone(&format!("kube-system_aws-node_{UID_A}"))
+                .is_empty()
+        );
         assert!(
             inv.pod_cgroup_found("kubepods/podB".into(), UID_B.into(), 12)
                 .is_empty()
@@ -332,5 +362,48 @@ mod tests {
         });
         assert_eq!(changes, vec![Change::Remove(12)]);
         assert!(table.is_empty());
+    }
+
+    /// A pod that can write the log directory (a hostPath of
+    /// `/var/log/pods`) adds one naming an allowed namespace for its own
+    /// UID: it is then classified by neither name, until one goes.
+    #[test]
+    fn a_uid_named_by_two_log_directories_is_not_classified() {
+        let policy = ImdsPolicy::new(
+            ImdsMode::Enforce,
+            vec![AllowRule::parse("kube-system").unwrap()],
+            None,
+        );
+        let table = Arc::new(PodTable::default());
+        let mut inv = Inventory::new(policy.clone(), table.clone());
+        inv.resync(Found {
+            roots: vec![("kubepods".into(), 10)],
+            pods: vec![("kubepods/podA".into(), UID_A.into(), 11)],
+            logs: vec![format!("default_app_{UID_A}")],
+        });
+        let denied = ImdsVerdict {
+            decision: IMDS_DENY,
+            reason: IMDS_REASON_NOT_ALLOWED,
+        };
+        assert_eq!(inv.verdicts().get(&11), Some(&denied));
+        let forged = format!("kube-system_aws-node_{UID_A}");
+        // Its own entry goes: the root's (unclassified, denied) applies.
+        assert_eq!(inv.log_dir_found(&forged), vec![Change::Remove(11)]);
+        assert!(table.get(11).is_none());
+        // The same on a rescan, whichever directory it lists first.
+        for logs in [
+            vec![forged.clone(), format!("default_app_{UID_A}")],
+            vec![format!("default_app_{UID_A}"), forged.clone()],
+        ] {
+            inv.resync(Found {
+                roots: vec![("kubepods".into(), 10)],
+                pods: vec![("kubepods/podA".into(), UID_A.into(), 11)],
+                logs,
+            });
+            assert_eq!(inv.verdicts().get(&11), None);
+        }
+        // The forged one removed: classified by the kubelet's again.
+        assert_eq!(inv.log_dir_gone(&forged), vec![Change::Set(11, denied)]);
+        assert_eq!(table.get(11).map(|p| p.name.clone()), Some("app".into()));
     }
 }

@@ -355,7 +355,7 @@ impl Watcher {
                         if appeared && sources.log_dir_is_roots(OsStr::new(name)) {
                             changes.extend(inventory.log_dir_found(name));
                         } else if !appeared {
-                            inventory.log_dir_gone(name);
+                            changes.extend(inventory.log_dir_gone(name));
                         }
                     }
                     Watched::Cgroups(parent) => {
