@@ -25,8 +25,8 @@
 //!   credential, ~1 KiB) for as long as the entry lives, and it calls EKS
 //!   Auth for every entry each `retention`, also for identities nobody
 //!   asks for anymore (a rotated token, a finished job). Here a token lives
-//!   only as long as its request, and EKS Auth hears only of identities in
-//!   use.
+//!   only as long as its request (and the EKS Auth call it started), and
+//!   EKS Auth hears only of identities in use.
 //! * Never serves credentials with ≤ 15 s left (the SDKs would refetch at
 //!   once). Irrecoverable upstream verdicts evict; transient failures keep the
 //!   old credentials until they are no longer servable.
@@ -253,8 +253,8 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilUnservable {
         Some(entry.unservable_at.saturating_duration_since(now))
     }
 
-    /// A refresh replaces the entry: its new deadline applies (moka's
-    /// default would keep the old one).
+    /// A renewal (or a kept copy) replaces the entry: its new deadline
+    /// applies (moka's default would keep the old one).
     fn expire_after_update(
         &self,
         key: &CacheKey,
