@@ -298,15 +298,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_pod_is_classified_once_both_its_cgroup_and_its_logs_are_seen() {
+    /// An empty inventory, its table, and its policy: enforce, allowing
+    /// `kube-system`.
+    fn enforce_allowing_kube_system() -> (ImdsPolicy, Arc<PodTable>, Inventory) {
         let policy = ImdsPolicy::new(
             ImdsMode::Enforce,
             vec![AllowRule::parse("kube-system").unwrap()],
             None,
         );
         let table = Arc::new(PodTable::default());
-        let mut inv = Inventory::new(policy.clone(), table.clone());
+        let inv = Inventory::new(policy.clone(), table.clone());
+        (policy, table, inv)
+    }
+
+    #[test]
+    fn a_pod_is_classified_once_both_its_cgroup_and_its_logs_are_seen() {
+        let (policy, table, mut inv) = enforce_allowing_kube_system();
         let changes = inv.resync(Found {
             roots: vec![("kubepods".into(), 10)],
             ..Found::default()
@@ -369,13 +376,7 @@ mod tests {
     /// UID: it is then classified by neither name, until one goes.
     #[test]
     fn a_uid_named_by_two_log_directories_is_not_classified() {
-        let policy = ImdsPolicy::new(
-            ImdsMode::Enforce,
-            vec![AllowRule::parse("kube-system").unwrap()],
-            None,
-        );
-        let table = Arc::new(PodTable::default());
-        let mut inv = Inventory::new(policy.clone(), table.clone());
+        let (_, table, mut inv) = enforce_allowing_kube_system();
         inv.resync(Found {
             roots: vec![("kubepods".into(), 10)],
             pods: vec![("kubepods/podA".into(), UID_A.into(), 11)],
