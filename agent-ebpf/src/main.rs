@@ -241,11 +241,7 @@ fn remember_owner(ctx: &SockAddrContext) {
             },
             ..ConnRecord::default()
         },
-        quota_key: if uid == 0 {
-            cgroup_id
-        } else {
-            QUOTA_KEY_UID | u64::from(uid)
-        },
+        quota_key: quota_key(cgroup_id, uid),
         ..SocketOwner::default()
     };
     // SAFETY: the map definition is the static above; the pointer is
@@ -306,13 +302,8 @@ fn imds(ctx: &SockAddrContext, dst: RawAddr, port: u16) -> i32 {
 #[inline(always)]
 fn imds_verdict(cgroup_id: u64) -> (ImdsVerdict, u64) {
     let mut verdict = ImdsVerdict::default();
-    // SAFETY: plain helper.
-    let uid = unsafe { bpf_get_current_uid_gid() } as u32;
-    let mut scope_id = if uid == 0 {
-        cgroup_id
-    } else {
-        QUOTA_KEY_UID | u64::from(uid)
-    };
+    // 0: no entry on the way (a node process).
+    let mut scope_id = 0;
     let mut level = 0;
     while level < IMDS_MAX_DEPTH {
         // SAFETY: plain helper; 0 past the caller's own level.
@@ -332,7 +323,24 @@ fn imds_verdict(cgroup_id: u64) -> (ImdsVerdict, u64) {
         }
         level += 1;
     }
+    if scope_id == 0 {
+        // SAFETY: plain helper.
+        let uid = unsafe { bpf_get_current_uid_gid() } as u32;
+        scope_id = quota_key(cgroup_id, uid);
+    }
     (verdict, scope_id)
+}
+
+/// Whose quota (and IMDS flood scope) a caller counts against: a root
+/// process's cgroup; a user's processes all together (a user's delegated
+/// subtree holds as many cgroups as it likes).
+#[inline(always)]
+fn quota_key(cgroup_id: u64, uid: u32) -> u64 {
+    if uid == 0 {
+        cgroup_id
+    } else {
+        QUOTA_KEY_UID | u64::from(uid)
+    }
 }
 
 /// Whether `scope` may publish one more event in its window; if not, the

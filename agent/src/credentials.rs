@@ -544,7 +544,6 @@ impl CredentialCache {
                 evicted += 1;
             }
         }
-        self.settle().await;
         evicted
     }
 }

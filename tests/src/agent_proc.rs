@@ -17,7 +17,7 @@ pub struct AgentProcess {
     log: PathBuf,
     probe: std::net::SocketAddr,
     netns_path: String,
-    /// Lines its `--audit-log` held when it started (earlier agents').
+    /// Bytes its `--audit-log` held when it started (earlier agents' lines).
     audit_bytes_at_start: u64,
 }
 

@@ -164,20 +164,21 @@ impl Cluster {
         else {
             return Ok(read());
         };
-        let mut text = String::new();
+        // Polled: only the running agent's part, from `earlier` on.
+        let ours = || -> std::io::Result<usize> {
+            use std::io::{Read as _, Seek as _};
+            let mut file = std::fs::File::open(self.audit_log())?;
+            file.seek(std::io::SeekFrom::Start(earlier))?;
+            let mut tail = Vec::new();
+            file.read_to_end(&mut tail)?;
+            Ok(tail.iter().filter(|&&b| b == b'\n').count())
+        };
         wait_for(
             "the audit file to hold every event",
             Duration::from_secs(30),
-            || {
-                text = read();
-                let ours = usize::try_from(earlier)
-                    .ok()
-                    .and_then(|at| text.get(at..))
-                    .unwrap_or_default();
-                Ok(ours.lines().count() as f64 >= emitted)
-            },
+            || Ok(ours().unwrap_or(0) as f64 >= emitted),
         )?;
-        Ok(text)
+        Ok(read())
     }
 }
 

@@ -79,27 +79,27 @@ fn imds_connect(
     harness::imds::connect(env.pod_client(cgroup, netns)?, addr, count)
 }
 
-/// The IMDS events process `pid` has in the audit file now.
-fn imds_events_now(env: &Served, pid: u64) -> Result<Vec<Value>> {
+/// The IMDS events in the audit file now.
+fn imds_events_now(env: &Served) -> Vec<Value> {
     let trail = std::fs::read_to_string(env.audit_log()).unwrap_or_default();
-    Ok(harness::imds::events(&trail)
-        .filter(|e| e["pid"] == pid)
-        .collect())
+    harness::imds::events(&trail).collect()
 }
 
 /// The IMDS events of process `pid`, once there is one (the agent reads the
 /// kernel's events a moment after the connect).
 fn imds_events(env: &Served, pid: u64) -> Result<Vec<Value>> {
+    let mut recorded = Vec::new();
     let mut events = Vec::new();
     wait_for("an IMDS audit event", Duration::from_secs(30), || {
-        events = imds_events_now(env, pid)?;
+        recorded = imds_events_now(env);
+        events = recorded
+            .iter()
+            .filter(|e| e["pid"] == pid)
+            .cloned()
+            .collect();
         Ok(!events.is_empty())
     })
-    .with_context(|| {
-        let trail = std::fs::read_to_string(env.audit_log()).unwrap_or_default();
-        let recorded: Vec<Value> = harness::imds::events(&trail).collect();
-        format!("pid {pid}; the guard recorded: {recorded:?}")
-    })?;
+    .with_context(|| format!("pid {pid}; the guard recorded: {recorded:?}"))?;
     Ok(events)
 }
 
@@ -357,7 +357,10 @@ fn a_flood_of_connects_is_counted_aggregated_and_costs_serving_nothing() -> Resu
     // The audit trail holds them in a few lines whose counts add up.
     let mut events = Vec::new();
     wait_for("the summaries written", Duration::from_secs(30), || {
-        events = imds_events_now(&env, pid)?;
+        events = imds_events_now(&env)
+            .into_iter()
+            .filter(|e| e["pid"] == pid)
+            .collect();
         let counted: u64 = events.iter().filter_map(|e| e["count"].as_u64()).sum();
         Ok(counted as f64 == seen.0)
     })?;
@@ -391,8 +394,7 @@ fn an_agent_that_adopts_the_programs_brings_their_verdicts_up_to_date() -> Resul
     // The agent dies (its programs stay pinned, attached, deciding); while
     // none runs, one pod goes and another comes.
     env.served.agent.kill()?;
-    std::fs::remove_dir(&gone_cgroup)?;
-    std::fs::remove_dir(gone_cgroup.parent().context("pod cgroup")?)?;
+    harness::cgroups::remove_tree(gone_cgroup.parent().context("pod cgroup")?)?;
     let new = PodSpec::new(Driver::Systemd);
     let new_cgroup = env.tree.pod(&new)?;
     env.logs.add("kube-system", "aws-node-q8z", &new.uid)?;
@@ -471,9 +473,8 @@ fn a_successor_takes_over_reading_events_and_records_each_once() -> Result<()> {
             .sum()
     };
     assert_eq!(recorded(Who::B), LOOP, "pod B's loop recorded exactly once");
-    let recorded = recorded(Who::A);
     assert_eq!(
-        recorded,
+        recorded(Who::A),
         pids.len() as u64,
         "each connect recorded exactly once:\n{trail}"
     );

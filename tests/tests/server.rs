@@ -542,10 +542,9 @@ fn the_first_request_after_retention_renews_and_an_unused_identity_is_not_renewe
         let answer: Value = serde_json::from_str(&reply.body)?;
         Ok(answer["AccessKeyId"].clone())
     };
-    let first = env.get_with_token(v4(), &token)?;
     // The SDKs are told to ask again once the entry is due (1 s) plus the
     // margin of their refresh windows (20 min), not at the hour's end.
-    let answer: Value = serde_json::from_str(&first.body)?;
+    let answer: Value = serde_json::from_str(&env.get_with_token(v4(), &token)?.body)?;
     let expiration = answer["Expiration"].as_str().context("Expiration")?;
     let at = aws_smithy_types::DateTime::from_str(
         expiration,
@@ -558,7 +557,7 @@ fn the_first_request_after_retention_renews_and_an_unused_identity_is_not_renewe
         (Duration::from_secs(19 * 60)..=Duration::from_secs(21 * 60)).contains(&advertised),
         "Expiration {expiration}: in {advertised:?}"
     );
-    let first = key_id(first)?;
+    let first = answer["AccessKeyId"].clone();
     // Three retention periods with nobody asking: EKS Auth hears nothing
     // (an agent renewing in the background would have called by now).
     std::thread::sleep(Duration::from_secs(3));

@@ -239,10 +239,10 @@ pub fn after_upstream(claims: &Claims, assumed: &Assumed) -> Result<(), Violatio
     let service_account = claims.service_account().unwrap_or_default();
     let upstream = &*assumed.subject;
     // `upstream == format!("{namespace}/{service_account}")`, unallocated.
-    let same = upstream.len() == namespace.len() + 1 + service_account.len()
-        && upstream.starts_with(namespace)
-        && upstream[namespace.len()..].starts_with('/')
-        && upstream.ends_with(service_account);
+    let same = upstream
+        .strip_prefix(namespace)
+        .and_then(|rest| rest.strip_prefix('/'))
+        == Some(service_account);
     if same {
         return Ok(());
     }

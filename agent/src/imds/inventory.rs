@@ -98,12 +98,35 @@ pub struct Found {
     pub logs: Vec<String>,
 }
 
+/// A pod cgroup, and the pod its log directory named first.
+struct PodCgroup {
+    uid: String,
+    id: u64,
+    /// Kept while the cgroup lives: the kubelet names a pod before its
+    /// containers run, so a later, different name (however the first one
+    /// went) is not the kubelet's, and classifies the pod as nothing.
+    first: Option<Arc<PodInfo>>,
+    /// Named twice before it was named once: no name is its first.
+    contested: bool,
+}
+
+impl PodCgroup {
+    fn new(uid: String, id: u64) -> PodCgroup {
+        PodCgroup {
+            uid,
+            id,
+            first: None,
+            contested: false,
+        }
+    }
+}
+
 /// The guard's knowledge of the node's pods.
 pub struct Inventory {
     policy: ImdsPolicy,
     roots: HashMap<String, u64>,
-    /// Pod cgroup path → (UID, cgroup id).
-    cgroups: HashMap<String, (String, u64)>,
+    /// Pod cgroups by path.
+    cgroups: HashMap<String, PodCgroup>,
     /// UID → the pods its log directories name: one, unless something
     /// other than the kubelet made a directory for that UID — then the pod
     /// is not classified (a pod that can write `/var/log/pods` must not
@@ -128,11 +151,14 @@ impl Inventory {
     pub fn resync(&mut self, found: Found) -> Vec<Change> {
         self.update(|inv| {
             inv.roots = found.roots.into_iter().collect();
-            inv.cgroups = found
-                .pods
-                .into_iter()
-                .map(|(path, uid, id)| (path, (uid, id)))
-                .collect();
+            let mut known = std::mem::take(&mut inv.cgroups);
+            for (path, uid, id) in found.pods {
+                let cgroup = known
+                    .remove(&path)
+                    .filter(|c| c.id == id && c.uid == uid)
+                    .unwrap_or_else(|| PodCgroup::new(uid, id));
+                inv.cgroups.insert(path, cgroup);
+            }
             inv.named.clear();
             for pod in found.logs.iter().filter_map(|name| parse_log_dir(name)) {
                 inv.name(pod);
@@ -142,7 +168,12 @@ impl Inventory {
 
     pub fn pod_cgroup_found(&mut self, path: String, uid: String, id: u64) -> Vec<Change> {
         self.update(|inv| {
-            inv.cgroups.insert(path, (uid, id));
+            let cgroup = inv
+                .cgroups
+                .remove(&path)
+                .filter(|c| c.id == id && c.uid == uid)
+                .unwrap_or_else(|| PodCgroup::new(uid, id));
+            inv.cgroups.insert(path, cgroup);
         })
     }
 
@@ -214,32 +245,50 @@ impl Inventory {
     /// The map entries the inventory implies: each root (for pods not
     /// classified yet) and each pod whose cgroup and log directory are both
     /// known. A pod classified once keeps its verdict while its cgroup
-    /// lives (its logs may go first).
+    /// lives (its logs may go first); named otherwise since, or twice, it
+    /// is classified by no name.
     fn entries(&self) -> HashMap<u64, (ImdsVerdict, Option<Arc<PodInfo>>)> {
         let mut entries: HashMap<_, _> = self
             .roots
             .values()
             .map(|&id| (id, (self.policy.unclassified(), None)))
             .collect();
-        for (uid, id) in self.cgroups.values() {
-            let pod = match self.named.get(uid).map(Vec::as_slice) {
-                Some([pod]) => Some(pod.clone()),
-                // Its logs went first: it keeps what it was.
-                Some([]) | None => self.table.get(*id).filter(|p| p.uid == *uid),
-                // Named twice: neither name is trusted.
-                Some(_) => None,
+        for cgroup in self.cgroups.values() {
+            let named = self.named.get(&cgroup.uid).map(Vec::as_slice);
+            let pod = match (named, &cgroup.first) {
+                _ if cgroup.contested => None,
+                (Some([pod]), None) => Some(pod.clone()),
+                (Some([pod]), Some(first)) if pod == first => Some(pod.clone()),
+                (Some([]) | None, first) => first.clone(),
+                _ => None,
             };
             if let Some(pod) = pod {
                 let verdict = self.policy.pod(&pod.namespace, &pod.name);
-                entries.insert(*id, (verdict, Some(pod)));
+                entries.insert(cgroup.id, (verdict, Some(pod)));
             }
         }
         entries
     }
 
+    /// Each cgroup named for the first time remembers that name — or, named
+    /// twice at once, that it has none.
+    fn remember_first_names(&mut self) {
+        for cgroup in self.cgroups.values_mut() {
+            if cgroup.first.is_some() || cgroup.contested {
+                continue;
+            }
+            match self.named.get(&cgroup.uid).map(Vec::as_slice) {
+                Some([pod]) => cgroup.first = Some(pod.clone()),
+                Some([_, _, ..]) => cgroup.contested = true,
+                _ => {}
+            }
+        }
+    }
+
     fn update(&mut self, change: impl FnOnce(&mut Inventory)) -> Vec<Change> {
         let before = self.entries();
         change(self);
+        self.remember_first_names();
         let after = self.entries();
         let mut changes = Vec::new();
         let mut table = self.table.write();
@@ -406,5 +455,20 @@ mod tests {
         // The forged one removed: classified by the kubelet's again.
         assert_eq!(inv.log_dir_gone(&forged), vec![Change::Set(11, denied)]);
         assert_eq!(table.get(11).map(|p| p.name.clone()), Some("app".into()));
+        // The kubelet's removed first, then the forged one made: still the
+        // first name's verdict, not the forged one's.
+        let genuine = format!("default_app_{UID_A}");
+        assert!(inv.log_dir_gone(&genuine).is_empty());
+        assert_eq!(inv.log_dir_found(&forged), vec![Change::Remove(11)]);
+        // Named twice at once from the start (a scan): no name is trusted,
+        // not even after one of them goes.
+        let (_, _, mut fresh) = enforce_allowing_kube_system();
+        fresh.resync(Found {
+            roots: vec![("kubepods".into(), 10)],
+            pods: vec![("kubepods/podA".into(), UID_A.into(), 11)],
+            logs: vec![genuine.clone(), forged.clone()],
+        });
+        assert!(fresh.log_dir_gone(&genuine).is_empty());
+        assert_eq!(fresh.verdicts().get(&11), None);
     }
 }

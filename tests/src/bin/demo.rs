@@ -277,6 +277,7 @@ impl Demo {
             "The same kernel programs see every connect() to the instance metadata service\n(169.254.169.254, a fake here). --imds enforce --imds-allow kube-system/aws-node: the\naws-node pod reaches it; pod A, which should use its own role, gets EPERM at connect().",
         );
         let (aws_node, aws_node_cgroup) = &self.aws_node;
+        let pod_client = built_binary("pod-client")?;
         for (who, cgroup, netns, expected) in [
             (
                 "kube-system/aws-node",
@@ -286,7 +287,7 @@ impl Demo {
             ),
             ("default/pod-a", self.cg_a.as_path(), &self.net_a.netns, 0),
         ] {
-            let client = pod_command(&built_binary("pod-client")?, cgroup, netns)?;
+            let client = pod_command(&pod_client, cgroup, netns)?;
             let tally = harness::imds::connect(client, IMDS_V4, 1)?;
             let outcome = if tally["connected"] == 1 {
                 "connected".to_owned()
@@ -304,17 +305,13 @@ impl Demo {
         for e in &imds {
             println!(
                 "   {:<10} {:<18} pod {}/{}  container {}…  pid {} {}",
-                e["decision"].as_str().unwrap_or("-"),
-                e["reason"].as_str().unwrap_or("-"),
-                e["namespace"].as_str().unwrap_or("-"),
-                e["pod_name"].as_str().unwrap_or("-"),
-                e["container_id"]
-                    .as_str()
-                    .unwrap_or("-")
-                    .get(..12)
-                    .unwrap_or("-"),
+                text(e, "decision"),
+                text(e, "reason"),
+                text(e, "namespace"),
+                text(e, "pod_name"),
+                text(e, "container_id").get(..12).unwrap_or("-"),
                 e["pid"],
-                e["process"].as_str().unwrap_or("-"),
+                text(e, "process"),
             );
         }
         ensure!(
@@ -345,13 +342,13 @@ impl Demo {
         for e in &events {
             println!(
                 "   {:<10} {:<13} pod {} ({}/{})  pid {} {}  cgroup {}  status {}",
-                e["decision"].as_str().unwrap_or("-"),
-                e["reason"].as_str().unwrap_or("-"),
-                e["pod_uid"].as_str().unwrap_or("-"),
-                e["namespace"].as_str().unwrap_or("-"),
-                e["service_account"].as_str().unwrap_or("-"),
+                text(e, "decision"),
+                text(e, "reason"),
+                text(e, "pod_uid"),
+                text(e, "namespace"),
+                text(e, "service_account"),
                 e["pid"],
-                e["process"].as_str().unwrap_or("-"),
+                text(e, "process"),
                 e["cgroup_id"],
                 e["status"],
             );
@@ -511,6 +508,11 @@ fn show_link(netns: &Netns) -> Result<()> {
 }
 
 /// `ASIAFAKE00000001` → `ASIA…0001`.
+/// An audit event's string field, or `-`.
+fn text<'a>(event: &'a Value, field: &str) -> &'a str {
+    event[field].as_str().unwrap_or("-")
+}
+
 fn mask(secret: &str) -> String {
     if secret.len() <= 8 {
         return "…".into();

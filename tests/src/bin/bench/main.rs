@@ -192,10 +192,10 @@ fn attribution_cost(
     let (mut with_other, mut with_ours) = (f64::INFINITY, f64::INFINITY);
     for round in 0..2 * ROUNDS {
         for attached in [round % 2 == 1, round % 2 == 0] {
-            let programs = attached.then(attach).transpose()?;
+            let _programs = attached.then(attach).transpose()?;
             let other_ns = connect_ns(cgroup, &net.netns, other)?;
             let ours_ns = connect_ns(cgroup, &net.netns, ours)?;
-            let (to_other, to_ours) = if programs.is_some() {
+            let (to_other, to_ours) = if attached {
                 (&mut with_other, &mut with_ours)
             } else {
                 (&mut base_other, &mut base_ours)

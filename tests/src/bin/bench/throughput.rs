@@ -68,12 +68,13 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
     // drift over the run — a neighbour's load, the machine warming — weighs
     // on every mode alike and the modes compare with each other.
     let mut runs: [[(Vec<Run>, Vec<Run>); 2]; 3] = Default::default();
+    let agent_url = format!("http://{AGENT_V4}/v1/credentials");
+    let nginx_url = format!("http://{AGENT_V4}:{NGINX_PORT}/credentials");
     for round in 0..ROUNDS {
         for turn in 0..MODES.len() {
             let m = (round + turn) % MODES.len();
             let args = cluster.agent_args(MODES[m], &UNLIMITED);
             let agent = AgentProcess::start(&cluster.node.netns, &args)?;
-            let agent_url = format!("http://{AGENT_V4}/v1/credentials");
             // The first request fills the cache (and, with attribution
             // off in the first round, gives nginx the exact bytes to serve).
             let answer = first_answer(cluster, token)?;
@@ -81,7 +82,6 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
                 std::fs::write(www.path().join("credentials"), &answer)?;
                 nginx = Some(Nginx::start(cluster, www.path())?);
             }
-            let nginx_url = format!("http://{AGENT_V4}:{NGINX_PORT}/credentials");
             for (k, connections) in KINDS.into_iter().enumerate() {
                 let ours = wrk(cluster, &agent_url, token, connections)?;
                 let theirs = wrk(cluster, &nginx_url, token, connections)?;
