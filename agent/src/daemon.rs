@@ -608,7 +608,7 @@ fn attach(args: &ServerArgs, metrics: &Arc<Metrics>) -> anyhow::Result<AttachedP
                 args.handover_socket()
                     .and_then(Path::parent)
                     .map(Path::to_owned),
-                attribution.generation().map(str::to_owned),
+                attribution.generation(),
             );
             match guard.start(maps, metrics.clone(), handoff) {
                 Ok(watching) => Some(watching),

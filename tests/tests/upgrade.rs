@@ -366,6 +366,64 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     Ok(())
 }
 
+#[test]
+fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<()> {
+    harness::require_privilege!();
+    // No kernel programs, so no key: uid 0 proves nothing (root confined to
+    // a container's capabilities, or root of its own user namespace, is
+    // uid 0 too), so there is no handover either way.
+    let mut env = Served::start(NODE, "off", &args())?;
+    let intruder = env.tree.create("system.slice/impostor.service")?;
+    let socket = env.node.netns.handover_socket();
+    let impostor = |env: &Served, args: &[&str]| -> Result<Child> {
+        Ok(env
+            .pod_client(&intruder, &env.node.netns)?
+            .arg("impostor")
+            .arg(args[0])
+            .arg(&socket)
+            .args(&args[1..])
+            .stdout(Stdio::piped())
+            .spawn()?)
+    };
+    // The offer (or its refusal) comes after readiness.
+    let refusal = "cannot offer a handover";
+    wait_for(
+        "the handover offer's verdict",
+        Duration::from_secs(30),
+        || Ok(env.agent.logs().contains(refusal) || socket.exists()),
+    )?;
+    let taken = finish(impostor(&env, &["take"])?, "impostor take")?;
+    ensure!(
+        taken["descriptors"] == 0,
+        "a root process got the listeners of an agent without attribution: {taken}"
+    );
+    ensure!(env.agent.logs().contains(refusal), "{}", env.agent.logs());
+    // Root poses as a serving agent without attribution for the next one
+    // (in the hostPath directory, which outlives every agent).
+    env.agent.kill()?;
+    std::fs::create_dir_all(socket.parent().context("handover directory")?)?;
+    let giver = impostor(&env, &["give"])?;
+    wait_for("the impostor to listen", Duration::from_secs(30), || {
+        Ok(socket.exists())
+    })?;
+    env.agent = AgentProcess::start(&env.node.netns, &env.agent_args("off", &args()))?;
+    env.agent.wait_for_log(
+        "did not hand over; binding our own listeners",
+        Duration::from_secs(30),
+    )?;
+    let given = finish(giver, "impostor give")?;
+    ensure!(
+        !given["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Serving"),
+        "the agent took an impostor's word that it serves: {given}"
+    );
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    Ok(())
+}
+
 /// How `nobody` prepares the agent's directories before it first starts.
 #[derive(Clone, Copy, Debug)]
 enum Squat {

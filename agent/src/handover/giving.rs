@@ -115,22 +115,25 @@ impl Offer {
 
 /// Offers `listeners` on the Unix socket `path` (created root-only) for as
 /// long as the process runs, on a thread of its own. `programs`: this agent's
-/// kernel programs, which vouch for the connections they stamped while a
-/// successor runs another build of them.
+/// kernel programs, whose pinned key a successor must prove it reads, and
+/// which vouch for the connections they stamped while a successor runs
+/// another build of them.
 pub fn offer(
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
     programs: Option<Arc<Attribution>>,
 ) -> io::Result<Offer> {
-    // Unpinned programs have no key a successor could read, so a successor
-    // could not prove it is an agent: any root peer would get the
-    // listeners. No offer then (the next agent binds once this one is gone).
-    if programs.as_ref().is_some_and(|p| p.generation().is_none()) {
+    // No key, no offer: uid 0 on the socket is no proof of being an agent
+    // (root confined to a container's capabilities, or root of a user
+    // namespace it made itself — which root may make without a capability —
+    // is uid 0 to SO_PEERCRED), and whoever holds the listeners receives
+    // every pod's token. The next agent binds once this one is gone.
+    let Some(programs) = programs.filter(|p| p.generation().is_some()) else {
         return Err(io::Error::other(
-            "the kernel programs are not pinned, so no successor could prove it holds their key",
+            "no pinned kernel programs (attribution off, or not pinned), so no successor could prove it holds their key",
         ));
-    }
+    };
     let offer = Offer::new();
     let socket = bind_private(&path)?;
     let giver = Giver {
@@ -152,7 +155,7 @@ struct Giver {
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
     offer: Offer,
-    programs: Option<Arc<Attribution>>,
+    programs: Arc<Attribution>,
 }
 
 /// How a conversation with the successor ended.
@@ -186,13 +189,11 @@ impl Giver {
             let mut vouched = 0;
             // It may ask about connections before it says it serves: it
             // accepts on the listeners from the moment it has them.
-            let given = give(&stream, &self.listeners, self.programs.as_deref()).map(
-                |(pid, generation)| {
-                    let deadline = Instant::now() + SUCCESSOR_START;
-                    let ended = self.converse(&stream, Some(deadline), &mut vouched);
-                    (pid, generation, ended)
-                },
-            );
+            let given = give(&stream, &self.listeners, &self.programs).map(|(pid, generation)| {
+                let deadline = Instant::now() + SUCCESSOR_START;
+                let ended = self.converse(&stream, Some(deadline), &mut vouched);
+                (pid, generation, ended)
+            });
             let (pid, generation) = match given {
                 Ok((pid, generation, Ended::Serving)) => (pid, generation),
                 Ok((pid, _, ended)) => {
@@ -221,10 +222,8 @@ impl Giver {
             // Its own build of the programs records new connections from
             // now on; ours would only stamp them with a key it cannot check.
             let shared = |own: &str| generation.as_deref() == Some(own);
-            if let Some(programs) = &self.programs
-                && !programs.generation().is_some_and(shared)
-            {
-                self.switch(programs, false);
+            if !self.programs.generation().is_some_and(shared) {
+                self.switch(false);
             }
             let ended = self.converse(&stream, None, &mut vouched);
             if vouched > 0 {
@@ -243,11 +242,9 @@ impl Giver {
             if !self.offer.reopen() {
                 return;
             }
-            if let Some(programs) = &self.programs {
-                self.switch(programs, true);
-                // The successor's programs, if nothing holds them any more.
-                let _ = programs.retire_others();
-            }
+            self.switch(true);
+            // The successor's programs, if nothing holds them any more.
+            let _ = self.programs.retire_others();
             self.accepting.send_replace(Accepting::Yes);
             warn!(
                 successor_pid = pid,
@@ -264,8 +261,8 @@ impl Giver {
         }
     }
 
-    fn switch(&self, programs: &Attribution, active: bool) {
-        match programs.set_active(active) {
+    fn switch(&self, active: bool) {
+        match self.programs.set_active(active) {
             Ok(()) => info!(active, "kernel programs switched"),
             Err(e) => warn!(error = %e, active, "switching the kernel programs failed"),
         }
@@ -297,13 +294,12 @@ impl Giver {
                         local,
                         syn: SavedSyn::Kept(Some(Stamp { id, mac })),
                     };
-                    let (opener, refused) = match self.programs.as_ref().map(|l| l.opener(&conn)) {
-                        Some(Ok(opener)) => {
+                    let (opener, refused) = match self.programs.opener(&conn) {
+                        Ok(opener) => {
                             *vouched += u64::from(opener.is_some());
                             (opener, None)
                         }
-                        Some(Err(e)) => (None, Some(e.to_string())),
-                        None => (None, None),
+                        Err(e) => (None, Some(e.to_string())),
                     };
                     if stream
                         .send(
@@ -342,14 +338,13 @@ impl Giver {
 }
 
 /// The start of a handover: the successor's hello, then the listeners.
-/// Returns the successor's pid and generation of the kernel programs. When
-/// this agent's programs are pinned, the successor must prove it can read
-/// their key (the agent's own privileges, not just uid 0), and this agent
-/// proves the same to it.
+/// Returns the successor's pid and generation of the kernel programs. The
+/// successor must prove it can read this agent's pinned key (the agent's
+/// own privileges, not just uid 0), and this agent proves the same to it.
 fn give(
     stream: &Channel,
     listeners: &[(SocketAddr, OwnedFd)],
-    programs: Option<&Attribution>,
+    programs: &Attribution,
 ) -> Result<(i32, Option<String>), WireError> {
     let pid = stream.require_root_peer()?;
     let generation = match stream.receive(Some(HELLO))? {
@@ -367,16 +362,13 @@ fn give(
     stream.send(
         &Message::Challenge {
             nonce: challenge,
-            generation: programs
-                .and_then(Attribution::generation)
-                .map(str::to_owned),
+            generation: programs.generation().map(str::to_owned),
         },
         &[],
     )?;
     let theirs = match stream.receive(Some(HELLO))? {
         (Message::Proof { mac, nonce }, _) => {
-            let expected = programs.and_then(|p| p.prove(challenge));
-            if expected.is_some_and(|expected| expected != mac) {
+            if programs.prove(challenge) != Some(mac) {
                 return Err(WireError::BadProof);
             }
             nonce
@@ -390,7 +382,7 @@ fn give(
     stream.send(
         &Message::Listeners {
             addresses,
-            proof: programs.and_then(|p| p.prove(theirs)),
+            proof: programs.prove(theirs),
         },
         &fds,
     )?;

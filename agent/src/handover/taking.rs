@@ -36,8 +36,7 @@ pub struct Inherited {
 /// generation of the kernel programs this agent runs (pinned under
 /// `pin_dir`). `Ok(None)`: no agent serves there (first start, or the
 /// previous one died). Each side proves it can read the serving agent's
-/// pinned stamp key; an agent whose own programs are pinned accepts no
-/// serving agent that cannot.
+/// pinned stamp key: no key, no handover.
 pub fn take_over(
     path: &Path,
     generation: Option<&str>,
@@ -67,28 +66,26 @@ pub fn take_over(
         (Message::Challenge { nonce, generation }, _) => (nonce, generation),
         (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
+    // Uid 0 alone is no proof of being the serving agent (a process posing
+    // as one would be handed every pod's token through sockets of its own).
     let key = match (theirs, pin_dir) {
         (Some(theirs), Some(pin_dir)) => {
-            Some(pinned_key(pin_dir, &theirs).map_err(|_| WireError::BadProof)?)
+            pinned_key(pin_dir, &theirs).map_err(|_| WireError::BadProof)?
         }
-        // A genuine serving agent on a node where ours are pinned has
-        // pinned its own: one that says otherwise is refused.
-        _ if generation.is_some() => return Err(WireError::BadProof),
-        _ => None,
+        (None, _) => return Err(WireError::BadProof),
+        (Some(_), None) => return Err(WireError::NoKey),
     };
     let ours = wire::nonce()?;
     stream.send(
         &Message::Proof {
-            mac: key.map_or(0, |key| wire::prove(&key, challenge)),
+            mac: wire::prove(&key, challenge),
             nonce: ours,
         },
         &[],
     )?;
     let (addresses, fds) = match stream.receive(Some(ANSWER))? {
         (Message::Listeners { addresses, proof }, fds) => {
-            if let Some(key) = key
-                && proof != Some(wire::prove(&key, ours))
-            {
+            if proof != Some(wire::prove(&key, ours)) {
                 return Err(WireError::BadProof);
             }
             (addresses, fds)

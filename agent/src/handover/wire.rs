@@ -103,6 +103,10 @@ pub enum WireError {
         "handover peer could not prove it holds the kernel programs' key (root, but without the agent's bpffs and CAP_BPF): refused"
     )]
     BadProof,
+    #[error(
+        "this agent has no pin directory to read the serving agent's key from, so it cannot check it is one: no handover"
+    )]
+    NoKey,
     #[error("the listeners arrived without their sockets ({0} descriptors for {1} addresses)")]
     Descriptors(usize, usize),
 }

@@ -94,7 +94,7 @@ const MAX_PER_WAKE: usize = 1024;
 pub async fn run(
     kernel: KernelEvents,
     cx: Context,
-    handoff: Handoff,
+    mut handoff: Handoff,
     mut accepting: watch::Receiver<Accepting>,
 ) {
     let mut said = None;
@@ -148,7 +148,7 @@ pub async fn run(
         reader.begin(baseline);
         let read = reader.read_turn(&kernel.ring, &mut accepting).await;
         reader.settle();
-        if let Err(e) = turn.end(&reader.baseline(handoff.generation())) {
+        if let Err(e) = turn.end(&reader.baseline()) {
             warn!(error = %e, "IMDS guard: could not leave the reported counts for the next reader");
         }
         match read {
@@ -219,9 +219,8 @@ impl Reader {
         }
     }
 
-    fn baseline(&self, generation: &str) -> Baseline {
+    fn baseline(&self) -> Baseline {
         Baseline {
-            generation: generation.to_owned(),
             lost: self.lost_reported,
             reported: self.reported.iter().map(|(&s, &c)| (s, c)).collect(),
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 /// The lock file's name in the handover directory, per generation: agents
 /// of different program builds read different rings, and need not wait for
-/// each other.
+/// each other; the counts a file holds are its generation's.
 fn lock_file(generation: &str) -> String {
     format!("imds-events-{generation}.lock")
 }
@@ -29,8 +29,6 @@ fn lock_file(generation: &str) -> String {
 /// What a reader reported of the kernel's counts when its turn ended.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Baseline {
-    /// The programs' generation the counts belong to.
-    pub generation: String,
     /// `IMDS_LOST`, summed over CPUs.
     pub lost: u64,
     /// `IMDS_FLOOD`'s counts by scope.
@@ -39,7 +37,9 @@ pub struct Baseline {
 
 pub struct Handoff {
     path: Option<PathBuf>,
-    generation: Option<String>,
+    /// The lock file, opened at the first try and kept while another agent
+    /// holds the turn: waiting polls only `flock`.
+    opened: Option<File>,
 }
 
 /// This agent's turn to read; ends when dropped (or with [`Turn::end`]).
@@ -53,47 +53,47 @@ impl Handoff {
     /// once. (Pinned programs without a handover directory: a second agent
     /// sharing them cannot bind the listeners this one holds, and never
     /// starts reading.)
-    pub fn new(dir: Option<PathBuf>, generation: Option<String>) -> Handoff {
+    pub fn new(dir: Option<PathBuf>, generation: Option<&str>) -> Handoff {
         Handoff {
             path: dir
-                .zip(generation.as_deref())
+                .zip(generation)
                 .map(|(d, generation)| d.join(lock_file(generation))),
-            generation,
+            opened: None,
         }
-    }
-
-    pub fn generation(&self) -> &str {
-        self.generation.as_deref().unwrap_or_default()
     }
 
     /// This agent's turn, if no other agent has it now (never blocks: the
     /// caller polls, so giving up waiting leaves nothing behind); with the
-    /// baseline the previous reader left, if it read these programs' counts.
-    pub fn try_take(&self) -> io::Result<Option<(Turn, Option<Baseline>)>> {
+    /// baseline the previous reader left, if it left one.
+    pub fn try_take(&mut self) -> io::Result<Option<(Turn, Option<Baseline>)>> {
         let Some(path) = &self.path else {
             return Ok(Some((Turn::unlocked(), None)));
         };
-        if let Some(dir) = path.parent() {
-            crate::private_dir::ensure(dir)?;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+        let mut file = match self.opened.take() {
+            Some(file) => file,
+            None => {
+                if let Some(dir) = path.parent() {
+                    crate::private_dir::ensure(dir)?;
+                }
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(path)?
+            }
+        };
         if !flock(&file, libc::LOCK_EX | libc::LOCK_NB)? {
+            self.opened = Some(file);
             return Ok(None);
         }
         let mut text = String::new();
         file.read_to_string(&mut text)?;
         // Read once: a reader that dies later leaves no stale baseline.
         file.set_len(0)?;
-        let baseline = serde_json::from_str::<Baseline>(&text)
-            .ok()
-            .filter(|b| Some(b.generation.as_str()) == self.generation.as_deref());
+        let baseline = serde_json::from_str::<Baseline>(&text).ok();
         Ok(Some((Turn { file: Some(file) }, baseline)))
     }
 }
@@ -141,11 +141,10 @@ mod tests {
     fn a_turn_passes_its_baseline_to_the_next_reader_of_the_same_programs() {
         let dir = std::env::temp_dir().join(format!("epia-handoff-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ours = Handoff::new(Some(dir.clone()), Some("gen-1".into()));
+        let mut ours = Handoff::new(Some(dir.clone()), Some("gen-1"));
         let (turn, first) = ours.try_take().unwrap().unwrap();
         assert_eq!(first, None);
         let left = Baseline {
-            generation: "gen-1".into(),
             lost: 3,
             reported: vec![(42, [1, 2, 3])],
         };
@@ -158,7 +157,7 @@ mod tests {
         drop(turn);
         assert_eq!(ours.try_take().unwrap().unwrap().1, None);
         // Another generation's counts are not ours.
-        let other = Handoff::new(Some(dir.clone()), Some("gen-2".into()));
+        let mut other = Handoff::new(Some(dir.clone()), Some("gen-2"));
         ours.try_take().unwrap().unwrap().0.end(&left).unwrap();
         assert_eq!(other.try_take().unwrap().unwrap().1, None);
         std::fs::remove_dir_all(dir).unwrap();

@@ -378,11 +378,12 @@ pub fn squat(addr: &str) -> Result<(), String> {
 /// protocol but not the agent's key asks the serving agent for its
 /// listeners. Prints `{"descriptors": N, "outcome": "…"}`.
 ///
-/// `impostor give SOCKET GENERATION`: the same process poses as the
+/// `impostor give SOCKET [GENERATION]`: the same process poses as the
 /// serving agent at SOCKET for one successor, naming the real GENERATION of
 /// pinned programs (so the successor checks the proof against their real
-/// key), hands it a listener of its own with a proof it cannot make, and
-/// prints whether the successor said it serves.
+/// key) or none (a serving agent without attribution), hands it a listener
+/// of its own with a proof it cannot make, and prints whether the
+/// successor said it serves.
 pub fn impostor(role: &str, socket: &str, generation: Option<&str>) -> Result<(), String> {
     use agent::handover::wire::{Channel, Listener, Message, VERSION};
 
@@ -390,8 +391,9 @@ pub fn impostor(role: &str, socket: &str, generation: Option<&str>) -> Result<()
     let wait = Some(Duration::from_secs(10));
     let outcome = match role {
         "take" => {
-            let channel = Channel::connect(path).map_err(|e| format!("connect {socket}: {e}"))?;
             let step = || -> Result<usize, String> {
+                let channel =
+                    Channel::connect(path).map_err(|e| format!("connect {socket}: {e}"))?;
                 let hello = Message::Hello {
                     version: VERSION,
                     generation: None,
