@@ -201,7 +201,7 @@ where
             tracing::Level::TRACE => "trace",
         };
         let mut line = Line {
-            text: Vec::with_capacity(256),
+            text: LINE_BUFFER.with_borrow_mut(std::mem::take),
             has_message: false,
             // Only the audit trail's own events carry a pre-encoded record.
             takes_record: event.metadata().target() == AUDIT_TARGET,
@@ -212,14 +212,39 @@ where
             line.put_raw("msg", "\"\"");
         }
         line.put_str("level", level);
-        line.put_str("time", &now_rfc3339());
+        // RFC 3339 has nothing to escape: written in place.
+        line.put_value(
+            "time",
+            format_args!(
+                "\"{}\"",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            ),
+        );
         line.text.pop();
         line.text.push(b'}');
         // Only JSON (UTF-8) was written into it.
-        let text = std::str::from_utf8(&line.text).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
+        let written = match std::str::from_utf8(&line.text) {
+            Ok(text) => writeln!(writer, "{text}"),
+            Err(_) => Err(fmt::Error),
+        };
+        line.text.clear();
+        if line.text.capacity() <= LINE_BUFFER_KEPT {
+            LINE_BUFFER.with_borrow_mut(|kept| *kept = line.text);
+        }
+        written
     }
 }
+
+thread_local! {
+    /// Each thread's line buffer, kept between lines: a line is written
+    /// per request (its audit event), and needs no allocation of its own.
+    /// (A line logged while another is formatted on the thread finds it
+    /// taken, and makes its own.)
+    static LINE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer grown beyond this by a rare long line is not kept.
+const LINE_BUFFER_KEPT: usize = 16 * 1024;
 
 /// A log line being written: `"key":value,` pairs, `message` as `msg`. A
 /// field named [`RECORD_FIELD`] carries an already-encoded JSON object (an
@@ -271,7 +296,7 @@ impl Line {
 
     fn put_value(&mut self, field: &str, value: impl fmt::Display) {
         self.key(field);
-        // Numbers and booleans: their Display is their JSON.
+        // Numbers, booleans and quoted times: their Display is their JSON.
         let _ = std::io::Write::write_fmt(&mut self.text, format_args!("{value}"));
         self.text.push(b',');
     }
@@ -309,11 +334,6 @@ impl tracing::field::Visit for Line {
             self.put_raw(field.name(), "null");
         }
     }
-}
-
-/// The current time as logrus writes it (RFC 3339, seconds, UTC).
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
@@ -378,6 +398,8 @@ mod tests {
             (bare["msg"].as_str(), bare["level"].as_str()),
             (Some(""), Some("warning"))
         );
+        // The thread's buffer is reused: nothing of an earlier line stays.
+        assert_eq!(bare.as_object().map(|o| o.len()), Some(4), "{bare}");
     }
 
     #[test]
