@@ -175,7 +175,7 @@ fn each_address_family_names_the_calling_pod() -> Result<()> {
             .layout()
             .pod_of_path(&path)?
             .with_context(|| format!("{what}: {path} is not a pod"))?;
-        assert_eq!(resolved.pod_uid, pod.uid, "{what}: pod UID");
+        assert_eq!(&*resolved.pod_uid, pod.uid, "{what}: pod UID");
         assert_eq!(
             resolved.container_id.as_deref(),
             Some(pod.container_id.as_str()),

@@ -15,6 +15,7 @@ use std::{
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use thiserror::Error;
@@ -57,9 +58,10 @@ pub enum CgroupError {
 /// The pod (and container, when the cgroup is a container's) a cgroup belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodCgroup {
-    /// Canonical pod UID (lowercase, dashes).
-    pub pod_uid: String,
-    pub container_id: Option<String>,
+    /// Canonical pod UID (lowercase, dashes). Shared (like the container
+    /// id) with every audit event of the pod's requests: no copy each.
+    pub pod_uid: Arc<str>,
+    pub container_id: Option<Arc<str>>,
     /// The pod-level cgroup (relative to the mount): it outlives container
     /// restarts, so its disappearance means the pod is gone.
     pub pod_path: String,
@@ -333,8 +335,11 @@ impl PodLayout {
         }
         let depth = segments.len() - inside.len();
         Ok(Some(PodCgroup {
-            pod_uid,
-            container_id: inside.first().and_then(|s| container_id_in(s)),
+            pod_uid: pod_uid.into(),
+            container_id: inside
+                .first()
+                .and_then(|s| container_id_in(s))
+                .map(Into::into),
             pod_path: segments[..depth].join("/"),
         }))
     }
@@ -461,10 +466,9 @@ mod tests {
                     let pod = got
                         .unwrap_or_else(|e| panic!("{what}: {path} failed: {e}"))
                         .unwrap_or_else(|| panic!("{what}: {path} is not a pod"));
-                    assert_eq!(pod.pod_uid, uid, "{what}");
-                    let container =
-                        (!expected_container.is_empty()).then(|| expected_container.to_owned());
-                    assert_eq!(pod.container_id, container, "{what}");
+                    assert_eq!(&*pod.pod_uid, uid, "{what}");
+                    let container = (!expected_container.is_empty()).then_some(expected_container);
+                    assert_eq!(pod.container_id.as_deref(), container, "{what}");
                     assert!(
                         pod.pod_path.ends_with(".slice") || pod.pod_path.contains("/pod"),
                         "{what}"

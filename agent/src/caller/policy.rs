@@ -209,7 +209,7 @@ pub fn before_upstream(
     if !token_pod.eq_ignore_ascii_case(&pod.pod_uid) {
         return Err(Violation::PodMismatch {
             token_pod: token_pod.to_owned(),
-            caller_pod: pod.pod_uid.clone(),
+            caller_pod: pod.pod_uid.to_string(),
         });
     }
     let expected = format!(

@@ -337,10 +337,10 @@ impl Reader {
             pod_uid: pod
                 .as_ref()
                 .map(|p| p.uid.clone())
-                .or_else(|| container.as_ref().map(|c| c.pod_uid.clone())),
+                .or_else(|| container.as_ref().map(|c| c.pod_uid.to_string())),
             namespace: pod.as_ref().map(|p| p.namespace.clone()),
             pod_name: pod.as_ref().map(|p| p.name.clone()),
-            container_id: container.and_then(|c| c.container_id),
+            container_id: container.and_then(|c| c.container_id.as_deref().map(str::to_owned)),
             pid: (event.pid_tgid >> 32) as u32,
             process: String::from_utf8_lossy(agent_ebpf::comm_str(&event.comm)).into_owned(),
             cgroup_id: event.cgroup_id,

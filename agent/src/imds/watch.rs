@@ -76,7 +76,7 @@ impl Sources {
         }
         self.resolver.require_root_owned(rel).ok()?;
         let id = CgroupResolver::id_of(&self.resolver.mount().join(rel)).ok()?;
-        Some((pod.pod_uid, id))
+        Some((pod.pod_uid.to_string(), id))
     }
 
     /// The pod log directories kubelet made (root's; others are not its).

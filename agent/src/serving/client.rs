@@ -9,14 +9,14 @@
 //! services (root-owned cgroups, such as the kubelet's) get shares of their
 //! own; everything else the kernel could not vouch for shares one.
 
-use std::{fmt, net::IpAddr};
+use std::{fmt, net::IpAddr, sync::Arc};
 
 use crate::{caller::identify::Identified, caller::policy::Caller};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ClientKey {
     /// A pod, by UID: all of its containers and connections together.
-    Pod(String),
+    Pod(Arc<str>),
     /// A node process in a root-owned cgroup (a system service), by cgroup.
     Node(u64),
     /// Attribution on, but neither: unattributed connections, processes in

@@ -14,6 +14,7 @@
 //! 8. Answer the SDK's JSON; one audit event per request.
 
 use std::{
+    borrow::Cow,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Instant, SystemTime},
@@ -36,7 +37,7 @@ use crate::{
     serving::admission::Connection,
     serving::ratelimit::ClientRateLimiter,
     serving::server::{HttpResponse, go_error, not_found},
-    telemetry::audit::{AuditEvent, Auditor, Decision},
+    telemetry::audit::{AuditEvent, Auditor, Decision, Millis},
     telemetry::metrics::Metrics,
     token,
     upstream::Assumed,
@@ -113,7 +114,7 @@ pub async fn handle<B>(
     // Any method is a credential request, as the reference treats it: the
     // method carries nothing, the token is the request.
     let mut event = AuditEvent {
-        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        time: Millis(SystemTime::now()),
         peer: conn.info.peer.to_string(),
         mode: state.mode(),
         ..AuditEvent::default()
@@ -283,14 +284,14 @@ impl Rejection {
     }
 
     /// The audit event's `reason`.
-    fn reason(&self) -> String {
+    fn reason(&self) -> Cow<'static, str> {
         match self {
             Rejection::RateLimited(_) => "rate-limited".into(),
             Rejection::InvalidHost(_) => "invalid-host".into(),
             Rejection::NoToken => "no-token".into(),
             Rejection::Token(_) => "invalid-token".into(),
             Rejection::Caller(violation) => violation.reason().into(),
-            Rejection::Upstream(e) => format!("upstream:{}", e.code()),
+            Rejection::Upstream(e) => format!("upstream:{}", e.code()).into(),
         }
     }
 
@@ -742,6 +743,13 @@ mod tests {
             assert_eq!(event["reason"], row.reason, "{}: {event}", row.what);
             assert_eq!(event["decision"], row.decision, "{}: {event}", row.what);
             assert_eq!(event["status"], row.status, "{}", row.what);
+            // RFC 3339, UTC, milliseconds: `2026-01-02T03:04:05.678Z`.
+            let time = event["time"].as_str().unwrap_or_default();
+            assert!(
+                time.len() == 24 && humantime::parse_rfc3339(time).is_ok(),
+                "{}: {event}",
+                row.what
+            );
             if row.status != 200 {
                 assert_eq!(
                     response

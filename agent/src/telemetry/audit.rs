@@ -8,7 +8,7 @@
 //! by a writer thread (a slow disk never holds a request; what it cannot
 //! keep up with is dropped and counted, see [`Auditor::lost`]).
 
-use std::{fs::OpenOptions, path::Path, sync::Arc};
+use std::{borrow::Cow, fs::OpenOptions, path::Path, sync::Arc, time::SystemTime};
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -43,17 +43,19 @@ impl Decision {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AuditEvent {
-    pub time: String,
+    pub time: Millis,
     /// `allow`, `deny`, or `audit-only`; a request is denied until decided.
     pub decision: Decision,
-    pub reason: String,
+    /// Static but for EKS Auth's error codes.
+    pub reason: Cow<'static, str>,
     pub status: u16,
     pub mode: &'static str,
-    pub pod_uid: Option<String>,
+    /// Shared with the cached caller: no copy per request.
+    pub pod_uid: Option<Arc<str>>,
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     pub pod_name: Option<String>,
-    pub container_id: Option<String>,
+    pub container_id: Option<Arc<str>>,
     pub pid: Option<u32>,
     pub process: Option<String>,
     pub cgroup_id: Option<u64>,
@@ -63,6 +65,23 @@ pub struct AuditEvent {
     pub role_arn: Option<Arc<str>>,
     pub cache: Option<&'static str>,
     pub latency_ms: f64,
+}
+
+/// A time as RFC 3339 with milliseconds, written straight into the event's
+/// JSON (no string of its own per request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Millis(pub SystemTime);
+
+impl Default for Millis {
+    fn default() -> Millis {
+        Millis(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
 }
 
 /// One connect to the instance metadata service (or, `aggregated`, the
