@@ -112,6 +112,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Programs of agents that are gone (a crash) go; those of a live agent
     // are held by it and stay.
     retire_other_generations(attribution.as_deref());
+    let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
+    // Nothing handed over, yet the listeners may be held: by an agent that
+    // offers no handover (no pinned programs, so no key to prove a
+    // successor with) or whose handover failed. Wait for it to go rather
+    // than exit: in a surge update the old pod is removed only once this
+    // one is ready, and the kubelet's probe of this pod's port is answered
+    // by the old agent while this one runs.
+    if inherited.is_none() {
+        wait_until_released(probe_addr).await;
+    }
     let mut open =
         |addr: SocketAddr, save_syns: bool| match inherited.as_mut().and_then(|i| i.take(addr)) {
             Some(listener) => server::adopt(listener, save_syns),
@@ -119,7 +129,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         };
     let (listeners, failed) =
         server::open_all(&args.bind_hosts, args.port, |addr| open(addr, attributed));
-    let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
     let probe_listener = open(probe_addr, attributed).with_context(|| {
         format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
     })?;
@@ -388,6 +397,36 @@ const DESCRIPTOR_MARGIN: usize = 256;
 
 /// Raises the soft descriptor limit to the hard one; returns the new soft
 /// limit.
+/// How often a port held by another process is tried, and how often the
+/// wait is said again.
+const PORT_POLL: Duration = Duration::from_millis(100);
+const PORT_WAIT_NOTICE: Duration = Duration::from_secs(30);
+
+/// Returns once `addr` can be bound (or fails otherwise than being in use:
+/// binding it for real says how), saying while it waits.
+async fn wait_until_released(addr: SocketAddr) {
+    let started = std::time::Instant::now();
+    let mut said: Option<std::time::Instant> = None;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            _ => break,
+        }
+        if said.is_none_or(|at| at.elapsed() >= PORT_WAIT_NOTICE) {
+            warn!(
+                %addr,
+                waited_s = started.elapsed().as_secs(),
+                "the agent's ports are held and nothing was handed over (an agent without a handover, or another program): waiting for them to be released"
+            );
+            said = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(PORT_POLL).await;
+    }
+    if said.is_some() {
+        info!(%addr, waited_ms = started.elapsed().as_millis() as u64, "the agent's ports were released; binding");
+    }
+}
+
 fn raise_descriptor_limit() -> std::io::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

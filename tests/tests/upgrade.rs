@@ -421,6 +421,24 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
     );
     let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     ensure!(served["access_key_id"].is_string(), "{served}");
+    // A surge update without a handover: the new agent waits (it does not
+    // exit, or the old pod would never be removed), and binds once the old
+    // agent is gone.
+    let mut successor =
+        AgentProcess::spawn(&env.node.netns, &env.agent_args("off", &args()), None)?;
+    successor.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    std::mem::replace(&mut env.agent, successor).terminate(Duration::from_secs(30))?;
+    env.agent
+        .wait_for_log("\"msg\":\"serving\"", Duration::from_secs(60))?;
+    ensure!(
+        env.agent.logs().contains("ports were released"),
+        "{}",
+        env.agent.logs()
+    );
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
     Ok(())
 }
 

@@ -201,7 +201,8 @@ where
             tracing::Level::TRACE => "trace",
         };
         let mut line = Line {
-            text: LINE_BUFFER.with_borrow_mut(std::mem::take),
+            // Not there while the thread's locals are destroyed: a new one.
+            text: LINE_BUFFER.try_with(|kept| kept.take()).unwrap_or_default(),
             has_message: false,
             // Only the audit trail's own events carry a pre-encoded record.
             takes_record: event.metadata().target() == AUDIT_TARGET,
@@ -229,7 +230,7 @@ where
         };
         line.text.clear();
         if line.text.capacity() <= LINE_BUFFER_KEPT {
-            LINE_BUFFER.with_borrow_mut(|kept| *kept = line.text);
+            let _ = LINE_BUFFER.try_with(|kept| kept.replace(line.text));
         }
         written
     }
