@@ -42,6 +42,7 @@ pub mod serving {
 
 /// Passing the node's listeners from a serving agent to its successor.
 pub mod handover {
+    pub mod binding;
     pub mod giving;
     pub mod taking;
     pub mod wire;

@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, ensure};
 use harness::{
     agent_bin::built_binary,
     agent_proc::AgentProcess,
+    caps::restrict_to,
     cluster::{UNLIMITED, Who},
     netns::Netns,
     pod::{finish, first_line, sdk_env},
@@ -361,6 +362,69 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
             .contains("Serving"),
         "the agent served on an impostor's sockets: {given}"
     );
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    Ok(())
+}
+
+/// Docker's default capability set: what root in an ordinary container
+/// holds (given a hostPath to the handover directory, it reaches the socket).
+const CONTAINER_DEFAULT: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+#[test]
+fn a_root_process_relaying_a_handover_between_two_agents_gets_no_listeners() -> Result<()> {
+    harness::require_privilege!();
+    let mut env = Served::start(NODE, "enforce", &args())?;
+    let intruder = env.tree.create("system.slice/relay.service")?;
+    let socket = env.node.netns.handover_socket();
+    wait_for("the handover offer", Duration::from_secs(30), || {
+        Ok(socket.exists())
+    })?;
+    // Root in a container's capabilities, with the handover directory.
+    let mut relay = env.pod_client(&intruder, &env.node.netns)?;
+    let keep: Vec<String> = CONTAINER_DEFAULT.iter().map(|c| c.to_string()).collect();
+    restrict_to(&mut relay, &keep)?;
+    let relay = relay
+        .arg("impostor")
+        .arg("relay")
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let aside = socket.with_extension("real");
+    wait_for("the relay in place", Duration::from_secs(30), || {
+        Ok(aside.exists() && socket.exists())
+    })?;
+    let mut successor =
+        AgentProcess::spawn(&env.node.netns, &env.agent_args("enforce", &args()), None)?;
+    let relayed = finish(relay, "impostor relay")?;
+    ensure!(
+        relayed["descriptors"] == 0,
+        "the relay kept the listeners: {relayed}"
+    );
+    // Each agent's proof named the relay's socket, not the other agent's.
+    env.agent
+        .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
+    successor.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
+    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
+    ensure!(served["access_key_id"].is_string(), "{served}");
+    std::mem::replace(&mut env.agent, successor).terminate(Duration::from_secs(30))?;
+    env.agent
+        .wait_for_log("\"msg\":\"serving\"", Duration::from_secs(60))?;
     let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     ensure!(served["access_key_id"].is_string(), "{served}");
     Ok(())

@@ -430,13 +430,13 @@ impl Attribution {
         })
     }
 
-    /// The handover proof over `nonce` under this agent's stamp key — only
-    /// when pinned, the one case where a peer can read the key to check it
-    /// (see `handover::wire::prove`).
-    pub fn prove(&self, nonce: u64) -> Option<u64> {
+    /// The handover proof over `nonce` on the connection `binding` names,
+    /// under this agent's stamp key — only when pinned, the one case where
+    /// a peer can read the key to check it (see `handover::wire::prove`).
+    pub fn prove(&self, nonce: u64, binding: crate::handover::binding::Binding) -> Option<u64> {
         self.pins
             .as_ref()
-            .map(|_| crate::handover::wire::prove(&self.mac_key, nonce))
+            .map(|_| crate::handover::wire::prove(&self.mac_key, nonce, binding))
     }
 
     /// The IMDS guard's maps, once (the guard owns them from then on).

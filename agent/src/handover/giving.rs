@@ -25,7 +25,10 @@ use crate::{
         attribution::{Accepted, Attribution, OpenerLookup as _, Stamp},
         syn::SavedSyn,
     },
-    handover::wire::{self, Channel, Listener, Message, WireError},
+    handover::{
+        binding::{Binding, End},
+        wire::{self, Channel, Listener, Message, WireError},
+    },
     serving::server::Accepting,
 };
 
@@ -358,6 +361,8 @@ fn give(
         (Message::Hello { version, .. }, _) => return Err(WireError::Version(version)),
         (other, _) => return Err(WireError::Unexpected(Box::new(other))),
     };
+    // Read before anything of the key is sent: what the proofs are bound to.
+    let binding = Binding::of(stream, End::Giver)?;
     let challenge = wire::nonce()?;
     stream.send(
         &Message::Challenge {
@@ -368,7 +373,7 @@ fn give(
     )?;
     let theirs = match stream.receive(Some(HELLO))? {
         (Message::Proof { mac, nonce }, _) => {
-            if programs.prove(challenge) != Some(mac) {
+            if programs.prove(challenge, binding) != Some(mac) {
                 return Err(WireError::BadProof);
             }
             nonce
@@ -382,7 +387,7 @@ fn give(
     stream.send(
         &Message::Listeners {
             addresses,
-            proof: programs.prove(theirs),
+            proof: programs.prove(theirs, binding),
         },
         &fds,
     )?;

@@ -18,7 +18,10 @@ use crate::{
         attribution::{Accepted, AttributionError, Opener, OpenerLookup, pinned_key},
         syn::SavedSyn,
     },
-    handover::wire::{self, Channel, Message, WireError},
+    handover::{
+        binding::{Binding, End},
+        wire::{self, Channel, Message, WireError},
+    },
 };
 
 /// How long the serving agent may take to answer the hello.
@@ -75,17 +78,18 @@ pub fn take_over(
         (None, _) => return Err(WireError::BadProof),
         (Some(_), None) => return Err(WireError::NoKey),
     };
+    let binding = Binding::of(&stream, End::Taker)?;
     let ours = wire::nonce()?;
     stream.send(
         &Message::Proof {
-            mac: wire::prove(&key, challenge),
+            mac: wire::prove(&key, challenge, binding),
             nonce: ours,
         },
         &[],
     )?;
     let (addresses, fds) = match stream.receive(Some(ANSWER))? {
         (Message::Listeners { addresses, proof }, fds) => {
-            if proof != Some(wire::prove(&key, ours)) {
+            if proof != Some(wire::prove(&key, ours, binding)) {
                 return Err(WireError::BadProof);
             }
             (addresses, fds)

@@ -6,7 +6,7 @@
 use std::{
     io::{self, IoSlice, IoSliceMut},
     net::SocketAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
     time::Duration,
 };
@@ -22,11 +22,12 @@ use nix::sys::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::caller::attribution::Opener;
+use crate::{caller::attribution::Opener, handover::binding::Binding};
 
 /// The protocol's version; a peer speaking another is refused (the old
 /// agent keeps serving, the new one binds when the old one is gone).
-pub const VERSION: u32 = 1;
+/// 2: proofs bound to the connection's two ends (see `binding`).
+pub const VERSION: u32 = 2;
 
 /// Most listeners one handover carries: the served addresses (4 per family),
 /// the probe and the metrics port.
@@ -111,11 +112,20 @@ pub enum WireError {
     Descriptors(usize, usize),
 }
 
-/// The proof that a peer can read the stamp key of a pinned generation:
-/// SipHash-2-4 under that key over `nonce` and an all-zero 4-tuple, which no
-/// TCP connection has, so no stamp seen on the wire is ever a proof.
-pub fn prove(key: &agent_ebpf::StampKey, nonce: u64) -> u64 {
-    agent_ebpf::stamp_mac(key, nonce, &agent_ebpf::ConnKey::default())
+/// The proof that a peer can read the stamp key of a pinned generation, on
+/// the connection `binding` names: SipHash-2-4 under that key over `nonce`
+/// and a 4-tuple of the two ends' socket inodes with both ports zero,
+/// which no TCP connection has, so no stamp seen on the wire is ever a
+/// proof.
+pub fn prove(key: &agent_ebpf::StampKey, nonce: u64, binding: Binding) -> u64 {
+    let addr = |inode: u64| [0, 0, (inode >> 32) as u32, inode as u32];
+    let ends = agent_ebpf::ConnKey {
+        peer_addr: addr(binding.taker),
+        local_addr: addr(binding.giver),
+        peer_port: 0,
+        local_port: 0,
+    };
+    agent_ebpf::stamp_mac(key, nonce, &ends)
 }
 
 /// A nonce from the kernel's generator.
@@ -132,6 +142,12 @@ const MAX_MESSAGE: usize = 8 * 1024;
 /// every message is one record (no framing to get wrong) and arrives with
 /// the descriptors sent with it.
 pub struct Channel(OwnedFd);
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
 
 /// The serving agent's listening handover socket.
 pub struct Listener(OwnedFd);
@@ -268,7 +284,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let listeners = Message::Listeners {
             addresses: vec![addr.to_string()],
-            proof: Some(prove(&[1, 2], 3)),
+            proof: Some(42),
         };
         a.send(&listeners, &[listener.as_fd().as_raw_fd()])
             .expect("send");
@@ -293,11 +309,32 @@ mod tests {
     }
 
     #[test]
-    fn a_proof_needs_the_key_and_answers_only_its_nonce() {
+    fn a_proof_needs_the_key_and_answers_only_its_nonce_on_its_connection() {
         let key = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
-        assert_eq!(prove(&key, 9), prove(&key, 9));
-        assert_ne!(prove(&key, 9), prove(&key, 10));
-        assert_ne!(prove(&key, 9), prove(&[key[0], key[1] ^ 1], 9));
+        let on = Binding {
+            taker: 4242,
+            giver: 4243,
+        };
+        assert_eq!(prove(&key, 9, on), prove(&key, 9, on));
+        assert_ne!(prove(&key, 9, on), prove(&key, 10, on));
+        assert_ne!(prove(&key, 9, on), prove(&[key[0], key[1] ^ 1], 9, on));
+        // A relay's connections: either end another socket.
+        for relayed in [
+            Binding {
+                taker: 4242,
+                giver: 7,
+            },
+            Binding {
+                taker: 7,
+                giver: 4243,
+            },
+            Binding {
+                taker: 4243,
+                giver: 4242,
+            },
+        ] {
+            assert_ne!(prove(&key, 9, on), prove(&key, 9, relayed), "{relayed:?}");
+        }
         assert_ne!(nonce().expect("nonce"), nonce().expect("nonce"));
     }
 

@@ -169,6 +169,37 @@ fn enter_own_namespaces() -> Result<(), String> {
     write("gid_map", format!("0 {gid} 1"))
 }
 
+/// Listens at `path` for one successor and relays its handover to the
+/// serving agent at `real`: hello, challenge, proof, listeners (kept: their
+/// number), and what the successor says then.
+fn relay(
+    path: &std::path::Path,
+    real: &std::path::Path,
+    wait: Option<Duration>,
+) -> Result<(usize, String), String> {
+    use agent::handover::wire::{Channel, Listener};
+    use std::os::fd::AsRawFd as _;
+
+    let listener = Listener::bind(path).map_err(|e| format!("bind: {e}"))?;
+    let taker = listener.accept().map_err(|e| e.to_string())?;
+    let giver = Channel::connect(real).map_err(|e| format!("connect: {e}"))?;
+    let pass = |from: &Channel, to: &Channel| -> Result<_, String> {
+        let (message, fds) = from.receive(wait).map_err(|e| e.to_string())?;
+        let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        to.send(&message, &raw).map_err(|e| e.to_string())?;
+        Ok((message, fds))
+    };
+    pass(&taker, &giver)?; // hello
+    pass(&giver, &taker)?; // challenge
+    pass(&taker, &giver)?; // proof
+    let (_, kept) = pass(&giver, &taker)?; // the listeners, kept here too
+    let said = match pass(&taker, &giver) {
+        Ok((message, _)) => format!("{message:?}"),
+        Err(e) => e,
+    };
+    Ok((kept.len(), said))
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     let status = Command::new("ip")
         .args(args)
@@ -378,6 +409,12 @@ pub fn squat(addr: &str) -> Result<(), String> {
 /// protocol but not the agent's key asks the serving agent for its
 /// listeners. Prints `{"descriptors": N, "outcome": "…"}`.
 ///
+/// `impostor relay SOCKET`: the same process moves the serving agent's
+/// socket aside (root owns the directory), takes its place, and relays one
+/// successor's handover to it message by message, keeping a copy of any
+/// listeners that pass; then puts the socket back. Prints
+/// `{"descriptors": N, "outcome": "…"}` (N: listeners it kept).
+///
 /// `impostor give SOCKET [GENERATION]`: the same process poses as the
 /// serving agent at SOCKET for one successor, naming the real GENERATION of
 /// pinned programs (so the successor checks the proof against their real
@@ -417,6 +454,17 @@ pub fn impostor(role: &str, socket: &str, generation: Option<&str>) -> Result<()
                 Err(e) => json!({ "descriptors": 0, "outcome": e }),
             }
         }
+        "relay" => {
+            let real = path.with_extension("real");
+            std::fs::rename(path, &real).map_err(|e| format!("rename {socket}: {e}"))?;
+            let relayed = relay(path, &real, wait);
+            let _ = std::fs::remove_file(path);
+            std::fs::rename(&real, path).map_err(|e| format!("put {socket} back: {e}"))?;
+            match relayed {
+                Ok((kept, said)) => json!({ "descriptors": kept, "outcome": said }),
+                Err(e) => json!({ "descriptors": 0, "outcome": e }),
+            }
+        }
         "give" => {
             let _ = std::fs::remove_file(path);
             let listener = Listener::bind(path).map_err(|e| format!("bind {socket}: {e}"))?;
@@ -448,7 +496,11 @@ pub fn impostor(role: &str, socket: &str, generation: Option<&str>) -> Result<()
                 Err(e) => json!({ "outcome": e }),
             }
         }
-        other => return Err(format!("impostor: role {other:?} is neither take nor give")),
+        other => {
+            return Err(format!(
+                "impostor: role {other:?} is not take, relay or give"
+            ));
+        }
     };
     println!("{outcome}");
     Ok(())
