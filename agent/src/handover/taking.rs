@@ -39,12 +39,18 @@ pub struct Inherited {
 /// generation of the kernel programs this agent runs (pinned under
 /// `pin_dir`). `Ok(None)`: no agent serves there (first start, or the
 /// previous one died). Each side proves it can read the serving agent's
-/// pinned stamp key: no key, no handover.
+/// pinned stamp key: no key, no handover. The socket and the key are
+/// looked for only in directories this agent would itself use (its own or
+/// root's, see `private_dir`): in one another user made first, they could be
+/// anyone's.
 pub fn take_over(
     path: &Path,
     generation: Option<&str>,
     pin_dir: Option<&Path>,
 ) -> Result<Option<Inherited>, WireError> {
+    if let Some(dir) = path.parent() {
+        crate::private_dir::ensure(dir)?;
+    }
     let stream = match Channel::connect(path) {
         Ok(stream) => stream,
         Err(e)
@@ -73,6 +79,7 @@ pub fn take_over(
     // as one would be handed every pod's token through sockets of its own).
     let key = match (theirs, pin_dir) {
         (Some(theirs), Some(pin_dir)) => {
+            crate::private_dir::ensure(pin_dir)?;
             pinned_key(pin_dir, &theirs).map_err(|_| WireError::BadProof)?
         }
         (None, _) => return Err(WireError::BadProof),
