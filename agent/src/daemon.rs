@@ -120,7 +120,24 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // one is ready, and the kubelet's probe of this pod's port is answered
     // by the old agent while this one runs.
     if inherited.is_none() {
-        wait_until_released(probe_addr).await;
+        let ports: Vec<SocketAddr> = args
+            .bind_hosts
+            .iter()
+            .map(|host| SocketAddr::new(*host, args.port))
+            .chain([
+                probe_addr,
+                SocketAddr::new(args.metrics_address, args.metrics_port),
+            ])
+            .collect();
+        // Stopped while waiting (a rollback, a drain): go, as told.
+        tokio::select! {
+            () = wait_until_released(&ports) => {}
+            stopped = wait_for_signal() => {
+                stopped?;
+                info!("stopped while waiting for the agent's ports");
+                return Ok(());
+            }
+        }
     }
     let mut open =
         |addr: SocketAddr, save_syns: bool| match inherited.as_mut().and_then(|i| i.take(addr)) {
@@ -402,16 +419,21 @@ const DESCRIPTOR_MARGIN: usize = 256;
 const PORT_POLL: Duration = Duration::from_millis(100);
 const PORT_WAIT_NOTICE: Duration = Duration::from_secs(30);
 
-/// Returns once `addr` can be bound (or fails otherwise than being in use:
-/// binding it for real says how), saying while it waits.
-async fn wait_until_released(addr: SocketAddr) {
+/// Returns once none of `addrs` is in use (one failing otherwise — no link
+/// holds it, say — is left to binding it for real to report), saying while
+/// it waits. All of them: the agent that holds them closes them one by one
+/// as it stops, and one still held now would be missing for good.
+async fn wait_until_released(addrs: &[SocketAddr]) {
     let started = std::time::Instant::now();
     let mut said: Option<std::time::Instant> = None;
     loop {
-        match std::net::TcpListener::bind(addr) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
-            _ => break,
-        }
+        let held = addrs.iter().find(|addr| {
+            std::net::TcpListener::bind(addr)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+        });
+        let Some(addr) = held else {
+            break;
+        };
         if said.is_none_or(|at| at.elapsed() >= PORT_WAIT_NOTICE) {
             warn!(
                 %addr,
@@ -423,7 +445,10 @@ async fn wait_until_released(addr: SocketAddr) {
         tokio::time::sleep(PORT_POLL).await;
     }
     if said.is_some() {
-        info!(%addr, waited_ms = started.elapsed().as_millis() as u64, "the agent's ports were released; binding");
+        info!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            "the agent's ports were released; binding"
+        );
     }
 }
 

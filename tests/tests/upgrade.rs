@@ -485,6 +485,12 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
     );
     let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     ensure!(served["access_key_id"].is_string(), "{served}");
+    // Stopped while it waits for the ports (a rollback, a drain): it goes.
+    let mut waiting = AgentProcess::spawn(&env.node.netns, &env.agent_args("off", &args()), None)?;
+    waiting.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
+    waiting.sigterm();
+    let status = waiting.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.success(), "{status}:\n{}", waiting.logs());
     // A surge update without a handover: the new agent waits (it does not
     // exit, or the old pod would never be removed), and binds once the old
     // agent is gone.

@@ -12,7 +12,10 @@
 //! agents are on the host's). Where the kernel cannot say, there is no
 //! binding and no handover.
 
-use std::{io, os::fd::AsFd};
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd},
+};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::{
@@ -43,7 +46,7 @@ impl Binding {
         let own = nix::sys::stat::fstat(socket.as_fd())
             .map_err(io::Error::from)?
             .st_ino;
-        let peer = peer_inode(own)?;
+        let peer = peer_inode(own, cookie(socket.as_fd())?)?;
         Ok(match end {
             End::Taker => Binding {
                 taker: own,
@@ -57,8 +60,32 @@ impl Binding {
     }
 }
 
-/// The inode of the socket connected to the Unix socket `own`.
-fn peer_inode(own: u64) -> io::Result<u64> {
+/// The socket's cookie: unique while the system runs, where inode numbers
+/// are 32 bits and wrap.
+fn cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which
+    // lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The inode of the socket connected to the Unix socket `own`, whose
+/// cookie is `cookie`: the kernel answers for that very socket, or with
+/// an error (an inode number reused by another socket does not match).
+fn peer_inode(own: u64, cookie: u64) -> io::Result<u64> {
     let unavailable = |what: String| io::Error::other(format!("sock_diag: {what}"));
     // sock_diag names sockets by 32-bit inode numbers, which sockets get.
     let inode = u32::try_from(own).map_err(|_| unavailable(format!("inode {own} too large")))?;
@@ -73,8 +100,13 @@ fn peer_inode(own: u64) -> io::Result<u64> {
             state_flags: StateFlags::all(),
             inode,
             show_flags: ShowFlags::PEER,
-            // INET_DIAG_NOCOOKIE: by inode alone.
-            cookie: [0xff; 8],
+            // As the kernel keeps it: two u32 halves, low first.
+            cookie: {
+                let mut halves = [0; 8];
+                halves[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+                halves[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+                halves
+            },
         })
         .into(),
     );
@@ -88,10 +120,12 @@ fn peer_inode(own: u64) -> io::Result<u64> {
         .map_err(|e| unavailable(format!("reply not understood: {e}")))?;
     match reply.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(response))
-            if response.header.inode == inode =>
+            if response.header.inode == inode
+                && i32::from(response.header.kind) == libc::SOCK_SEQPACKET =>
         {
             response
                 .peer()
+                .filter(|&peer| peer != 0)
                 .map(u64::from)
                 .ok_or_else(|| unavailable(format!("socket {inode} has no peer")))
         }
@@ -106,16 +140,20 @@ fn peer_inode(own: u64) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handover::wire::Channel;
 
     #[test]
     fn both_ends_of_a_connection_agree_and_another_connection_differs() -> io::Result<()> {
-        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        let (a, b) = Channel::pair()?;
         let taker = Binding::of(&a, End::Taker)?;
         assert_eq!(taker, Binding::of(&b, End::Giver)?);
         assert_ne!(taker.taker, taker.giver);
         // A relay: two connections, each end seeing its own.
-        let (c, _d) = std::os::unix::net::UnixStream::pair()?;
+        let (c, _d) = Channel::pair()?;
         assert_ne!(Binding::of(&c, End::Giver)?, taker);
+        // Only the handover's kind of socket is looked up.
+        let (e, _f) = std::os::unix::net::UnixStream::pair()?;
+        assert!(Binding::of(&e, End::Taker).is_err());
         Ok(())
     }
 }
