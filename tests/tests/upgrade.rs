@@ -315,18 +315,8 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     let mut env = Served::start(NODE, "enforce", &args())?;
     let intruder = env.tree.create("system.slice/impostor.service")?;
     let socket = env.node.netns.handover_socket();
-    let impostor = |env: &Served, args: &[&str]| -> Result<std::process::Child> {
-        Ok(env
-            .pod_client(&intruder, &env.node.netns)?
-            .arg("impostor")
-            .arg(args[0])
-            .arg(&socket)
-            .args(&args[1..])
-            .stdout(Stdio::piped())
-            .spawn()?)
-    };
     // Root, knowing the protocol, asks the serving agent for its listeners.
-    let taken = finish(impostor(&env, &["take"])?, "impostor take")?;
+    let taken = finish(impostor(&env, &intruder, None, &["take"])?, "impostor take")?;
     ensure!(
         taken["descriptors"] == 0,
         "a root process without the key got the listeners: {taken}"
@@ -346,7 +336,7 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
         .context("no pinned generation")?;
     // The dead agent's socket file stays; the impostor's replaces it.
     std::fs::remove_file(&socket)?;
-    let giver = impostor(&env, &["give", &generation])?;
+    let giver = impostor(&env, &intruder, None, &["give", &generation])?;
     wait_for("the impostor to listen", Duration::from_secs(30), || {
         Ok(socket.exists())
     })?;
@@ -365,6 +355,27 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     ensure!(served["access_key_id"].is_string(), "{served}");
     Ok(())
+}
+
+/// `pod-client impostor ROLE SOCKET ARGS…` (`role_and_args`) as root in
+/// `cgroup` on the node, with only `caps` if given.
+fn impostor(
+    env: &Served,
+    cgroup: &Path,
+    caps: Option<&[String]>,
+    role_and_args: &[&str],
+) -> Result<Child> {
+    let mut cmd = env.pod_client(cgroup, &env.node.netns)?;
+    if let Some(caps) = caps {
+        restrict_to(&mut cmd, caps)?;
+    }
+    let (role, args) = role_and_args.split_first().context("an impostor role")?;
+    Ok(cmd
+        .args(["impostor", role])
+        .arg(env.node.netns.handover_socket())
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()?)
 }
 
 /// Docker's default capability set: what root in an ordinary container
@@ -396,15 +407,8 @@ fn a_root_process_relaying_a_handover_between_two_agents_gets_no_listeners() -> 
         Ok(socket.exists())
     })?;
     // Root in a container's capabilities, with the handover directory.
-    let mut relay = env.pod_client(&intruder, &env.node.netns)?;
     let keep: Vec<String> = CONTAINER_DEFAULT.iter().map(|c| c.to_string()).collect();
-    restrict_to(&mut relay, &keep)?;
-    let relay = relay
-        .arg("impostor")
-        .arg("relay")
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let relay = impostor(&env, &intruder, Some(&keep), &["relay"])?;
     let aside = socket.with_extension("real");
     wait_for("the relay in place", Duration::from_secs(30), || {
         Ok(aside.exists() && socket.exists())
@@ -439,16 +443,6 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
     let mut env = Served::start(NODE, "off", &args())?;
     let intruder = env.tree.create("system.slice/impostor.service")?;
     let socket = env.node.netns.handover_socket();
-    let impostor = |env: &Served, args: &[&str]| -> Result<Child> {
-        Ok(env
-            .pod_client(&intruder, &env.node.netns)?
-            .arg("impostor")
-            .arg(args[0])
-            .arg(&socket)
-            .args(&args[1..])
-            .stdout(Stdio::piped())
-            .spawn()?)
-    };
     // The offer (or its refusal) comes after readiness.
     let refusal = "cannot offer a handover";
     wait_for(
@@ -456,7 +450,7 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
         Duration::from_secs(30),
         || Ok(env.agent.logs().contains(refusal) || socket.exists()),
     )?;
-    let taken = finish(impostor(&env, &["take"])?, "impostor take")?;
+    let taken = finish(impostor(&env, &intruder, None, &["take"])?, "impostor take")?;
     ensure!(
         taken["descriptors"] == 0,
         "a root process got the listeners of an agent without attribution: {taken}"
@@ -466,7 +460,7 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
     // (in the hostPath directory, which outlives every agent).
     env.agent.kill()?;
     std::fs::create_dir_all(socket.parent().context("handover directory")?)?;
-    let giver = impostor(&env, &["give"])?;
+    let giver = impostor(&env, &intruder, None, &["give"])?;
     wait_for("the impostor to listen", Duration::from_secs(30), || {
         Ok(socket.exists())
     })?;

@@ -14,7 +14,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -524,19 +524,7 @@ fn own_netns_cookie() -> Option<u64> {
     }
     // SAFETY: fd was just returned to us.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the length given.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cookie)
+    crate::sockopt::get_u64(&socket, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE).ok()
 }
 
 #[cfg(test)]
