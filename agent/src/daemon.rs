@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::watch,
     task::JoinSet,
 };
@@ -38,6 +38,7 @@ use crate::{
     serving::admission::{self, ConnectionBudget},
     serving::handler::Verification,
     serving::handler::{self, AppState},
+    serving::ports,
     serving::probes::{self, ProbeState},
     serving::ratelimit::ClientRateLimiter,
     serving::server::{self, Accepting, HttpLimits},
@@ -119,22 +120,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // than exit: in a surge update the old pod is removed only once this
     // one is ready, and the kubelet's probe of this pod's port is answered
     // by the old agent while this one runs.
+    let mut stop = Stop::install()?;
     if inherited.is_none() {
-        let ports: Vec<SocketAddr> = args
+        let served = |role, addr| ports::Port { addr, role };
+        let ports: Vec<ports::Port> = args
             .bind_hosts
             .iter()
-            .map(|host| SocketAddr::new(*host, args.port))
+            .map(|host| served(ports::Role::Credentials, SocketAddr::new(*host, args.port)))
             .chain([
-                probe_addr,
-                SocketAddr::new(args.metrics_address, args.metrics_port),
+                served(ports::Role::Probe, probe_addr),
+                served(
+                    ports::Role::Metrics,
+                    SocketAddr::new(args.metrics_address, args.metrics_port),
+                ),
             ])
             .collect();
-        // Stopped while waiting (a rollback, a drain): go, as told.
+        // Stopped while waiting (a rollback, a drain): go, as told, and
+        // leave nothing of this agent's attached.
         tokio::select! {
-            () = wait_until_released(&ports) => {}
-            stopped = wait_for_signal() => {
-                stopped?;
+            () = ports::wait_until_released(&ports) => {}
+            () = stop.requested() => {
                 info!("stopped while waiting for the agent's ports");
+                release_programs(attribution.as_deref());
                 return Ok(());
             }
         }
@@ -330,7 +337,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    wait_for_signal().await?;
+    stop.requested().await;
     // Stopped before a successor took over (the kubelet does not wait for
     // one): keep serving a moment, so a successor starting now takes the
     // listeners with their queued connections instead of finding them gone.
@@ -370,18 +377,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let (Some(predecessor), true) = (predecessor.get(), succeeded) {
         predecessor.handed_on();
     }
-    // Last, once every connection this agent accepted has been answered:
-    // its programs go unless another agent (a successor of the same build,
-    // or the predecessor) holds them, so an uninstall leaves nothing
-    // attached and an upgrade loses nothing.
-    if let Some(attribution) = &attribution {
+    // Last, once every connection this agent accepted has been answered.
+    release_programs(attribution.as_deref());
+    Ok(())
+}
+
+/// This agent's programs go unless another agent (a successor of the same
+/// build, or the predecessor) holds them, so an uninstall leaves nothing
+/// attached and an upgrade loses nothing.
+fn release_programs(attribution: Option<&Attribution>) {
+    if let Some(attribution) = attribution {
         match attribution.release() {
             Ok(true) => info!("kernel programs unpinned: no other agent uses them"),
             Ok(false) => {}
             Err(e) => warn!(error = %e, "unpinning the kernel programs failed"),
         }
     }
-    Ok(())
 }
 
 /// Whether `err` comes from a permission the process lacks (a capability
@@ -414,44 +425,6 @@ const DESCRIPTOR_MARGIN: usize = 256;
 
 /// Raises the soft descriptor limit to the hard one; returns the new soft
 /// limit.
-/// How often a port held by another process is tried, and how often the
-/// wait is said again.
-const PORT_POLL: Duration = Duration::from_millis(100);
-const PORT_WAIT_NOTICE: Duration = Duration::from_secs(30);
-
-/// Returns once none of `addrs` is in use (one failing otherwise — no link
-/// holds it, say — is left to binding it for real to report), saying while
-/// it waits. All of them: the agent that holds them closes them one by one
-/// as it stops, and one still held now would be missing for good.
-async fn wait_until_released(addrs: &[SocketAddr]) {
-    let started = std::time::Instant::now();
-    let mut said: Option<std::time::Instant> = None;
-    loop {
-        let held = addrs.iter().find(|addr| {
-            std::net::TcpListener::bind(addr)
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
-        });
-        let Some(addr) = held else {
-            break;
-        };
-        if said.is_none_or(|at| at.elapsed() >= PORT_WAIT_NOTICE) {
-            warn!(
-                %addr,
-                waited_s = started.elapsed().as_secs(),
-                "the agent's ports are held and nothing was handed over (an agent without a handover, or another program): waiting for them to be released"
-            );
-            said = Some(std::time::Instant::now());
-        }
-        tokio::time::sleep(PORT_POLL).await;
-    }
-    if said.is_some() {
-        info!(
-            waited_ms = started.elapsed().as_millis() as u64,
-            "the agent's ports were released; binding"
-        );
-    }
-}
-
 fn raise_descriptor_limit() -> std::io::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -735,14 +708,29 @@ async fn pod_housekeeping(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+/// SIGTERM and SIGINT, listened for from before the agent may wait for its
+/// ports until it stops: once tokio handles a signal it handles it for good
+/// (the default action, exiting, is gone), and a signal arriving while no
+/// receiver exists is lost — so one pair of receivers throughout.
+struct Stop {
+    term: Signal,
+    int: Signal,
+}
+
+impl Stop {
+    fn install() -> anyhow::Result<Stop> {
+        Ok(Stop {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM"),
+            _ = self.int.recv() => info!("SIGINT"),
+        }
+    }
 }
 
 /// Says precisely which served address no link holds (init not run, or

@@ -181,6 +181,12 @@ fn relay(
     use std::os::fd::AsRawFd as _;
 
     let listener = Listener::bind(path).map_err(|e| format!("bind: {e}"))?;
+    // The test waits on this process: never longer than a minute.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(60));
+        eprintln!("relay: no handover within 60 s");
+        std::process::exit(3);
+    });
     let taker = listener.accept().map_err(|e| e.to_string())?;
     let giver = Channel::connect(real).map_err(|e| format!("connect: {e}"))?;
     let pass = |from: &Channel, to: &Channel| -> Result<_, String> {
