@@ -149,25 +149,17 @@ pub struct Entry {
 impl Entry {
     /// Fresh credentials, due for renewal after `retention` (halfway
     /// through short lives, at the latest [`ASK_MARGIN`] before expiry, so
-    /// an SDK asking within its window finds them due).
-    /// `advertise`: their answer says when to ask again (a cache), else
-    /// when they expire (no cache: nothing to renew).
-    fn new(
-        mut assumed: Assumed,
-        token_hash: Digest,
-        retention: Duration,
-        epoch: Instant,
-        advertise: bool,
-    ) -> Entry {
+    /// an SDK asking within its window finds them due). With a cache their
+    /// answer says when to ask again; without one (zero retention: nothing
+    /// to renew) when they expire.
+    fn new(mut assumed: Assumed, token_hash: Digest, retention: Duration, epoch: Instant) -> Entry {
         let now = Instant::now();
-        let lifetime = assumed
-            .expiration
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
+        let wall = SystemTime::now();
+        let lifetime = assumed.expiration.duration_since(wall).unwrap_or_default();
         let margin = (lifetime / 2).min(ASK_MARGIN);
         let renew_in = retention.min(lifetime.saturating_sub(margin));
         // Straight from EKS Auth, the answer says the real expiration.
-        if advertise && SystemTime::now() + renew_in + ASK_MARGIN < assumed.expiration {
+        if !retention.is_zero() && wall + renew_in + ASK_MARGIN < assumed.expiration {
             assumed.answer = advertised(&assumed, renew_in + ASK_MARGIN);
         }
         let due_at = millis_since(epoch, now + renew_in);
@@ -457,15 +449,13 @@ impl CredentialCache {
             if purpose == Purpose::Renewal {
                 inner.count_renewal(task_key, result.as_ref().err());
             }
+            let epoch = inner.epoch;
             let result = result.map(|assumed| {
-                let retention = inner.options.retention;
-                let advertise = inner.cache.is_some();
                 Arc::new(Entry::new(
                     assumed,
                     presented,
-                    retention,
-                    inner.epoch,
-                    advertise,
+                    inner.options.retention,
+                    epoch,
                 ))
             });
             if let Some(cache) = &inner.cache {
@@ -474,19 +464,26 @@ impl CredentialCache {
                 cache
                     .entry(task_key.clone())
                     .and_compute_with(|current| async move {
-                        let ours = current.is_some_and(|c| c.value().token_hash == presented);
-                        match entry {
+                        let ours = current.filter(|c| c.value().token_hash == presented);
+                        match (entry, ours) {
                             // A miss: the token just presented is the
                             // identity's now.
-                            Some(entry) if purpose == Purpose::Miss => Op::Put(entry),
+                            (Some(entry), _) if purpose == Purpose::Miss => Op::Put(entry),
                             // A renewal replaces only its own token's entry:
                             // not one a newer token made meanwhile, nor one
                             // evicted (a pod gone) meanwhile.
-                            Some(entry) if ours => Op::Put(entry),
+                            (Some(entry), Some(_)) => Op::Put(entry),
                             // Only EKS Auth refusing the entry's own token
                             // evicts it: a refused forgery must not take a
                             // genuine entry down with it.
-                            None if refused && ours => Op::Remove,
+                            (None, Some(_)) if refused => Op::Remove,
+                            // A renewal that failed for now keeps the
+                            // credentials, tried again in a minute — here,
+                            // whether or not the request that took it on
+                            // still waits for it.
+                            (None, Some(current)) if purpose == Purpose::Renewal => {
+                                Op::Put(Arc::new(current.value().kept(RENEWAL_RETRY, epoch)))
+                            }
                             _ => Op::Nop,
                         }
                     })
@@ -832,6 +829,37 @@ mod tests {
                 "advertised in {advertised:?}"
             );
         }
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "retried at once");
+    }
+
+    /// A renewal that fails for now keeps the credentials even when the
+    /// request that took it on went away: the entry is replaced (next try
+    /// a minute away), not left due for every request to re-advertise.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_renewal_whose_request_went_away_still_keeps_the_entry() {
+        let upstream = FakeUpstream::new(Duration::from_millis(100), Duration::from_secs(3600));
+        let creds = credentials(upstream.clone(), RETENTION);
+        let key = CacheKey::TokenHash(digest("t"));
+        due(&creds, std::slice::from_ref(&key)).await;
+        let cached = creds.inner.cache.as_ref().unwrap().get(&key).await.unwrap();
+        *upstream.fail_with.lock().unwrap() = Some(UpstreamError::no_answer(
+            crate::upstream::NoAnswer::Unreachable,
+            "down",
+        ));
+        let taker = tokio::spawn({
+            let (creds, key) = (creds.clone(), key.clone());
+            async move { creds.get(&key, "t", digest("t")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        taker.abort();
+        let cache = creds.inner.cache.as_ref().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::ptr_eq(&cache.get(&key).await.unwrap(), &cached) {
+            assert!(Instant::now() < deadline, "the due entry was left in place");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (entry, source) = creds.get(&key, "t", digest("t")).await.unwrap();
+        assert_eq!((source, key_id(&entry).as_str()), (Source::Cache, "ASIA0"));
         assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "retried at once");
     }
 

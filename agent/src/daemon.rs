@@ -114,6 +114,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // are held by it and stay.
     retire_other_generations(attribution.as_deref());
     let probe_addr = SocketAddr::from(([127, 0, 0, 1], args.probe_port));
+    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
     // Nothing handed over, yet the listeners may be held: by an agent that
     // offers no handover (no pinned programs, so no key to prove a
     // successor with) or whose handover failed. Wait for it to go rather
@@ -129,10 +130,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .map(|host| served(ports::Role::Credentials, SocketAddr::new(*host, args.port)))
             .chain([
                 served(ports::Role::Probe, probe_addr),
-                served(
-                    ports::Role::Metrics,
-                    SocketAddr::new(args.metrics_address, args.metrics_port),
-                ),
+                served(ports::Role::Metrics, metrics_addr),
             ])
             .collect();
         // Stopped while waiting (a rollback, a drain): go, as told, and
@@ -156,7 +154,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let probe_listener = open(probe_addr, attributed).with_context(|| {
         format!("binding the probe port {probe_addr} (is another process, e.g. containerd, using it? set --probe-port)")
     })?;
-    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
     let metrics_listener = open(metrics_addr, false)
         .with_context(|| format!("binding the metrics port {metrics_addr} (set --metrics-port)"))?;
     // Every listener taken: the previous agent, if any, is in place before

@@ -323,8 +323,7 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
     );
     env.agent
         .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
+    pod_a_is_served(&env)?;
     // Root poses as the serving agent for the next agent to start.
     env.agent.kill()?;
     // It names the real generation (its pins outlive the agent), so the
@@ -336,24 +335,54 @@ fn the_handover_socket_trusts_no_root_process_without_the_agents_key() -> Result
         .context("no pinned generation")?;
     // The dead agent's socket file stays; the impostor's replaces it.
     std::fs::remove_file(&socket)?;
-    let giver = impostor(&env, &intruder, None, &["give", &generation])?;
-    wait_for("the impostor to listen", Duration::from_secs(30), || {
-        Ok(socket.exists())
-    })?;
+    let giver = posing_as_the_serving_agent(&env, &intruder, &["give", &generation])?;
     let args = env.agent_args("enforce", &args());
     env.agent = AgentProcess::start(&env.node.netns, &args)?;
     env.agent
         .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
-    let given = finish(giver, "impostor give")?;
-    ensure!(
-        !given["outcome"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("Serving"),
-        "the agent served on an impostor's sockets: {given}"
-    );
+    not_served_by(giver)?;
+    pod_a_is_served(&env)?;
+    Ok(())
+}
+
+/// Pod A's SDK gets credentials from the agent serving now.
+fn pod_a_is_served(env: &Served) -> Result<()> {
     let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
     ensure!(served["access_key_id"].is_string(), "{served}");
+    Ok(())
+}
+
+/// `pod-client impostor give …` in `cgroup`, once it listens at the
+/// handover socket.
+fn posing_as_the_serving_agent(env: &Served, cgroup: &Path, give: &[&str]) -> Result<Child> {
+    let giver = impostor(env, cgroup, None, give)?;
+    let socket = env.node.netns.handover_socket();
+    wait_for("the impostor to listen", Duration::from_secs(30), || {
+        Ok(socket.exists())
+    })?;
+    Ok(giver)
+}
+
+/// An impostor posing as the serving agent was not told by the starting
+/// agent that it serves on the impostor's sockets.
+fn not_served_by(giver: Child) -> Result<()> {
+    let given = finish(giver, "impostor give")?;
+    let said = given["outcome"].as_str().unwrap_or_default();
+    ensure!(
+        !said.contains("Serving"),
+        "the agent served on an impostor's sockets: {given}"
+    );
+    Ok(())
+}
+
+/// `successor`, handed nothing, waits while the serving agent holds the
+/// ports (pod A still served), and serves once it is stopped.
+fn serves_once_the_old_agent_is_gone(env: &mut Served, mut successor: AgentProcess) -> Result<()> {
+    successor.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
+    pod_a_is_served(env)?;
+    std::mem::replace(&mut env.agent, successor).terminate(Duration::from_secs(30))?;
+    env.agent
+        .wait_for_log("\"msg\":\"serving\"", Duration::from_secs(60))?;
     Ok(())
 }
 
@@ -413,7 +442,7 @@ fn a_root_process_relaying_a_handover_between_two_agents_gets_no_listeners() -> 
     wait_for("the relay in place", Duration::from_secs(30), || {
         Ok(aside.exists() && socket.exists())
     })?;
-    let mut successor =
+    let successor =
         AgentProcess::spawn(&env.node.netns, &env.agent_args("enforce", &args()), None)?;
     let relayed = finish(relay, "impostor relay")?;
     ensure!(
@@ -423,14 +452,8 @@ fn a_root_process_relaying_a_handover_between_two_agents_gets_no_listeners() -> 
     // Each agent's proof named the relay's socket, not the other agent's.
     env.agent
         .wait_for_log("could not prove it holds", Duration::from_secs(30))?;
-    successor.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
-    std::mem::replace(&mut env.agent, successor).terminate(Duration::from_secs(30))?;
-    env.agent
-        .wait_for_log("\"msg\":\"serving\"", Duration::from_secs(60))?;
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
+    serves_once_the_old_agent_is_gone(&mut env, successor)?;
+    pod_a_is_served(&env)?;
     Ok(())
 }
 
@@ -460,25 +483,14 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
     // (in the hostPath directory, which outlives every agent).
     env.agent.kill()?;
     std::fs::create_dir_all(socket.parent().context("handover directory")?)?;
-    let giver = impostor(&env, &intruder, None, &["give"])?;
-    wait_for("the impostor to listen", Duration::from_secs(30), || {
-        Ok(socket.exists())
-    })?;
+    let giver = posing_as_the_serving_agent(&env, &intruder, &["give"])?;
     env.agent = AgentProcess::start(&env.node.netns, &env.agent_args("off", &args()))?;
     env.agent.wait_for_log(
         "did not hand over; binding our own listeners",
         Duration::from_secs(30),
     )?;
-    let given = finish(giver, "impostor give")?;
-    ensure!(
-        !given["outcome"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("Serving"),
-        "the agent took an impostor's word that it serves: {given}"
-    );
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
+    not_served_by(giver)?;
+    pod_a_is_served(&env)?;
     // Stopped while it waits for the ports (a rollback, a drain): it goes.
     let mut waiting = AgentProcess::spawn(&env.node.netns, &env.agent_args("off", &args()), None)?;
     waiting.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
@@ -488,21 +500,14 @@ fn without_attribution_no_root_process_gets_or_gives_the_listeners() -> Result<(
     // A surge update without a handover: the new agent waits (it does not
     // exit, or the old pod would never be removed), and binds once the old
     // agent is gone.
-    let mut successor =
-        AgentProcess::spawn(&env.node.netns, &env.agent_args("off", &args()), None)?;
-    successor.wait_for_log("held and nothing was handed over", Duration::from_secs(60))?;
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
-    std::mem::replace(&mut env.agent, successor).terminate(Duration::from_secs(30))?;
-    env.agent
-        .wait_for_log("\"msg\":\"serving\"", Duration::from_secs(60))?;
+    let successor = AgentProcess::spawn(&env.node.netns, &env.agent_args("off", &args()), None)?;
+    serves_once_the_old_agent_is_gone(&mut env, successor)?;
     ensure!(
         env.agent.logs().contains("ports were released"),
         "{}",
         env.agent.logs()
     );
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
+    pod_a_is_served(&env)?;
     Ok(())
 }
 
@@ -657,7 +662,6 @@ fn init_with_an_agent_serving_changes_nothing() -> Result<()> {
         links()? == before,
         "init changed the node's links, addresses or routes while an agent served"
     );
-    let served = env.sdk_ok(Who::A, V4_URI, &env.own_token(Who::A)?)?;
-    ensure!(served["access_key_id"].is_string(), "{served}");
+    pod_a_is_served(&env)?;
     Ok(())
 }

@@ -36,7 +36,7 @@ use crate::{
     caller::cgroup::{CgroupResolver, PodLayout},
     serving::server::Accepting,
     telemetry::{
-        audit::{Auditor, ImdsAuditEvent},
+        audit::{Auditor, ImdsAuditEvent, Millis},
         metrics::Metrics,
     },
 };
@@ -329,7 +329,7 @@ impl Reader {
             }
         };
         ImdsAuditEvent {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: Millis(SystemTime::now()),
             event: "imds-connect",
             decision: decision_label(event.verdict.decision),
             reason: reason_label(event.verdict.reason),
@@ -415,7 +415,7 @@ impl Reader {
         for (_, pending) in self.pending.drain() {
             if pending.more > 0 {
                 let mut summary = pending.template;
-                summary.time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+                summary.time = Millis(SystemTime::now());
                 summary.count = pending.more;
                 summary.aggregated = true;
                 self.cx.auditor.emit_imds(&summary);

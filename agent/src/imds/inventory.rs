@@ -111,13 +111,17 @@ struct PodCgroup {
 }
 
 impl PodCgroup {
-    fn new(uid: String, id: u64) -> PodCgroup {
-        PodCgroup {
-            uid,
-            id,
-            first: None,
-            contested: false,
-        }
+    /// `known`, if it is this very cgroup (same id, same pod): what it was
+    /// first named stays. Else a cgroup not named yet.
+    fn same_or_new(known: Option<PodCgroup>, uid: String, id: u64) -> PodCgroup {
+        known
+            .filter(|c| c.id == id && c.uid == uid)
+            .unwrap_or(PodCgroup {
+                uid,
+                id,
+                first: None,
+                contested: false,
+            })
     }
 }
 
@@ -153,10 +157,7 @@ impl Inventory {
             inv.roots = found.roots.into_iter().collect();
             let mut known = std::mem::take(&mut inv.cgroups);
             for (path, uid, id) in found.pods {
-                let cgroup = known
-                    .remove(&path)
-                    .filter(|c| c.id == id && c.uid == uid)
-                    .unwrap_or_else(|| PodCgroup::new(uid, id));
+                let cgroup = PodCgroup::same_or_new(known.remove(&path), uid, id);
                 inv.cgroups.insert(path, cgroup);
             }
             inv.named.clear();
@@ -168,11 +169,7 @@ impl Inventory {
 
     pub fn pod_cgroup_found(&mut self, path: String, uid: String, id: u64) -> Vec<Change> {
         self.update(|inv| {
-            let cgroup = inv
-                .cgroups
-                .remove(&path)
-                .filter(|c| c.id == id && c.uid == uid)
-                .unwrap_or_else(|| PodCgroup::new(uid, id));
+            let cgroup = PodCgroup::same_or_new(inv.cgroups.remove(&path), uid, id);
             inv.cgroups.insert(path, cgroup);
         })
     }
@@ -470,5 +467,23 @@ mod tests {
         });
         assert!(fresh.log_dir_gone(&genuine).is_empty());
         assert_eq!(fresh.verdicts().get(&11), None);
+        // A forger that wins the race (its directory before the kubelet's,
+        // the pod cgroup already there) is trusted — until the kubelet's
+        // directory appears: then the pod is classified by neither while
+        // its cgroup lives. The window is the kubelet's, not closable here.
+        let (_, _, mut raced) = enforce_allowing_kube_system();
+        raced.resync(Found {
+            roots: vec![("kubepods".into(), 10)],
+            pods: vec![("kubepods/podA".into(), UID_A.into(), 11)],
+            logs: vec![],
+        });
+        let allowed = raced.log_dir_found(&forged);
+        assert!(
+            matches!(allowed[..], [Change::Set(11, v)] if v.decision == IMDS_ALLOW),
+            "{allowed:?}"
+        );
+        assert_eq!(raced.log_dir_found(&genuine), vec![Change::Remove(11)]);
+        assert!(raced.log_dir_gone(&forged).is_empty());
+        assert_eq!(raced.verdicts().get(&11), None);
     }
 }

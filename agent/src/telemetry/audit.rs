@@ -88,7 +88,7 @@ impl Serialize for Millis {
 /// `count` further connects of the same pod and decision in one interval).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ImdsAuditEvent {
-    pub time: String,
+    pub time: Millis,
     /// Always `imds-connect`: tells these from credential requests.
     pub event: &'static str,
     /// `allow`, `deny`, or `audit-only`.
