@@ -116,7 +116,7 @@ pub fn features() -> &'static Features {
 /// ```
 #[derive(Debug)]
 pub struct EbpfLoader<'a> {
-    btf: Option<Cow<'a, Btf>>,
+    btf: TargetBtf<'a>,
     default_map_pin_directory: Option<PathBuf>,
     globals: HashMap<&'a str, (&'a [u8], bool)>,
     // Max entries overrides the max_entries field of the map that matches the provided name
@@ -129,6 +129,20 @@ pub struct EbpfLoader<'a> {
     extensions: HashSet<&'a str>,
     verifier_log_level: VerifierLogLevel,
     allow_unsupported_maps: bool,
+}
+
+/// The BTF an object's CO-RE relocations are resolved against.
+///
+/// Patched (see `third_party/aya/PATCHES.md`): 0.14.0 parsed the kernel's
+/// BTF in `EbpfLoader::new()`, whether or not the object had a relocation
+/// to resolve — several MiB read and parsed on every load.
+#[derive(Debug)]
+enum TargetBtf<'a> {
+    /// The kernel's (`/sys/kernel/btf/vmlinux`), read when the object has
+    /// CO-RE relocations and only then.
+    Kernel,
+    /// What the caller passed to [`EbpfLoader::btf`].
+    Given(Option<Cow<'a, Btf>>),
 }
 
 /// Builder style API for advanced loading of eBPF programs.
@@ -160,7 +174,7 @@ impl<'a> EbpfLoader<'a> {
     /// Creates a new loader instance.
     pub fn new() -> Self {
         Self {
-            btf: Btf::from_sys_fs().ok().map(Cow::Owned),
+            btf: TargetBtf::Kernel,
             default_map_pin_directory: None,
             globals: HashMap::new(),
             max_entries: HashMap::new(),
@@ -173,7 +187,8 @@ impl<'a> EbpfLoader<'a> {
 
     /// Sets the target [BTF](Btf) info.
     ///
-    /// The loader defaults to loading `BTF` info using [`Btf::from_sys_fs`].
+    /// The loader defaults to loading `BTF` info using [`Btf::from_sys_fs`],
+    /// when the object has relocations to resolve.
     /// Use this method if you want to load `BTF` from a custom location or
     /// pass `None` to disable `BTF` relocations entirely.
     /// # Example
@@ -189,7 +204,7 @@ impl<'a> EbpfLoader<'a> {
     /// # Ok::<(), aya::EbpfError>(())
     /// ```
     pub fn btf(&mut self, btf: Option<&'a Btf>) -> &mut Self {
-        self.btf = btf.map(Cow::Borrowed);
+        self.btf = TargetBtf::Given(btf.map(Cow::Borrowed));
         self
     }
 
@@ -492,7 +507,16 @@ impl<'a> EbpfLoader<'a> {
             None
         };
 
-        if let Some(btf) = &btf {
+        let kernel_btf;
+        let btf = match btf {
+            TargetBtf::Given(btf) => btf.as_deref(),
+            TargetBtf::Kernel if obj.has_btf_relocations() => {
+                kernel_btf = Btf::from_sys_fs().ok();
+                kernel_btf.as_ref()
+            }
+            TargetBtf::Kernel => None,
+        };
+        if let Some(btf) = btf {
             obj.relocate_btf(btf)?;
         }
 
