@@ -27,7 +27,11 @@ use std::{
 /// before it is written.
 pub const GATHER: Duration = Duration::from_millis(5);
 
-/// A buffer this large is given back after a burst (idle memory).
+/// Buffers larger than this are given back when the writer goes idle
+/// (idle memory). Not sooner: under steady load a batch is about as large
+/// as the last one, and a buffer given back after every batch was regrown
+/// by a chain of reallocations for the next — measured at ~0.5 µs per
+/// request at 80 000 requests a second, whose batches straddle this size.
 const KEEP_CAPACITY: usize = 256 * 1024;
 
 /// The appending side. Cheap to clone; every clone feeds the same thread.
@@ -152,6 +156,26 @@ impl Shared {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Once no line arrived while a batch was written, the burst is over:
+    /// both buffers go back to the allocator if they grew large (freed
+    /// outside the lock).
+    fn give_back_if_idle(&self, batch: &mut Vec<u8>) {
+        let mut pending = self.lock();
+        if !pending.bytes.is_empty() {
+            return;
+        }
+        let other = if pending.bytes.capacity() > KEEP_CAPACITY {
+            mem::take(&mut pending.bytes)
+        } else {
+            Vec::new()
+        };
+        drop(pending);
+        drop(other);
+        if batch.capacity() > KEEP_CAPACITY {
+            *batch = Vec::new();
+        }
+    }
+
     fn run<W: Write>(&self, mut out: W) {
         let mut batch = Vec::new();
         // A failed write may have left a partial line: the next batch
@@ -187,9 +211,7 @@ impl Shared {
                 }
             }
             batch.clear();
-            if batch.capacity() > KEEP_CAPACITY {
-                batch = Vec::new();
-            }
+            self.give_back_if_idle(&mut batch);
             if closing {
                 return;
             }
