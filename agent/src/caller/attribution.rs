@@ -56,9 +56,33 @@ pub struct Opener {
 }
 
 impl Opener {
-    /// The connecting thread's name, as text.
-    pub fn process_name(&self) -> String {
-        String::from_utf8_lossy(agent_ebpf::comm_str(&self.comm)).into_owned()
+    /// The connecting thread's name; `None` if the kernel gave none.
+    pub fn process(&self) -> Option<Comm> {
+        let comm = Comm(self.comm);
+        (!comm.bytes().is_empty()).then_some(comm)
+    }
+}
+
+/// A thread's name as the kernel keeps it (`comm`, NUL-padded): copied,
+/// never allocated, and written as text only where it is written out (the
+/// audit event of every request names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Comm([u8; agent_ebpf::COMM_LEN]);
+
+impl Comm {
+    fn bytes(&self) -> &[u8] {
+        agent_ebpf::comm_str(&self.0)
+    }
+
+    /// As text (borrowed unless the name is not UTF-8).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.bytes())
+    }
+}
+
+impl serde::Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text())
     }
 }
 

@@ -13,7 +13,7 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    caller::attribution::{Accepted, AttributionError, Opener, OpenerLookup},
+    caller::attribution::{Accepted, AttributionError, Comm, Opener, OpenerLookup},
     caller::cgroup::{CgroupError, CgroupResolver, PodLayout},
     caller::policy::{Caller, Unresolved},
     caller::syn::SavedSyn,
@@ -29,10 +29,8 @@ pub struct Identified {
 
 impl Identified {
     /// `comm` of the calling thread, from the kernel.
-    pub fn process(&self) -> Option<String> {
-        self.kernel
-            .map(|k| k.process_name())
-            .filter(|n| !n.is_empty())
+    pub fn process(&self) -> Option<Comm> {
+        self.kernel.and_then(|k| k.process())
     }
 }
 

@@ -212,14 +212,26 @@ pub fn before_upstream(
             caller_pod: pod.pod_uid.to_string(),
         });
     }
-    let expected = format!(
-        "system:serviceaccount:{}:{}",
-        claims.namespace().unwrap_or_default(),
-        claims.service_account().unwrap_or_default()
-    );
-    let sub = claims.sub.clone().unwrap_or_default();
-    if claims.namespace().is_none() || claims.service_account().is_none() || sub != expected {
-        return Err(Violation::SubjectMismatch { sub, expected });
+    // Compared in place (this runs on every request); spelled out only
+    // for the refusal.
+    let sub = claims.sub.as_deref().unwrap_or_default();
+    let named = match (claims.namespace(), claims.service_account()) {
+        (Some(namespace), Some(service_account)) => sub
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.strip_prefix(namespace))
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|rest| rest == service_account),
+        _ => false,
+    };
+    if !named {
+        return Err(Violation::SubjectMismatch {
+            sub: sub.to_owned(),
+            expected: format!(
+                "system:serviceaccount:{}:{}",
+                claims.namespace().unwrap_or_default(),
+                claims.service_account().unwrap_or_default()
+            ),
+        });
     }
     if let (Some(token_node), Some(this_node)) = (claims.node_name(), this_node)
         && token_node != this_node
@@ -388,6 +400,36 @@ mod tests {
                 "forged sub",
                 pod(POD),
                 claims(Some(POD), "system:serviceaccount:kube-system:admin", None),
+                None,
+                Some("subject-mismatch"),
+            ),
+            // The subject is compared in place, part by part: only the
+            // exact string matches.
+            (
+                "sub with a longer service account",
+                pod(POD),
+                claims(Some(POD), "system:serviceaccount:default:app:x", None),
+                None,
+                Some("subject-mismatch"),
+            ),
+            (
+                "sub with a shorter service account",
+                pod(POD),
+                claims(Some(POD), "system:serviceaccount:default:ap", None),
+                None,
+                Some("subject-mismatch"),
+            ),
+            (
+                "sub without the separator",
+                pod(POD),
+                claims(Some(POD), "system:serviceaccount:defaultapp", None),
+                None,
+                Some("subject-mismatch"),
+            ),
+            (
+                "sub of a user",
+                pod(POD),
+                claims(Some(POD), "default:app", None),
                 None,
                 Some("subject-mismatch"),
             ),

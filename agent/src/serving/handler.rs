@@ -37,7 +37,7 @@ use crate::{
     serving::admission::Connection,
     serving::ratelimit::ClientRateLimiter,
     serving::server::{HttpResponse, go_error, not_found},
-    telemetry::audit::{AuditEvent, Auditor, Decision, Millis},
+    telemetry::audit::{AuditEvent, Auditor, Decision, Millis, Peer, TokenNames},
     telemetry::metrics::Metrics,
     token,
     upstream::Assumed,
@@ -115,7 +115,7 @@ pub async fn handle<B>(
     // method carries nothing, the token is the request.
     let mut event = AuditEvent {
         time: Millis(SystemTime::now()),
-        peer: conn.info.peer.to_string(),
+        peer: Peer(conn.info.peer),
         mode: state.mode(),
         ..AuditEvent::default()
     };
@@ -173,9 +173,7 @@ async fn answer<B>(
         Err(e) => return Rejection::Token(e).answer(state, client, event),
     };
     let claims = &parsed.claims;
-    event.namespace = claims.namespace().map(str::to_owned);
-    event.service_account = claims.service_account().map(str::to_owned);
-    event.pod_name = claims.pod_name().map(str::to_owned);
+    event.token = TokenNames(Some(parsed.clone()));
     if let Err(e) = token::validate_times(claims, SystemTime::now()) {
         return Rejection::Token(e).answer(state, client, event);
     }

@@ -8,10 +8,18 @@
 //! by a writer thread (a slow disk never holds a request; what it cannot
 //! keep up with is dropped and counted, see [`Auditor::lost`]).
 
-use std::{borrow::Cow, fs::OpenOptions, path::Path, sync::Arc, time::SystemTime};
+use std::{
+    borrow::Cow, cell::RefCell, fs::OpenOptions, net::SocketAddr, path::Path, sync::Arc,
+    time::SystemTime,
+};
 
 use serde::Serialize;
 use tracing::{info, warn};
+
+use crate::{
+    caller::attribution::Comm,
+    token::{Claims, Parsed},
+};
 
 use super::{
     logging::AUDIT_TARGET,
@@ -52,14 +60,14 @@ pub struct AuditEvent {
     pub mode: &'static str,
     /// Shared with the cached caller: no copy per request.
     pub pod_uid: Option<Arc<str>>,
-    pub namespace: Option<String>,
-    pub service_account: Option<String>,
-    pub pod_name: Option<String>,
+    /// `namespace`, `service_account`, `pod_name`.
+    #[serde(flatten)]
+    pub token: TokenNames,
     pub container_id: Option<Arc<str>>,
     pub pid: Option<u32>,
-    pub process: Option<String>,
+    pub process: Option<Comm>,
     pub cgroup_id: Option<u64>,
-    pub peer: String,
+    pub peer: Peer,
     /// Shared with the cache entry: no copy per request.
     pub association_id: Option<Arc<str>>,
     pub role_arn: Option<Arc<str>>,
@@ -81,6 +89,36 @@ impl Default for Millis {
 impl Serialize for Millis {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+/// What the token names — its namespace, service account and pod — read
+/// from the parsed token it shares (kept per connection): no copies per
+/// request.
+#[derive(Clone, Debug, Default)]
+pub struct TokenNames(pub Option<Arc<Parsed>>);
+
+impl Serialize for TokenNames {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let claims = self.0.as_ref().map(|parsed| &parsed.claims);
+        let mut names = s.serialize_struct("TokenNames", 3)?;
+        names.serialize_field("namespace", &claims.and_then(Claims::namespace))?;
+        names.serialize_field("service_account", &claims.and_then(Claims::service_account))?;
+        names.serialize_field("pod_name", &claims.and_then(Claims::pod_name))?;
+        names.end()
+    }
+}
+
+/// The client's address, written as `ip:port` text without a string of
+/// its own per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Peer(pub SocketAddr);
+
+impl Default for Peer {
+    fn default() -> Peer {
+        Peer(SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 }
 
@@ -126,6 +164,15 @@ struct AuditFile {
     _flush_on_drop: SpoolGuard,
 }
 
+thread_local! {
+    /// Each thread's buffer for encoding audit events (see
+    /// [`Auditor::encoded`]).
+    static EVENT_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer grown beyond this by a rare long event is not kept.
+const EVENT_BUFFER_KEPT: usize = 16 * 1024;
+
 /// Bytes of audit lines held while the disk is slow, at most.
 const PENDING_LIMIT: usize = 4 << 20;
 
@@ -154,54 +201,61 @@ impl Auditor {
     }
 
     pub fn emit(&self, event: &AuditEvent) {
-        let Some(json) = self.encode(event) else {
-            return;
-        };
-        // The request's one log line, with the reference agent's fields
-        // and the event as an object.
-        info!(
-            target: AUDIT_TARGET,
-            client_addr = event.peer,
-            cluster_name = self.cluster_name,
-            audit = json.as_str(),
-            "credential request"
-        );
-        self.append(json);
+        self.encoded(event, |json| {
+            // The request's one log line, with the reference agent's fields
+            // and the event as an object.
+            info!(
+                target: AUDIT_TARGET,
+                client_addr = %event.peer.0,
+                cluster_name = self.cluster_name,
+                audit = json,
+                "credential request"
+            );
+        });
     }
 
     /// An IMDS guard event: same sinks, same shape (the event as an
     /// `audit` object in the log line).
     pub fn emit_imds(&self, event: &ImdsAuditEvent) {
-        let Some(json) = self.encode(event) else {
-            return;
-        };
-        info!(
-            target: AUDIT_TARGET,
-            cluster_name = self.cluster_name,
-            audit = json.as_str(),
-            "imds connect"
-        );
-        self.append(json);
+        self.encoded(event, |json| {
+            info!(
+                target: AUDIT_TARGET,
+                cluster_name = self.cluster_name,
+                audit = json,
+                "imds connect"
+            );
+        });
     }
 
-    fn encode(&self, event: &impl Serialize) -> Option<String> {
-        match serde_json::to_string(event) {
+    /// Encodes `event` once, into this thread's buffer (a fresh string per
+    /// event was regrown three times on the way to a request's ~600
+    /// bytes), hands the encoding to `log`, then appends it to the file as
+    /// a line.
+    fn encoded(&self, event: &impl Serialize, log: impl FnOnce(&str)) {
+        let mut buffer = EVENT_BUFFER.try_with(RefCell::take).unwrap_or_default();
+        buffer.clear();
+        let json = serde_json::to_writer(&mut buffer, event)
+            .map_err(|e| e.to_string())
+            // serde_json writes UTF-8 only; checked, not assumed.
+            .and_then(|()| std::str::from_utf8(&buffer).map_err(|e| e.to_string()));
+        let encoded = match json {
             Ok(json) => {
                 self.metrics.audit_event();
-                Some(json)
+                log(json);
+                true
             }
             Err(e) => {
                 warn!(error = %e, "audit event could not be encoded");
-                None
+                false
             }
-        }
-    }
-
-    fn append(&self, mut json: String) {
-        if let Some(file) = &self.file {
-            json.push('\n');
+        };
+        if encoded && let Some(file) = &self.file {
+            buffer.push(b'\n');
             // Whole lines: those of concurrent requests never interleave.
-            file.spool.line(json.as_bytes());
+            file.spool.line(&buffer);
+        }
+        if buffer.capacity() <= EVENT_BUFFER_KEPT {
+            let _ = EVENT_BUFFER.try_with(|kept| kept.replace(buffer));
         }
     }
 
@@ -210,5 +264,84 @@ impl Auditor {
         self.file
             .as_ref()
             .map_or_else(Lost::default, |f| f.spool.lost())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        caller::attribution::Opener,
+        token::{KubernetesClaims, ObjectRef},
+    };
+
+    #[test]
+    fn each_event_is_one_whole_line_and_the_reused_buffer_carries_nothing_over() {
+        let dir = std::env::temp_dir().join(format!("epia-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let auditor = Auditor::new("c", Some(&path), Arc::new(Metrics::new())).unwrap();
+        let opener = Opener {
+            cgroup_id: 7,
+            pid: 42,
+            comm: *b"pod-client\0\0\0\0\0\0",
+        };
+        let named = |name: &str| ObjectRef {
+            name: Some(name.into()),
+            uid: None,
+        };
+        let parsed = Parsed {
+            raw: "t".into(),
+            claims: Claims {
+                kubernetes: Some(KubernetesClaims {
+                    namespace: Some("ns".into()),
+                    pod: Some(named("p")),
+                    serviceaccount: Some(named("sa")),
+                    node: None,
+                }),
+                ..Claims::default()
+            },
+            digest: [0; 32],
+        };
+        let long = AuditEvent {
+            peer: Peer("10.0.0.1:5".parse().unwrap()),
+            token: TokenNames(Some(Arc::new(parsed))),
+            pod_uid: Some("u".repeat(300).into()),
+            process: opener.process(),
+            pid: Some(opener.pid),
+            ..AuditEvent::default()
+        };
+        let short = AuditEvent {
+            peer: Peer("[fd00:ec2::23]:80".parse().unwrap()),
+            ..AuditEvent::default()
+        };
+        auditor.emit(&long);
+        auditor.emit(&short);
+        drop(auditor);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["peer"], "10.0.0.1:5");
+        assert_eq!(lines[0]["process"], "pod-client");
+        assert_eq!(lines[0]["pod_uid"].as_str().map(str::len), Some(300));
+        assert_eq!(
+            (
+                &lines[0]["namespace"],
+                &lines[0]["service_account"],
+                &lines[0]["pod_name"]
+            ),
+            (&"ns".into(), &"sa".into(), &"p".into())
+        );
+        assert_eq!(lines[1]["peer"], "[fd00:ec2::23]:80");
+        assert_eq!(lines[1]["process"], serde_json::Value::Null);
+        assert_eq!(lines[1]["pod_uid"], serde_json::Value::Null);
+        for name in ["namespace", "service_account", "pod_name"] {
+            assert_eq!(lines[1][name], serde_json::Value::Null, "{name}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
