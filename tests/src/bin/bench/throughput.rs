@@ -5,6 +5,12 @@
 //! connection), keep-alive and with a new connection per request, for
 //! attribution off, audit and enforce. Rounds interleave agent and nginx so
 //! both see the same machine; each cell is the median of its rounds.
+//!
+//! Beside requests per second, each server's own CPU time per request
+//! (its threads' or processes' on-CPU time from schedstat over the run,
+//! divided by the requests wrk counted): on two cores shared with wrk,
+//! requests per second also depend on how the scheduler splits them,
+//! while CPU per request is what a node pays for each answer.
 
 use std::{
     net::SocketAddr,
@@ -32,12 +38,14 @@ const CONNECTIONS: &str = "64";
 /// Where nginx listens, beside the agent.
 const NGINX_PORT: u16 = 8080;
 
-/// One wrk run: requests per second and latency percentiles (ms).
+/// One wrk run: requests per second, latency percentiles (ms) and the
+/// server's CPU time per request (µs).
 #[derive(Clone, Copy, Default)]
 struct Run {
     rps: f64,
     p50: f64,
     p99: f64,
+    cpu_us: f64,
 }
 
 /// What the two servers are compared under.
@@ -82,9 +90,16 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
                 std::fs::write(www.path().join("credentials"), &answer)?;
                 nginx = Some(Nginx::start(cluster, www.path())?);
             }
+            let nginx_pids = nginx.as_ref().map(Nginx::pids).transpose()?;
             for (k, connections) in KINDS.into_iter().enumerate() {
-                let ours = wrk(cluster, &agent_url, token, connections)?;
-                let theirs = wrk(cluster, &nginx_url, token, connections)?;
+                let ours = wrk(cluster, &agent_url, token, connections, &[agent.pid()])?;
+                let theirs = wrk(
+                    cluster,
+                    &nginx_url,
+                    token,
+                    connections,
+                    nginx_pids.as_deref().unwrap_or_default(),
+                )?;
                 runs[m][k].0.push(ours);
                 runs[m][k].1.push(theirs);
             }
@@ -103,7 +118,7 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
         std::fs::metadata(www.path().join("credentials"))?.len()
     );
     println!(
-        "{:<8} {:<15} {:>11} {:>11} {:>6}   {:>15} {:>15} {:>9}",
+        "{:<8} {:<15} {:>11} {:>11} {:>6}   {:>15} {:>15} {:>9}   {:>17}",
         "mode",
         "connections",
         "agent rps",
@@ -111,11 +126,12 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
         "ratio",
         "agent p50/p99",
         "nginx p50/p99",
-        "p99 ratio"
+        "p99 ratio",
+        "CPU µs/req a / n"
     );
     for (mode, connections, ours, theirs) in &table {
         println!(
-            "{:<8} {:<15} {:>11.0} {:>11.0} {:>6.2}   {:>6.2}/{:<6.2}ms {:>6.2}/{:<6.2}ms {:>9.2}",
+            "{:<8} {:<15} {:>11.0} {:>11.0} {:>6.2}   {:>6.2}/{:<6.2}ms {:>6.2}/{:<6.2}ms {:>9.2}   {:>7.2} / {:<7.2}",
             mode,
             connections.label(),
             ours.rps,
@@ -125,7 +141,9 @@ pub fn run(cluster: &Cluster, token_file: &Path, goals: &mut Goals) -> Result<()
             ours.p99,
             theirs.p50,
             theirs.p99,
-            ours.p99 / theirs.p99
+            ours.p99 / theirs.p99,
+            ours.cpu_us,
+            theirs.cpu_us
         );
     }
     for connections in [Connections::KeepAlive, Connections::NewPerRequest] {
@@ -188,8 +206,14 @@ fn first_answer(cluster: &Cluster, token: &str) -> Result<String> {
     }
 }
 
-/// wrk as pod A against `url`.
-fn wrk(cluster: &Cluster, url: &str, token: &str, connections: Connections) -> Result<Run> {
+/// wrk as pod A against `url`, served by the processes `server`.
+fn wrk(
+    cluster: &Cluster,
+    url: &str,
+    token: &str,
+    connections: Connections,
+    server: &[u32],
+) -> Result<Run> {
     let mut cmd = pod_command(
         Path::new("/usr/bin/wrk"),
         &cluster.cg_a,
@@ -201,10 +225,12 @@ fn wrk(cluster: &Cluster, url: &str, token: &str, connections: Connections) -> R
     if let Connections::NewPerRequest = connections {
         cmd.args(["-H", "Connection: close"]);
     }
+    let cpu_before = on_cpu_ns(server)?;
     let out = cmd
         .arg(url)
         .output()
         .context("run wrk (cargo xtask setup installs it)")?;
+    let cpu = on_cpu_ns(server)?.saturating_sub(cpu_before);
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),
@@ -224,11 +250,41 @@ fn wrk(cluster: &Cluster, url: &str, token: &str, connections: Connections) -> R
     let rps = field("Requests/sec:")
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    // "  123456 requests in 3.00s, 45.6MB read"
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
     Ok(Run {
         rps,
         p50: field("50%").and_then(millis).unwrap_or(f64::NAN),
         p99: field("99%").and_then(millis).unwrap_or(f64::NAN),
+        cpu_us: cpu as f64 / 1e3 / requests.max(1.0),
     })
+}
+
+/// Nanoseconds `pids` (every thread of each) have run on a CPU so far,
+/// from `/proc/<pid>/task/<tid>/schedstat` (its first field).
+fn on_cpu_ns(pids: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("threads of {pid}"))?;
+        for task in tasks {
+            let path = task?.path().join("schedstat");
+            // A thread that ended meanwhile is gone with its time.
+            let Ok(stat) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .with_context(|| format!("{}: {stat:?}", path.display()))?;
+        }
+    }
+    Ok(total)
 }
 
 /// wrk's `412.00us` / `2.10ms` / `1.02s` in milliseconds.
@@ -257,6 +313,20 @@ struct Nginx {
 }
 
 impl Nginx {
+    /// The master and its workers.
+    fn pids(&self) -> Result<Vec<u32>> {
+        let master = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .context("nginx's workers")?;
+        let mut pids = vec![master];
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+        Ok(pids)
+    }
+
     fn start(cluster: &Cluster, www: &Path) -> Result<Nginx> {
         let conf = www.join("nginx.conf");
         std::fs::write(
