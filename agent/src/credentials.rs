@@ -95,7 +95,16 @@ impl CacheKey {
     /// namespace and a service-account name); if forged claims did, the
     /// entry still answers only the token EKS Auth accepted.
     pub fn pod(uid: &str, namespace: &str, service_account: &str) -> CacheKey {
-        CacheKey::Pod(format!("{uid}/{namespace}/{service_account}").into_boxed_str())
+        // Sized once (a `format!` grew its string twice, per request).
+        let mut key =
+            String::with_capacity(uid.len() + namespace.len() + service_account.len() + 2);
+        for (i, part) in [uid, namespace, service_account].into_iter().enumerate() {
+            if i > 0 {
+                key.push('/');
+            }
+            key.push_str(part);
+        }
+        CacheKey::Pod(key.into_boxed_str())
     }
 }
 
@@ -978,6 +987,14 @@ mod tests {
             upstream.calls.load(Ordering::SeqCst),
             1,
             "the aborted request's call was redone"
+        );
+    }
+
+    #[test]
+    fn a_pods_key_is_uid_namespace_and_service_account() {
+        assert_eq!(
+            CacheKey::pod("0f1e-2d", "ns", "sa"),
+            CacheKey::Pod("0f1e-2d/ns/sa".into())
         );
     }
 

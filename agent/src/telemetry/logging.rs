@@ -303,6 +303,41 @@ impl Line {
     }
 }
 
+/// Writes what is formatted into it as the inside of a JSON string,
+/// escaped as serde_json escapes (`"`, `\\`, and control characters).
+struct Escaped<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain = 0;
+        for (i, byte) in s.bytes().enumerate() {
+            let escape: &[u8] = match byte {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0..0x20 => b"",
+                _ => continue,
+            };
+            self.0.extend_from_slice(&s.as_bytes()[plain..i]);
+            if escape.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                self.0.extend_from_slice(b"\\u00");
+                self.0.push(HEX[usize::from(byte >> 4)]);
+                self.0.push(HEX[usize::from(byte & 0xf)]);
+            } else {
+                self.0.extend_from_slice(escape);
+            }
+            plain = i + 1;
+        }
+        self.0.extend_from_slice(&s.as_bytes()[plain..]);
+        Ok(())
+    }
+}
+
 impl tracing::field::Visit for Line {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.takes_record && field.name() == RECORD_FIELD && value.starts_with('{') {
@@ -312,8 +347,21 @@ impl tracing::field::Visit for Line {
         }
     }
 
+    /// Also every line's message (`fmt::Arguments`) and every `%`/`?`
+    /// field: formatted straight into the line, escaped as it goes, not
+    /// into a string of its own first.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put_str(field.name(), &format!("{value:?}"));
+        self.key(field.name());
+        let start = self.text.len();
+        self.text.push(b'"');
+        if fmt::Write::write_fmt(&mut Escaped(&mut self.text), format_args!("{value:?}")).is_ok() {
+            self.text.push(b'"');
+        } else {
+            // A Debug that failed midway: an empty value, not a torn line.
+            self.text.truncate(start);
+            self.text.extend_from_slice(b"\"\"");
+        }
+        self.text.push(b',');
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -367,6 +415,16 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn messages_and_formatted_fields_are_escaped_in_place() {
+        let tricky = "q\"b\\s\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é";
+        let line =
+            line_of(|| tracing::info!(shown = %tricky, debugged = ?tricky, "m\"sg {tricky}"));
+        assert_eq!(line["shown"], tricky);
+        assert_eq!(line["debugged"], format!("{tricky:?}"));
+        assert_eq!(line["msg"], format!("m\"sg {tricky}"));
     }
 
     #[test]
