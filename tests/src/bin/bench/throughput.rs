@@ -7,8 +7,8 @@
 //! both see the same machine; each cell is the median of its rounds.
 //!
 //! Beside requests per second, each server's own CPU time per request
-//! (its threads' or processes' on-CPU time from schedstat over the run,
-//! divided by the requests wrk counted): on two cores shared with wrk,
+//! (its processes' user and system time over the run, divided by the
+//! requests wrk counted): on two cores shared with wrk,
 //! requests per second also depend on how the scheduler splits them,
 //! while CPU per request is what a node pays for each answer.
 
@@ -264,25 +264,32 @@ fn wrk(
     })
 }
 
-/// Nanoseconds `pids` (every thread of each) have run on a CPU so far,
-/// from `/proc/<pid>/task/<tid>/schedstat` (its first field).
+/// Nanoseconds `pids` have run on a CPU so far, user and system time
+/// together (`/proc/<pid>/stat`: it keeps the time of threads that have
+/// ended, which per-thread counters lose; in clock ticks, 10 ms here —
+/// fine against the seconds a run takes).
 fn on_cpu_ns(pids: &[u32]) -> Result<u64> {
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ns_per_tick = 1_000_000_000 / u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100);
     let mut total = 0;
     for pid in pids {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .with_context(|| format!("threads of {pid}"))?;
-        for task in tasks {
-            let path = task?.path().join("schedstat");
-            // A thread that ended meanwhile is gone with its time.
-            let Ok(stat) = std::fs::read_to_string(&path) else {
-                continue;
-            };
-            total += stat
-                .split_whitespace()
-                .next()
-                .and_then(|ns| ns.parse::<u64>().ok())
-                .with_context(|| format!("{}: {stat:?}", path.display()))?;
-        }
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+        // The fields after the command name (which may hold spaces and
+        // parentheses): state is the 3rd field, utime the 14th, stime the 15th.
+        let after_name = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest)
+            .unwrap_or_default();
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |n: usize| -> Result<u64> {
+            fields
+                .get(n - 3)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{path}: field {n} in {stat:?}"))
+        };
+        total += (ticks(14)? + ticks(15)?) * ns_per_tick;
     }
     Ok(total)
 }
