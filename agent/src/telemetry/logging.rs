@@ -303,37 +303,17 @@ impl Line {
     }
 }
 
-/// Writes what is formatted into it as the inside of a JSON string,
-/// escaped as serde_json escapes (`"`, `\\`, and control characters).
+/// Writes what is formatted into it as the inside of a JSON string:
+/// each fragment escaped by serde_json (as `put_str` does), its quotes
+/// dropped.
 struct Escaped<'a>(&'a mut Vec<u8>);
 
 impl fmt::Write for Escaped<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let mut plain = 0;
-        for (i, byte) in s.bytes().enumerate() {
-            let escape: &[u8] = match byte {
-                b'"' => b"\\\"",
-                b'\\' => b"\\\\",
-                b'\n' => b"\\n",
-                b'\r' => b"\\r",
-                b'\t' => b"\\t",
-                0x08 => b"\\b",
-                0x0c => b"\\f",
-                0..0x20 => b"",
-                _ => continue,
-            };
-            self.0.extend_from_slice(&s.as_bytes()[plain..i]);
-            if escape.is_empty() {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                self.0.extend_from_slice(b"\\u00");
-                self.0.push(HEX[usize::from(byte >> 4)]);
-                self.0.push(HEX[usize::from(byte & 0xf)]);
-            } else {
-                self.0.extend_from_slice(escape);
-            }
-            plain = i + 1;
-        }
-        self.0.extend_from_slice(&s.as_bytes()[plain..]);
+        let opening = self.0.len();
+        serde_json::to_writer(&mut *self.0, s).map_err(|_| fmt::Error)?;
+        self.0.pop();
+        self.0.remove(opening);
         Ok(())
     }
 }
