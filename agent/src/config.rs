@@ -173,6 +173,14 @@ pub struct ServerArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: std::time::Duration,
 
+    /// Threads that run the agent's tasks. One answers tens of thousands of
+    /// cached requests a second — far beyond what a node's pods ask — and
+    /// every further thread costs each request CPU (waking and stealing
+    /// work across threads) and the node memory. Blocking work has threads
+    /// of its own either way.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
+
     /// Request header buffer size (bytes, at least 8192).
     #[arg(long, default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,

@@ -1,5 +1,6 @@
 //! A raw HTTP/1.1 client for tests that must send what a real SDK would
-//! not (wrong Host, no token, garbage): one request per connection.
+//! not (wrong Host, no token, garbage, headers it never finishes): one
+//! request per connection, or several on one kept open.
 
 use std::{
     io::{Read as _, Write as _},
@@ -45,6 +46,68 @@ pub fn request(
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).context("read reply")?;
     parse(&String::from_utf8_lossy(&raw))
+}
+
+/// One connection kept open for request after request, as the SDKs use
+/// it. Call from a thread inside the right netns.
+pub struct KeepAlive {
+    stream: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> Result<KeepAlive> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connect {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(KeepAlive { stream })
+    }
+
+    /// `GET path` on this connection; reads exactly its answer (by
+    /// `Content-Length`), leaving the connection open.
+    pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Reply> {
+        let mut req = format!("GET {path} HTTP/1.1\r\n");
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.stream.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            match self.stream.read(&mut byte).context("read reply head")? {
+                0 => bail!("closed before the reply's head ended: {raw:?}"),
+                _ => raw.push(byte[0]),
+            }
+        }
+        let head = parse(&String::from_utf8_lossy(&raw))?;
+        let length: usize = head
+            .header("content-length")
+            .context("no Content-Length")?
+            .parse()?;
+        let mut body = vec![0u8; length];
+        self.stream
+            .read_exact(&mut body)
+            .context("read reply body")?;
+        Ok(Reply {
+            body: String::from_utf8_lossy(&body).into_owned(),
+            ..head
+        })
+    }
+
+    /// Sends `bytes` as they are (a request's beginning, never its end).
+    pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        Ok(self.stream.write_all(bytes)?)
+    }
+
+    /// Whether the agent closed the connection (end of stream or reset)
+    /// before the read timeout.
+    pub fn closed_by_peer(&mut self) -> bool {
+        let mut buf = [0u8; 512];
+        match self.stream.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
 }
 
 fn parse(raw: &str) -> Result<Reply> {

@@ -688,6 +688,45 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
 }
 
 #[test]
+fn a_kept_connection_has_the_header_deadline_after_each_answer() -> Result<()> {
+    harness::require_privilege!();
+    let env = env(&["--header-read-timeout", "1s"])?;
+    let token = env.app_token()?;
+    let headers = [
+        ("Host", "169.254.170.23"),
+        ("Authorization", token.as_str()),
+    ];
+    env.pod.netns.run_in(|| {
+        // In use for three deadlines: each answer starts the next one, so
+        // the connection stays.
+        let mut busy = http::KeepAlive::connect(v4())?;
+        let started = std::time::Instant::now();
+        let mut answered = 0;
+        while started.elapsed() < Duration::from_secs(3) {
+            let reply = busy.get("/v1/credentials", &headers)?;
+            assert_eq!(reply.status, 200, "request {answered}: {}", reply.body);
+            answered += 1;
+            // The client's pace, a third of the deadline.
+            std::thread::sleep(Duration::from_millis(330));
+        }
+        ensure!(answered >= 8, "only {answered} requests in 3 s");
+        // After an answer, the next request's headers never finished.
+        let reply = busy.get("/v1/credentials", &headers)?;
+        assert_eq!(reply.status, 200);
+        busy.send(b"GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\n")?;
+        ensure!(busy.closed_by_peer(), "unfinished headers were not cut off");
+        // After an answer, nothing more.
+        let mut idle = http::KeepAlive::connect(v4())?;
+        assert_eq!(idle.get("/v1/credentials", &headers)?.status, 200);
+        ensure!(idle.closed_by_peer(), "an idle kept connection stayed open");
+        Ok(())
+    })?;
+    let reply = env.get_with_token(v4(), &token)?;
+    assert_eq!(reply.status, 200, "the agent stopped serving");
+    Ok(())
+}
+
+#[test]
 fn a_hanging_eks_auth_is_answered_before_the_sdk_gives_up() -> Result<()> {
     harness::require_privilege!();
     // The defaults: 1 s attempts, 3 of them, 1.8 s in all.

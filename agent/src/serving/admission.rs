@@ -21,7 +21,7 @@ use crate::{
     caller::attribution::Accepted,
     caller::identify::{Identified, Identifier},
     serving::client::ClientKey,
-    telemetry::metrics::Metrics,
+    telemetry::{audit::Peer, metrics::Metrics},
     token,
 };
 
@@ -164,6 +164,8 @@ impl Drop for Admitted {
 /// connection's life), and its place in the budget.
 pub struct Connection {
     pub info: Accepted,
+    /// The client's address as the audit trail writes it.
+    pub peer: Peer,
     /// `None` when attribution is off.
     pub identified: Option<Identified>,
     pub admitted: Admitted,
@@ -196,6 +198,7 @@ pub fn admit(
             }
             tracing::trace!(client_addr = %info.peer, listener, client = %admitted.client(), "connection admitted");
             Some(Connection {
+                peer: Peer::new(info.peer),
                 info,
                 identified,
                 admitted,

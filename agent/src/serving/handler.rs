@@ -37,7 +37,7 @@ use crate::{
     serving::admission::Connection,
     serving::ratelimit::ClientRateLimiter,
     serving::server::{HttpResponse, go_error, not_found},
-    telemetry::audit::{AuditEvent, Auditor, Decision, Millis, Peer, TokenNames},
+    telemetry::audit::{AuditEvent, Auditor, Decision, Millis, TokenNames},
     telemetry::metrics::Metrics,
     token,
     upstream::Assumed,
@@ -115,7 +115,7 @@ pub async fn handle<B>(
     // method carries nothing, the token is the request.
     let mut event = AuditEvent {
         time: Millis(SystemTime::now()),
-        peer: Peer(conn.info.peer),
+        peer: conn.peer,
         mode: state.mode(),
         ..AuditEvent::default()
     };
@@ -423,6 +423,7 @@ mod tests {
         },
         credentials::{CacheOptions, CredentialCache},
         serving::{admission::ConnectionBudget, client::ClientKey},
+        telemetry::audit::Peer,
         upstream::{Upstream, UpstreamError, UpstreamFuture},
     };
 
@@ -564,6 +565,7 @@ mod tests {
             let budget = ConnectionBudget::new(10, 10);
             let (admitted, _) = budget.admit(ClientKey::Pod(POD.into())).unwrap();
             let conn = Arc::new(Connection {
+                peer: Peer::new(peer),
                 info: Accepted {
                     peer,
                     local: "169.254.170.23:80".parse().unwrap(),

@@ -9,8 +9,11 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -18,10 +21,7 @@ use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::{
     net::{TcpListener, TcpSocket},
     sync::{Notify, watch},
@@ -55,7 +55,7 @@ const UNACKED_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
     /// Headers must arrive within this (slowloris), also while a
-    /// keep-alive connection waits for its next request; needs hyper's timer.
+    /// keep-alive connection waits for its next request (the connection's `HeaderClock`).
     pub header_read_timeout: Duration,
     /// A new connection must send its first byte within this, or it is
     /// closed before any HTTP state exists for it.
@@ -152,8 +152,9 @@ pub async fn serve<A, C, H, F>(
 {
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The header deadline is the connection's own (`HeaderClock`):
+        // hyper's makes and drops a timer per request.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let builder = Arc::new(builder);
@@ -200,6 +201,7 @@ pub async fn serve<A, C, H, F>(
         };
         let (builder, admit, handle) = (builder.clone(), admit.clone(), handle.clone());
         let (watcher, first_request) = (graceful.watcher(), limits.first_request_timeout);
+        let header_limit = limits.header_read_timeout;
         let draining = accepting.clone();
         tokio::spawn(async move {
             let Some(local) = bound_to.or_else(|| stream.local_addr().ok()) else {
@@ -230,11 +232,16 @@ pub async fn serve<A, C, H, F>(
                 () = eviction.notified() => return,
             }
             let context = Arc::new(context);
+            let clock = Arc::new(HeaderClock::new());
+            let waiting = clock.clone();
             let service = service_fn(move |req| {
+                // The headers are in: no deadline while it is answered.
+                waiting.answering();
                 let response = handle(context.clone(), req);
-                let draining = draining.clone();
+                let (draining, waiting) = (draining.clone(), waiting.clone());
                 async move {
                     let mut response = response.await;
+                    waiting.waiting();
                     // Handed over: this answer is the connection's last, so
                     // the client opens its next one to the successor. (An
                     // idle connection is left to its client or to the
@@ -258,8 +265,75 @@ pub async fn serve<A, C, H, F>(
                 () = eviction.notified() => {
                     debug!(client = %peer, "connection evicted to make room");
                 }
+                () = clock.overdue(header_limit) => {
+                    debug!(client = %peer, "no request headers within the header-read deadline");
+                }
             }
         });
+    }
+}
+
+/// A connection's header-read deadline (slowloris): a request's headers
+/// must be in within the limit of the connection being made, or of its
+/// last answer — so a keep-alive connection that idles that long is closed
+/// too. Kept per connection, with one timer that is set again only when it
+/// fires: hyper's own deadline made, registered and dropped a timer for
+/// every request.
+struct HeaderClock {
+    /// What `since` counts from.
+    start: Instant,
+    /// Nanoseconds from `start` to when the connection began waiting for
+    /// headers, or [`ANSWERING`].
+    since: AtomicU64,
+}
+
+/// `HeaderClock::since` while a request is answered.
+const ANSWERING: u64 = u64::MAX;
+
+impl HeaderClock {
+    fn new() -> HeaderClock {
+        HeaderClock {
+            start: Instant::now(),
+            since: AtomicU64::new(0),
+        }
+    }
+
+    fn answering(&self) {
+        self.since.store(ANSWERING, Ordering::Relaxed);
+    }
+
+    fn waiting(&self) {
+        let since = self.start.elapsed().as_nanos();
+        self.since.store(
+            u64::try_from(since).unwrap_or(ANSWERING - 1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Since when it waits for headers; `None` while answering.
+    fn waiting_since(&self) -> Option<Instant> {
+        match self.since.load(Ordering::Relaxed) {
+            ANSWERING => None,
+            nanos => Some(self.start + Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Resolves once headers were waited for longer than `limit`.
+    async fn overdue(&self, limit: Duration) {
+        loop {
+            let deadline = match self.waiting_since() {
+                Some(since) => since + limit,
+                // Answering: nothing is due before a whole limit from now.
+                None => Instant::now() + limit,
+            };
+            tokio::time::sleep_until(deadline.into()).await;
+            if self
+                .waiting_since()
+                .is_some_and(|since| since + limit <= Instant::now())
+            {
+                return;
+            }
+        }
     }
 }
 
