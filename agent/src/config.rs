@@ -173,12 +173,13 @@ pub struct ServerArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: std::time::Duration,
 
-    /// Threads that run the agent's tasks. One answers tens of thousands of
-    /// cached requests a second — far beyond what a node's pods ask — and
-    /// every further thread costs each request CPU (waking and stealing
-    /// work across threads) and the node memory. Blocking work has threads
-    /// of its own either way.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Threads that serve credential requests, each accepting on the same
+    /// listening sockets and answering its own connections start to end
+    /// (the first of them also runs everything else). One answers tens of
+    /// thousands of cached requests a second; a second lets a burst of new
+    /// connections use two cores. Not one per core: a node's pods ask far
+    /// less, and each thread costs memory.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
 
     /// Request header buffer size (bytes, at least 8192).

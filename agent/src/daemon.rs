@@ -42,6 +42,7 @@ use crate::{
     serving::probes::{self, ProbeState},
     serving::ratelimit::ClientRateLimiter,
     serving::server::{self, Accepting, HttpLimits},
+    serving::threads::{AcceptLoop, MakeLoops, ServingThreads},
     telemetry::audit::Auditor,
     telemetry::losses,
     telemetry::metrics::Metrics,
@@ -236,18 +237,54 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
     };
     let budget = ConnectionBudget::new(args.max_connections, args.max_connections_per_client);
-    for listener in listeners {
-        keep(&listener);
-        let handling = state.clone();
-        tasks.spawn(server::serve(
-            listener,
+    for listener in &listeners {
+        keep(listener);
+    }
+    // The credential listeners' accept loops, for the main runtime and for
+    // each serving thread.
+    let credential_loops: Arc<MakeLoops> = Arc::new({
+        let (state, limits, graceful, accepting) = (
+            state.clone(),
             limits.clone(),
             graceful.clone(),
             accepting_rx.clone(),
-            admitter(budget.clone(), "credentials", true),
-            move |conn, req| handler::handle(handling.clone(), conn, req),
-        ));
+        );
+        move |listeners: Vec<tokio::net::TcpListener>| {
+            listeners
+                .into_iter()
+                .map(|listener| {
+                    let (admitting, handling, budget) =
+                        (state.clone(), state.clone(), budget.clone());
+                    Box::pin(server::serve(
+                        listener,
+                        limits.clone(),
+                        graceful.clone(),
+                        accepting.clone(),
+                        move |info: Accepted| {
+                            let identifier = admitting.identifier.as_ref();
+                            admission::admit(
+                                info,
+                                identifier,
+                                &budget,
+                                &admitting.metrics,
+                                "credentials",
+                            )
+                        },
+                        move |conn, req| handler::handle(handling.clone(), conn, req),
+                    )) as AcceptLoop
+                })
+                .collect()
+        }
+    });
+    let mut serving = ServingThreads::start(
+        usize::from(args.worker_threads.saturating_sub(1)),
+        &listeners,
+        &credential_loops,
+    );
+    for accept_loop in credential_loops(listeners) {
+        tasks.spawn(accept_loop);
     }
+    drop(credential_loops);
     let probe_state = Arc::new(ProbeState {
         bound: bound.clone(),
         unbound,
@@ -365,12 +402,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     housekeeping.abort();
     while tasks.join_next().await.is_some() {}
+    serving.loops_ended().await;
     let graceful = Arc::try_unwrap(graceful)
         .map_err(|_| anyhow::anyhow!("listeners still hold the shutdown handle"))?;
     match tokio::time::timeout(args.shutdown_grace, graceful.shutdown()).await {
         Ok(()) => info!("all connections finished"),
         Err(_) => warn!("shutdown grace elapsed with connections still open; exiting anyway"),
     }
+    let _ = tokio::task::spawn_blocking(move || serving.finish()).await;
     if let (Some(predecessor), true) = (predecessor.get(), succeeded) {
         predecessor.handed_on();
     }

@@ -39,6 +39,7 @@ pub mod serving {
     pub(crate) mod probes;
     pub(crate) mod ratelimit;
     pub(crate) mod server;
+    pub(crate) mod threads;
 }
 
 /// Passing the node's listeners from a serving agent to its successor.

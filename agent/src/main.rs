@@ -14,9 +14,7 @@ fn main() -> anyhow::Result<()> {
     let _logs = agent::telemetry::logging::init(cli.verbosity, cli.log_filter.as_deref());
     let result = match cli.command {
         Command::Init(args) => runtime()?.block_on(init(args)),
-        Command::Server(args) => {
-            multi_thread_runtime(args.worker_threads)?.block_on(agent::daemon::run(*args))
-        }
+        Command::Server(args) => multi_thread_runtime()?.block_on(agent::daemon::run(*args)),
         Command::Version => {
             println!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -35,11 +33,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Multi-threaded even with one worker: blocking sections (an exchange
-/// with the previous agent during an upgrade) hand the worker on.
-fn multi_thread_runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
+/// The main runtime: one worker (the other serving threads have runtimes
+/// of their own, `serving::threads`), multi-threaded so that a blocking
+/// section (an exchange with the previous agent during an upgrade) hands
+/// the worker on.
+fn multi_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(workers))
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")

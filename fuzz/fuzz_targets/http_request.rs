@@ -16,7 +16,7 @@ use agent::{
     serving::admission::{Connection, ConnectionBudget},
     serving::client::ClientKey,
     serving::handler::{self, AppState},
-    telemetry::audit::Auditor,
+    telemetry::audit::{Auditor, Peer},
     telemetry::metrics::Metrics,
     upstream::{Assumed, Upstream, UpstreamFuture},
 };
@@ -106,6 +106,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let conn = Arc::new(Connection {
+        peer: Peer::new(peer),
         info,
         identified: None,
         admitted,
