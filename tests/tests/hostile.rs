@@ -170,6 +170,7 @@ fn spawn(env: &Served, cgroup: &Path, netns: &Netns, args: &[&str]) -> Result<Ch
 fn filled(child: &mut Child, what: &str) -> Result<()> {
     let line: Value = serde_json::from_str(&first_line(child, what)?)?;
     ensure!(line["filled"].as_u64() > Some(0), "{what}: {line}");
+    eprintln!("{what}: {line}");
     Ok(())
 }
 
