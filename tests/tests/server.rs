@@ -710,15 +710,29 @@ fn a_kept_connection_has_the_header_deadline_after_each_answer() -> Result<()> {
             std::thread::sleep(Duration::from_millis(330));
         }
         ensure!(answered >= 8, "only {answered} requests in 3 s");
+        // Cut off, but only about a whole deadline after the last answer
+        // (the agent counts from before its answer reached the client).
+        let cut_after_the_deadline = |since: std::time::Instant| {
+            let waited = since.elapsed();
+            ensure!(
+                waited >= Duration::from_millis(900),
+                "cut off after {waited:?}"
+            );
+            Ok(())
+        };
         // After an answer, the next request's headers never finished.
         let reply = busy.get("/v1/credentials", &headers)?;
         assert_eq!(reply.status, 200);
+        let answered = std::time::Instant::now();
         busy.send(b"GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\n")?;
         ensure!(busy.closed_by_peer(), "unfinished headers were not cut off");
+        cut_after_the_deadline(answered)?;
         // After an answer, nothing more.
         let mut idle = http::KeepAlive::connect(v4())?;
         assert_eq!(idle.get("/v1/credentials", &headers)?.status, 200);
+        let answered = std::time::Instant::now();
         ensure!(idle.closed_by_peer(), "an idle kept connection stayed open");
+        cut_after_the_deadline(answered)?;
         Ok(())
     })?;
     let reply = env.get_with_token(v4(), &token)?;

@@ -257,6 +257,10 @@ pub async fn serve<A, C, H, F>(
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
+                // The connection first: headers that came in just before the
+                // deadline are read (and the clock stopped) before it is
+                // looked at, as hyper's own deadline did.
+                biased;
                 result = watcher.watch(conn) => {
                     if let Err(e) = result {
                         debug!(client = %peer, error = %e, "connection ended with an error");
@@ -318,19 +322,23 @@ impl HeaderClock {
         }
     }
 
-    /// Resolves once headers were waited for longer than `limit`.
+    /// Resolves once headers were waited for longer than `limit` (never,
+    /// for a limit beyond what the clock can count).
     async fn overdue(&self, limit: Duration) {
         loop {
             let deadline = match self.waiting_since() {
-                Some(since) => since + limit,
+                Some(since) => since.checked_add(limit),
                 // Answering: nothing is due before a whole limit from now.
-                None => Instant::now() + limit,
+                None => Instant::now().checked_add(limit),
+            };
+            let Some(deadline) = deadline else {
+                return std::future::pending().await;
             };
             tokio::time::sleep_until(deadline.into()).await;
-            if self
+            let due = self
                 .waiting_since()
-                .is_some_and(|since| since + limit <= Instant::now())
-            {
+                .and_then(|since| since.checked_add(limit));
+            if due.is_some_and(|due| due <= Instant::now()) {
                 return;
             }
         }
