@@ -227,15 +227,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
     let mut tasks = JoinSet::new();
 
-    // Each listener group's admission: who opened the connection (where
-    // the kernel attributes it), charged to the group's budget.
-    let admitter = |budget: ConnectionBudget, listener: &'static str, identify: bool| {
-        let state = state.clone();
-        move |info: Accepted| {
-            let identifier = state.identifier.as_ref().filter(|_| identify);
-            admission::admit(info, identifier, &budget, &state.metrics, listener)
-        }
-    };
     let budget = ConnectionBudget::new(args.max_connections, args.max_connections_per_client);
     for listener in &listeners {
         keep(listener);
@@ -253,23 +244,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             listeners
                 .into_iter()
                 .map(|listener| {
-                    let (admitting, handling, budget) =
-                        (state.clone(), state.clone(), budget.clone());
+                    let handling = state.clone();
                     Box::pin(server::serve(
                         listener,
                         limits.clone(),
                         graceful.clone(),
                         accepting.clone(),
-                        move |info: Accepted| {
-                            let identifier = admitting.identifier.as_ref();
-                            admission::admit(
-                                info,
-                                identifier,
-                                &budget,
-                                &admitting.metrics,
-                                "credentials",
-                            )
-                        },
+                        admitter(state.clone(), budget.clone(), "credentials", true),
                         move |conn, req| handler::handle(handling.clone(), conn, req),
                     )) as AcceptLoop
                 })
@@ -301,7 +282,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         limits.clone(),
         graceful.clone(),
         accepting_rx.clone(),
-        admitter(side_budget(), "probe", true),
+        admitter(state.clone(), side_budget(), "probe", true),
         {
             let probe_state = probe_state.clone();
             move |_conn, req| probes::handle_probe(probe_state.clone(), req)
@@ -313,7 +294,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         limits.clone(),
         graceful.clone(),
         accepting_rx.clone(),
-        admitter(side_budget(), "metrics", false),
+        admitter(state.clone(), side_budget(), "metrics", false),
         {
             let exported = metrics.clone();
             move |_conn, req| probes::handle_metrics(exported.clone(), probe_state.clone(), req)
@@ -416,6 +397,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Last, once every connection this agent accepted has been answered.
     release_programs(attribution.as_deref());
     Ok(())
+}
+
+/// A listener group's admission: who opened the connection (where the
+/// kernel attributes it, and `identify`), charged to the group's budget.
+fn admitter(
+    state: Arc<AppState>,
+    budget: ConnectionBudget,
+    listener: &'static str,
+    identify: bool,
+) -> impl Fn(Accepted) -> Option<admission::Connection> + Send + Sync + 'static {
+    move |info: Accepted| {
+        let identifier = state.identifier.as_ref().filter(|_| identify);
+        admission::admit(info, identifier, &budget, &state.metrics, listener)
+    }
 }
 
 /// This agent's programs go unless another agent (a successor of the same

@@ -37,12 +37,8 @@ pub fn request(
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        req.push_str(&format!("{name}: {value}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes())?;
+    let close = [("Connection", "close")];
+    stream.write_all(request_text(method, path, close.iter().chain(headers)).as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).context("read reply")?;
     parse(&String::from_utf8_lossy(&raw))
@@ -65,12 +61,8 @@ impl KeepAlive {
     /// `GET path` on this connection; reads exactly its answer (by
     /// `Content-Length`), leaving the connection open.
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Reply> {
-        let mut req = format!("GET {path} HTTP/1.1\r\n");
-        for (name, value) in headers {
-            req.push_str(&format!("{name}: {value}\r\n"));
-        }
-        req.push_str("\r\n");
-        self.stream.write_all(req.as_bytes())?;
+        self.stream
+            .write_all(request_text("GET", path, headers).as_bytes())?;
         let mut raw = Vec::new();
         let mut byte = [0u8; 1];
         while !raw.ends_with(b"\r\n\r\n") {
@@ -108,6 +100,20 @@ impl KeepAlive {
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         }
     }
+}
+
+/// `method path` with `headers`, as sent.
+fn request_text<'a>(
+    method: &str,
+    path: &str,
+    headers: impl IntoIterator<Item = &'a (&'a str, &'a str)>,
+) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
 }
 
 fn parse(raw: &str) -> Result<Reply> {
