@@ -66,7 +66,38 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         toolchain,
-    )
+    )?;
+    let object =
+        PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?).join("agent-ebpf");
+    strip_dwarf(&object)
+}
+
+/// Drops the kernel object's DWARF (`.debug_*` and their relocations): the
+/// linker needs it to emit BTF, the loader needs only the BTF. Four fifths
+/// of the object, embedded in the binary, and within reach of every start.
+fn strip_dwarf(object: &Path) -> anyhow::Result<()> {
+    let data = std::fs::read(object).with_context(|| format!("{}", object.display()))?;
+    let mut elf = object::build::elf::Builder::read(&*data)
+        .with_context(|| format!("{} is not an ELF object", object.display()))?;
+    for section in elf.sections.iter_mut() {
+        let name = section.name.as_slice();
+        if [&b".debug_"[..], b".rel.debug_", b".rela.debug_"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            section.delete = true;
+        }
+    }
+    // LLVM names sections from the symbols' string table; the writer wants
+    // a section-name table of its own.
+    let names = elf.sections.add();
+    names.name = b".shstrtab"[..].into();
+    names.sh_type = object::elf::SHT_STRTAB;
+    names.data = object::build::elf::SectionData::SectionString;
+    let mut stripped = Vec::new();
+    elf.write(&mut stripped)
+        .with_context(|| format!("writing {} without DWARF", object.display()))?;
+    std::fs::write(object, stripped).with_context(|| format!("{}", object.display()))
 }
 
 fn put_bpf_linker_on_path() -> anyhow::Result<()> {

@@ -47,7 +47,7 @@ use crate::{
     telemetry::losses,
     telemetry::metrics::Metrics,
     token,
-    upstream::{EksAuth, UpstreamOptions},
+    upstream::{self, EksAuth, UpstreamOptions},
 };
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -178,11 +178,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .filter_map(|l| l.local_addr().ok())
         .collect();
 
-    let upstream = upstream
+    let upstream = match upstream
         .join_next()
         .await
         .context("the EKS Auth client's set-up task is gone")?
-        .context("setting up the EKS Auth client")??;
+    {
+        Ok(client) => client?,
+        Err(e) if e.is_panic() => {
+            return Err(upstream::setup_panicked(&*e.into_panic()))
+                .context("setting up the EKS Auth client");
+        }
+        Err(e) => return Err(e).context("setting up the EKS Auth client"),
+    };
     let credentials = CredentialCache::new(
         Arc::new(upstream),
         metrics.clone(),

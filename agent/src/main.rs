@@ -8,6 +8,8 @@ use agent::{
 use anyhow::Context as _;
 use clap::Parser as _;
 
+mod without_libm;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Held to the end: dropping it writes out the queued log lines.

@@ -244,15 +244,6 @@ impl EksAuth {
     /// Region and signing credentials come from the SDK's default chains;
     /// `AWS_ENDPOINT_URL_EKS_AUTH` is honoured by the SDK, `endpoint` wins.
     pub async fn new(options: &UpstreamOptions) -> Result<EksAuth, UpstreamError> {
-        // The SDK's TLS client panics without a single root certificate
-        // (an image without a CA bundle); say it instead.
-        if rustls_native_certs::load_native_certs().certs.is_empty() {
-            return Err(UpstreamError::no_answer(
-                NoAnswer::Client,
-                "no CA certificates found (the system bundle, or SSL_CERT_FILE / SSL_CERT_DIR): \
-                 EKS Auth's TLS certificate could not be verified",
-            ));
-        }
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http_client())
             .load()
@@ -294,6 +285,27 @@ impl EksAuth {
             ),
         })
     }
+}
+
+/// What a panic in [`EksAuth::new`] means. The SDK's TLS set-up panics when
+/// it finds no root certificate (an image without a CA bundle). Checking
+/// for one beforehand would load and parse the whole bundle a second time
+/// on every start (milliseconds, and the memory of both copies); so the
+/// bundle is looked at only once the set-up has failed, to say why.
+pub fn setup_panicked(payload: &(dyn std::any::Any + Send)) -> UpstreamError {
+    let message = if rustls_native_certs::load_native_certs().certs.is_empty() {
+        "no CA certificates found (the system bundle, or SSL_CERT_FILE / SSL_CERT_DIR): \
+         EKS Auth's TLS certificate could not be verified"
+            .to_owned()
+    } else {
+        let said = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        format!("the SDK's client set-up panicked: {said}")
+    };
+    UpstreamError::no_answer(NoAnswer::Client, message)
 }
 
 /// The SDK's HTTPS client (rustls, aws-lc) with the proxy environment

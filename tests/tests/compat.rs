@@ -429,6 +429,30 @@ fn a_missing_credentials_file_is_a_clear_error_at_start() -> Result<()> {
     Ok(())
 }
 
+/// An image without a CA bundle: the SDK's TLS set-up panics, and the agent
+/// exits saying what is missing rather than what panicked.
+#[test]
+fn no_ca_certificate_is_a_clear_error_at_start() -> Result<()> {
+    harness::require_privilege!();
+    let cluster = harness::cluster::Cluster::new(NODE)?;
+    let args = cluster.agent_args("enforce", &[]);
+    let mut agent = AgentProcess::spawn_with_env(
+        &cluster.node.netns,
+        &args,
+        None,
+        // The bundle the SDK reads instead of the system's: empty.
+        &[("SSL_CERT_FILE", "/dev/null")],
+    )?;
+    let status = agent.wait_exit(Duration::from_secs(30))?;
+    ensure!(!status.success(), "started without a CA certificate");
+    let logs = agent.logs();
+    ensure!(
+        logs.contains("no CA certificates found") && logs.contains("SSL_CERT_FILE"),
+        "the error does not say the CA bundle is missing:\n{logs}"
+    );
+    Ok(())
+}
+
 /// The credential listener answers the reference's global limit with 429.
 #[test]
 fn the_global_request_limit_answers_429_too_many_requests() -> Result<()> {
