@@ -243,13 +243,20 @@ impl Memo {
 
 /// Tokens parsed lately, node-wide: a client that opens a connection per
 /// request sends the same token on each. A fixed table (bounded memory),
-/// one token per slot, the slot chosen by a keyed hash of the token (a
-/// client cannot aim at another's slot, only displace at random), and a
+/// one token per slot, the slot chosen by a keyed hash of the token's tail
+/// (a client cannot aim at another's slot, only displace at random), and a
 /// hit only on the exact same bytes. Only tokens that parsed are kept.
 pub struct Recent {
     slots: Box<[Slot]>,
     hasher: std::hash::RandomState,
 }
+
+/// How much of a token picks its [`Recent`] slot: its last bytes, which
+/// are its signature (342 bytes for RS256, different for every token the
+/// cluster issues). Hashing the whole token (~1 KB) was most of the cost
+/// of a hit, once per new connection. Tokens that share a tail share a
+/// slot and displace each other; one is never taken for another.
+const KEYED_TAIL: usize = 64;
 
 impl Recent {
     pub fn new(slots: usize) -> Recent {
@@ -263,7 +270,8 @@ impl Recent {
     /// now.
     pub fn parse(&self, token: &str) -> Result<Arc<Parsed>, TokenError> {
         use std::hash::BuildHasher as _;
-        let index = self.hasher.hash_one(token) as usize % self.slots.len();
+        let tail = &token.as_bytes()[token.len().saturating_sub(KEYED_TAIL)..];
+        let index = self.hasher.hash_one(tail) as usize % self.slots.len();
         self.slots[index].get_or_parse(token, || {
             Ok(Arc::new(Parsed {
                 claims: parse(token)?,
@@ -345,6 +353,27 @@ mod tests {
         let first = tiny.parse(&a).unwrap();
         tiny.parse(&b).unwrap();
         assert!(!Arc::ptr_eq(&first, &tiny.parse(&a).unwrap()));
+    }
+
+    #[test]
+    fn tokens_that_share_a_tail_share_a_slot_and_are_never_confused() {
+        let tail = "s".repeat(2 * KEYED_TAIL);
+        let signed = |sub: &str| {
+            let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
+            let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{sub}"}}"#));
+            format!("{header}.{claims}.{tail}")
+        };
+        let (a, b) = (signed("a"), signed("b"));
+        let recent = Recent::new(64);
+        for _ in 0..3 {
+            assert_eq!(recent.parse(&a).unwrap().claims.sub.as_deref(), Some("a"));
+            assert_eq!(recent.parse(&b).unwrap().claims.sub.as_deref(), Some("b"));
+        }
+        // Same slot: each displaced the other.
+        let b_held = recent.parse(&b).unwrap();
+        assert!(Arc::ptr_eq(&b_held, &recent.parse(&b).unwrap()));
+        recent.parse(&a).unwrap();
+        assert!(!Arc::ptr_eq(&b_held, &recent.parse(&b).unwrap()));
     }
 
     fn jwt(payload: &str) -> String {
