@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya_build::{Package, Toolchain};
+use object::build::elf::SectionData;
 
 /// Where Debian's rustc-web keeps the bpf `core`.
 const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none/lib";
@@ -89,11 +90,37 @@ fn strip_dwarf(object: &Path) -> anyhow::Result<()> {
         }
     }
     // LLVM names sections from the symbols' string table; the writer wants
-    // a section-name table of its own.
-    let names = elf.sections.add();
-    names.name = b".shstrtab"[..].into();
-    names.sh_type = object::elf::SHT_STRTAB;
-    names.data = object::build::elf::SectionData::SectionString;
+    // a section-name table of its own (an object stripped before has one).
+    if !elf
+        .sections
+        .iter()
+        .any(|s| matches!(s.data, SectionData::SectionString))
+    {
+        let names = elf.sections.add();
+        names.name = b".shstrtab"[..].into();
+        names.sh_type = object::elf::SHT_STRTAB;
+        names.data = SectionData::SectionString;
+    }
+    // Only DWARF may go: a relocation of a kept section that pointed into
+    // it would be dropped silently by the writer.
+    let relocations = |elf: &object::build::elf::Builder| -> usize {
+        elf.sections
+            .iter()
+            .filter(|s| !s.delete)
+            .map(|s| match &s.data {
+                SectionData::Relocation(r) => r.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    let kept = relocations(&elf);
+    elf.delete_orphans();
+    if relocations(&elf) != kept {
+        bail!(
+            "{}: stripping DWARF would drop relocations of kept sections",
+            object.display()
+        );
+    }
     let mut stripped = Vec::new();
     elf.write(&mut stripped)
         .with_context(|| format!("writing {} without DWARF", object.display()))?;

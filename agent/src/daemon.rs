@@ -47,7 +47,7 @@ use crate::{
     telemetry::losses,
     telemetry::metrics::Metrics,
     token,
-    upstream::{self, EksAuth, UpstreamOptions},
+    upstream::{EksAuth, UpstreamOptions},
 };
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -178,18 +178,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .filter_map(|l| l.local_addr().ok())
         .collect();
 
-    let upstream = match upstream
+    let upstream = upstream
         .join_next()
         .await
         .context("the EKS Auth client's set-up task is gone")?
-    {
-        Ok(client) => client?,
-        Err(e) if e.is_panic() => {
-            return Err(upstream::setup_panicked(&*e.into_panic()))
-                .context("setting up the EKS Auth client");
-        }
-        Err(e) => return Err(e).context("setting up the EKS Auth client"),
-    };
+        .context("setting up the EKS Auth client")??;
     let credentials = CredentialCache::new(
         Arc::new(upstream),
         metrics.clone(),
@@ -819,8 +812,8 @@ async fn upstream_client(
         .context("setting up the EKS Auth client")
 }
 
-/// Start-up's garbage — the kernel's BTF, parsed to load the programs (a
-/// few MiB), and the CA bundle — is freed by the time the agent serves,
+/// Start-up's garbage — loading the kernel programs, the SDK's set-up
+/// (its configuration, the CA bundle it parses) — is freed by the time the agent serves,
 /// but malloc keeps freed memory in its arenas: give it back to the system,
 /// once, so the agent's resident memory is what it uses.
 fn release_startup_memory() {

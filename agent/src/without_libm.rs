@@ -10,6 +10,9 @@
 //! default), leaves libm out.
 
 /// C's `pow`, for the code that imports it.
+// SAFETY: the signature is C's `double pow(double, double)`. The binary does
+// not export its symbols dynamically, so this stands in for the code linked
+// into it only; a shared library the process loads keeps its own binding.
 #[unsafe(no_mangle)]
 pub extern "C" fn pow(x: f64, y: f64) -> f64 {
     libm::pow(x, y)
