@@ -38,6 +38,7 @@ use crate::{
     serving::admission::{self, ConnectionBudget},
     serving::handler::Verification,
     serving::handler::{self, AppState},
+    serving::pauses::Pauses,
     serving::ports,
     serving::probes::{self, ProbeState},
     serving::ratelimit::ClientRateLimiter,
@@ -218,6 +219,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
     let graceful = Arc::new(GracefulShutdown::new());
     let (accepting, accepting_rx) = watch::channel(Accepting::Yes);
+    let pauses = Pauses::new();
     // What a successor will be handed: every listener, by its address.
     let mut offered = Vec::new();
     let mut keep = |listener: &tokio::net::TcpListener| {
@@ -234,11 +236,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // The credential listeners' accept loops, for the main runtime and for
     // each serving thread.
     let credential_loops: Arc<MakeLoops> = Arc::new({
-        let (state, limits, graceful, accepting) = (
+        let (state, limits, graceful, accepting, pauses) = (
             state.clone(),
             limits.clone(),
             graceful.clone(),
             accepting_rx.clone(),
+            pauses.clone(),
         );
         move |listeners: Vec<tokio::net::TcpListener>| {
             listeners
@@ -250,6 +253,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                         limits.clone(),
                         graceful.clone(),
                         accepting.clone(),
+                        pauses.clone(),
                         admitter(state.clone(), budget.clone(), "credentials", true),
                         move |conn, req| handler::handle(handling.clone(), conn, req),
                     )) as AcceptLoop
@@ -282,6 +286,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         limits.clone(),
         graceful.clone(),
         accepting_rx.clone(),
+        pauses.clone(),
         admitter(state.clone(), side_budget(), "probe", true),
         {
             let probe_state = probe_state.clone();
@@ -294,6 +299,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         limits.clone(),
         graceful.clone(),
         accepting_rx.clone(),
+        pauses.clone(),
         admitter(state.clone(), side_budget(), "metrics", false),
         {
             let exported = metrics.clone();
@@ -340,6 +346,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 path.to_owned(),
                 offered,
                 accepting.clone(),
+                pauses.clone(),
                 attribution.clone(),
             ) {
                 Ok(offer) => Some(offer),

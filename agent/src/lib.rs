@@ -35,6 +35,7 @@ pub mod serving {
     pub mod admission;
     pub mod client;
     pub mod handler;
+    pub(crate) mod pauses;
     pub mod ports;
     pub(crate) mod probes;
     pub(crate) mod ratelimit;

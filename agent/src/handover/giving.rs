@@ -29,7 +29,7 @@ use crate::{
         binding::{Binding, End},
         wire::{self, Channel, Listener, Message, WireError},
     },
-    serving::server::Accepting,
+    serving::{pauses::Pauses, server::Accepting},
 };
 
 /// How long a successor may take between its hello and saying it serves
@@ -38,6 +38,9 @@ use crate::{
 /// waiting for one.
 const SUCCESSOR_START: Duration = Duration::from_secs(20);
 const HELLO: Duration = Duration::from_secs(5);
+/// How long this agent's accept loops may take to see a pause (a turn of
+/// their runtimes; milliseconds even on a loaded node).
+const PAUSE_SETTLE: Duration = Duration::from_secs(2);
 
 /// Where the offer stands. Shutdown and a handover in progress must agree:
 /// an agent that stops must know whether a successor now relies on its
@@ -125,6 +128,7 @@ pub fn offer(
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
+    pauses: Arc<Pauses>,
     programs: Option<Arc<Attribution>>,
 ) -> io::Result<Offer> {
     // No key, no offer: uid 0 on the socket is no proof of being an agent
@@ -143,6 +147,7 @@ pub fn offer(
         listeners,
         path,
         accepting,
+        pauses,
         offer: offer.clone(),
         programs,
     };
@@ -157,6 +162,8 @@ struct Giver {
     path: PathBuf,
     listeners: Vec<(SocketAddr, OwnedFd)>,
     accepting: watch::Sender<Accepting>,
+    /// When this agent's accept loops have all seen the pause.
+    pauses: Arc<Pauses>,
     offer: Offer,
     programs: Arc<Attribution>,
 }
@@ -226,6 +233,15 @@ impl Giver {
             // now on; ours would only stamp them with a key it cannot check.
             let shared = |own: &str| generation.as_deref() == Some(own);
             if !self.programs.generation().is_some_and(shared) {
+                // Not before every accept loop here stands paused: one that
+                // accepted a connection made after the switch could not
+                // check its stamp (`serving::pauses`).
+                if !self.pauses.wait_all_paused(PAUSE_SETTLE) {
+                    warn!(
+                        within = ?PAUSE_SETTLE,
+                        "an accept loop did not stand paused in time; switching the kernel programs off anyway"
+                    );
+                }
                 self.switch(false);
             }
             let ended = self.converse(&stream, None, &mut vouched);

@@ -28,6 +28,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use super::pauses::Pauses;
 use crate::{
     caller::attribution::Accepted,
     caller::syn::{self, SavedSyn},
@@ -131,7 +132,8 @@ pub enum Accepting {
     Stop,
 }
 
-/// Accepts on `listener` while `accepting` says so, until it says `Stop`. Accepting never waits: each
+/// Accepts on `listener` while `accepting` says so, until it says `Stop`;
+/// `pauses` knows when it stands paused. Accepting never waits: each
 /// connection gets its own task, which reads the SYN's stamp and asks
 /// `admit` for the connection's context (who is calling, its place in the
 /// budget); `None` closes the connection at once. Admitted connections are
@@ -142,6 +144,7 @@ pub async fn serve<A, C, H, F>(
     limits: HttpLimits,
     graceful: Arc<GracefulShutdown>,
     mut accepting: watch::Receiver<Accepting>,
+    pauses: Arc<Pauses>,
     admit: A,
     handle: H,
 ) where
@@ -168,6 +171,7 @@ pub async fn serve<A, C, H, F>(
         .local_addr()
         .ok()
         .filter(|a| !a.ip().is_unspecified());
+    let _running = pauses.running();
     loop {
         let now = *accepting.borrow_and_update();
         match now {
@@ -176,6 +180,7 @@ pub async fn serve<A, C, H, F>(
             Accepting::Paused => {
                 // The socket stays open (the successor accepts on it), and
                 // this agent takes it back if the successor goes.
+                let _standing = pauses.paused();
                 if accepting.changed().await.is_err() {
                     return;
                 }
