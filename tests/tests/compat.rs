@@ -411,44 +411,38 @@ fn rotated_node_credentials_sign_the_next_call() -> Result<()> {
 #[test]
 fn a_missing_credentials_file_is_a_clear_error_at_start() -> Result<()> {
     harness::require_privilege!();
-    let cluster = harness::cluster::Cluster::new(NODE)?;
-    let args = cluster.agent_args("enforce", &["--rotate-credentials"]);
-    let mut agent = AgentProcess::spawn_with_env(
-        &cluster.node.netns,
-        &args,
-        None,
+    refused_at_start(
+        &["--rotate-credentials"],
         &[("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")],
-    )?;
-    let status = agent.wait_exit(Duration::from_secs(30))?;
-    ensure!(!status.success(), "started without its credentials file");
-    let logs = agent.logs();
-    ensure!(
-        logs.contains("/nonexistent/credentials") && logs.contains("--rotate-credentials"),
-        "the error does not name the file:\n{logs}"
-    );
-    Ok(())
+        &["/nonexistent/credentials", "--rotate-credentials"],
+    )
 }
 
-/// An image without a CA bundle: the SDK's TLS set-up panics, and the agent
-/// exits saying what is missing rather than what panicked.
+/// An image without a CA bundle: the SDK's TLS client would start and then
+/// fail every call; the agent exits at start saying what is missing.
 #[test]
 fn no_ca_certificate_is_a_clear_error_at_start() -> Result<()> {
     harness::require_privilege!();
-    let cluster = harness::cluster::Cluster::new(NODE)?;
-    let args = cluster.agent_args("enforce", &[]);
-    let mut agent = AgentProcess::spawn_with_env(
-        &cluster.node.netns,
-        &args,
-        None,
+    refused_at_start(
+        &[],
         // The bundle the SDK reads instead of the system's: empty.
         &[("SSL_CERT_FILE", "/dev/null")],
-    )?;
+        &["no CA certificates found", "SSL_CERT_FILE"],
+    )
+}
+
+/// Starts an agent (enforce, `flags` added) with `env` on top of the
+/// harness's, which must stop it: it exits, and its log says each of `says`.
+fn refused_at_start(flags: &[&str], env: &[(&str, &str)], says: &[&str]) -> Result<()> {
+    let cluster = harness::cluster::Cluster::new(NODE)?;
+    let args = cluster.agent_args("enforce", flags);
+    let mut agent = AgentProcess::spawn_with_env(&cluster.node.netns, &args, None, env)?;
     let status = agent.wait_exit(Duration::from_secs(30))?;
-    ensure!(!status.success(), "started without a CA certificate");
+    ensure!(!status.success(), "started with {env:?}");
     let logs = agent.logs();
     ensure!(
-        logs.contains("no CA certificates found") && logs.contains("SSL_CERT_FILE"),
-        "the error does not say the CA bundle is missing:\n{logs}"
+        says.iter().all(|said| logs.contains(said)),
+        "the error does not say {says:?}:\n{logs}"
     );
     Ok(())
 }
