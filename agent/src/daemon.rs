@@ -819,10 +819,10 @@ async fn upstream_client(
         .context("setting up the EKS Auth client")
 }
 
-/// Start-up's garbage — loading the kernel programs, the SDK's set-up
-/// (its configuration, the CA bundle it parses) — is freed by the time the agent serves,
-/// but malloc keeps freed memory in its arenas: give it back to the system,
-/// once, so the agent's resident memory is what it uses.
+/// Start-up's garbage — loading the kernel programs, the SDK's set-up (its
+/// configuration, the CA bundle it parses) — is freed by the time the agent
+/// serves, but malloc keeps freed memory in its arenas: give it back to the
+/// system, once, so the agent's resident memory is what it uses.
 fn release_startup_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns the allocator's free memory to the
